@@ -1,0 +1,82 @@
+"""The one attention interface every backend implements.
+
+A backend receives q, k, v as `[B, S, H, D]` (the layout the qkv projection produces), with the S
+tokens already in tile-major order, plus an `AttentionContext` that carries what a structured or
+sparse backend needs to know: the tile layout, the current sparsity / top-k and the block's
+normalised input (from which VSA projects its gates). Backends that ignore some fields simply do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vsa.layout import TileLayout
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Per-call information for an attention backend.
+
+    layout:    tile layout of the token grid; q/k/v tokens are in its tile-major order.
+    sparsity:  fraction of key tiles each query tile skips (VSA); read every call, so a schedule can
+               change it during training. Ignored when `topk` is given.
+    topk:      number of key tiles each query tile keeps (VSA); overrides `sparsity`.
+    x_norm:    the block's normalised (and modulated) input `[B, S, width]`, for gate projections.
+    """
+
+    layout: TileLayout
+    sparsity: float | None = None
+    topk: int | None = None
+    x_norm: torch.Tensor | None = None
+
+
+class AttentionBackend(nn.Module):
+    """Self-attention core: `forward(q, k, v, ctx) -> o`, all of q, k, v, o in `[B, S, H, D]`.
+
+    One instance lives in each transformer block, so a backend may own parameters (VSA's gates).
+    Subclasses are constructed as `Backend(width, n_heads, head_dim, **options)`.
+    """
+
+    def __init__(self, width: int, n_heads: int, head_dim: int):
+        super().__init__()
+        if n_heads * head_dim != width:
+            raise ValueError(
+                f"attention width {width} != n_heads {n_heads} * head_dim {head_dim}; "
+                "pick a width that is a multiple of the head dim"
+            )
+        self.width = width
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the backend's own parameters; the model calls it after its own init."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(q, k, v, ctx)")
+
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     ctx: AttentionContext) -> None:
+        """Raise a clear error when q/k/v do not match each other, the heads or the layout."""
+        if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+            raise ValueError(
+                f"q, k, v must share one shape [B, S, H, D]; got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        _, seq, heads, dim = q.shape
+        if (heads, dim) != (self.n_heads, self.head_dim):
+            raise ValueError(
+                f"q has {heads} heads of dim {dim} but the backend was built for {self.n_heads} "
+                f"heads of dim {self.head_dim}"
+            )
+        if seq != ctx.layout.seq_len:
+            raise ValueError(
+                f"q has {seq} tokens but the layout {ctx.layout.grid} has {ctx.layout.seq_len}; "
+                "pass the layout of the token grid the tokens came from"
+            )
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, head_dim={self.head_dim}"

@@ -1,0 +1,132 @@
+"""Tile layout of a video token grid: raster order <-> tile-major order.
+
+The (T, H, W) token grid is cut into tiles of `tile = (tt, th, tw)` tokens (default 4x4x4 = 64).
+Tiles are numbered in raster order over the tile grid; inside a tile, tokens keep their raster
+(t, h, w) order. When a grid dimension is not a multiple of the tile, the last tile on that axis is
+smaller (ragged edge tiles): tokens stay densely packed, nothing is padded.
+
+    layout = TileLayout((5, 6, 7))          # 8 tiles, sizes 64, 48, ..., 18
+    x_tiles = layout.to_tiles(x, dim=1)     # [B, S, ...] raster -> tile-major
+    x = layout.from_tiles(x_tiles, dim=1)   # and back
+
+All index tensors are built once per (grid, tile, device) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+Grid = tuple[int, int, int]
+
+
+def _as_triple(name: str, value) -> Grid:
+    try:
+        triple = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of 3 ints (T, H, W), got {value!r}") from None
+    if len(triple) != 3 or any(v < 1 for v in triple):
+        raise ValueError(f"{name} must be 3 positive ints (T, H, W), got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
+    """All index tensors of one layout, computed on the CPU and moved to `device` once."""
+    T, H, W = grid
+    tt, th, tw = tile
+    nt, nh, nw = (math.ceil(g / t) for g, t in zip(grid, tile))
+    # Tile extent along each axis (the last one is smaller when ragged), then the size of every tile.
+    ext = [torch.clamp(torch.tensor([t] * n) , max=g - torch.arange(n) * t)
+           for g, t, n in zip(grid, tile, (nt, nh, nw))]
+    sizes = (ext[0][:, None, None] * ext[1][None, :, None] * ext[2][None, None, :]).reshape(-1)
+    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes, 0)
+    # Tile index of every token in raster order; a stable sort by it keeps raster order inside tiles.
+    t_idx = torch.arange(T) // tt
+    h_idx = torch.arange(H) // th
+    w_idx = torch.arange(W) // tw
+    tile_of_raster = (t_idx[:, None, None] * nh + h_idx[None, :, None]) * nw + w_idx[None, None, :]
+    perm = torch.sort(tile_of_raster.reshape(-1), stable=True).indices
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel())
+    tile_ids = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    out = {
+        "sizes": sizes.to(torch.int32),
+        "offsets": offsets.to(torch.int32),
+        "perm": perm,
+        "inv_perm": inv_perm,
+        "tile_ids": tile_ids,
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+class TileLayout:
+    """Tile-major order of a (T, H, W) token grid with ragged edge tiles.
+
+    Attributes (tensors on `device`):
+        sizes     int32 [n_tiles]      tokens in each tile
+        offsets   int32 [n_tiles + 1]  start of each tile in tile-major order (offsets[-1] = S)
+        perm      int64 [S]            perm[i] = raster index of the token at tile-major position i
+        inv_perm  int64 [S]            inv_perm[r] = tile-major position of raster token r
+        tile_ids  int64 [S]            tile of the token at each tile-major position
+    """
+
+    def __init__(self, grid, tile=(4, 4, 4), device: torch.device | str = "cpu"):
+        self.grid = _as_triple("grid", grid)
+        self.tile = _as_triple("tile", tile)
+        self.device = torch.device(device)
+        self.tile_grid: Grid = tuple(math.ceil(g / t) for g, t in zip(self.grid, self.tile))
+        self.n_tiles = math.prod(self.tile_grid)
+        self.seq_len = math.prod(self.grid)
+        self.tile_volume = math.prod(self.tile)
+        # Largest tile: a full tile unless the grid is smaller than the tile along some axis.
+        self.max_tile_size = math.prod(min(g, t) for g, t in zip(self.grid, self.tile))
+        self._t = _build(self.grid, self.tile, str(self.device))
+
+    sizes = property(lambda self: self._t["sizes"])
+    offsets = property(lambda self: self._t["offsets"])
+    perm = property(lambda self: self._t["perm"])
+    inv_perm = property(lambda self: self._t["inv_perm"])
+    tile_ids = property(lambda self: self._t["tile_ids"])
+
+    @property
+    def is_ragged(self) -> bool:
+        return any(g % t for g, t in zip(self.grid, self.tile))
+
+    def to(self, device: torch.device | str) -> TileLayout:
+        """The same layout with its index tensors on `device` (cached)."""
+        if torch.device(device) == self.device:
+            return self
+        return TileLayout(self.grid, self.tile, device)
+
+    def _check(self, x: torch.Tensor, dim: int) -> int:
+        dim = dim % x.dim()
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(
+                f"tensor has {x.shape[dim]} tokens along dim {dim} but the layout {self.grid} has "
+                f"{self.seq_len}; pass the dim that holds the T*H*W tokens"
+            )
+        return dim
+
+    def to_tiles(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Reorder tokens along `dim` from raster order to tile-major order."""
+        dim = self._check(x, dim)
+        return x.index_select(dim, self.to(x.device).perm)
+
+    def from_tiles(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Reorder tokens along `dim` from tile-major order back to raster order."""
+        dim = self._check(x, dim)
+        return x.index_select(dim, self.to(x.device).inv_perm)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TileLayout) and (self.grid, self.tile) == (other.grid, other.tile)
+
+    def __hash__(self) -> int:
+        return hash((self.grid, self.tile))
+
+    def __repr__(self) -> str:
+        return (f"TileLayout(grid={self.grid}, tile={self.tile}, n_tiles={self.n_tiles}, "
+                f"device={self.device})")

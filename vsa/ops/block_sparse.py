@@ -1,0 +1,323 @@
+"""The fine stage of VSA: block-sparse flash attention over ragged tiles, forward and backward.
+
+Tensors are `[B, S, H, D]` with tokens in tile-major order. Query tile `i` of head (b, h) attends to
+the key tiles `q2k_idx[b, h, i, :q2k_cnt[b, h, i]]` (exact softmax over the union of their tokens).
+Tiles are ragged: tile `t` holds tokens `offsets[t]:offsets[t + 1]`; rows and columns past a tile's
+end are masked, never padded in memory.
+
+Three kernels, one job each:
+  _fwd_kernel   one program per (query tile chunk, b*h): online softmax over the listed key tiles;
+                writes O and the log2-sum-exp (LSE2, base 2 because scores are kept in log2 units).
+  _dq_kernel    one program per (query tile chunk, b*h): walks the same q->k list, accumulates dQ.
+  _dkv_kernel   one program per (key tile chunk, b*h): walks the transposed k->q list, accumulates
+                dK and dV. Each output row is written by exactly one program, in list order, so the
+                backward is deterministic (no atomics).
+Scores are computed as (q . k) * (softmax_scale * log2(e)) in fp32 and exponentiated with exp2; K is
+never pre-scaled in low precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    Q_OFF, KV_OFF, IDX, CNT,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
+    H, NQ, SQ, KMAX, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    qt = pid_m // M_SPLIT
+    # Rows of this program: a BLOCK_M chunk of query tile `qt` (M_SPLIT chunks cover the largest tile).
+    q_lo = tl.load(Q_OFF + qt) + (pid_m % M_SPLIT) * BLOCK_M
+    q_hi = tl.load(Q_OFF + qt + 1)
+    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_hi
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    list_base = (pid_bh * NQ + qt) * KMAX
+    n_sel = tl.load(CNT + pid_bh * NQ + qt)
+    # One step per (selected key tile, BLOCK_N chunk of it).
+    for j in range(0, n_sel * N_CHUNKS):
+        kt = tl.load(IDX + list_base + j // N_CHUNKS)
+        k_lo = tl.load(KV_OFF + kt) + (j % N_CHUNKS) * BLOCK_N
+        k_hi = tl.load(KV_OFF + kt + 1)
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_hi
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A chunk past a ragged tile's end is fully masked; keep the arithmetic finite.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_mask[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    Q_OFF, KV_OFF, IDX, CNT,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h,
+    H, NQ, SQ, KMAX, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    qt = pid_m // M_SPLIT
+    q_lo = tl.load(Q_OFF + qt) + (pid_m % M_SPLIT) * BLOCK_M
+    q_hi = tl.load(Q_OFF + qt + 1)
+    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_hi
+    offs_d = tl.arange(0, HEAD_D)
+    row = offs_m[:, None] * sq_s + offs_d[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + row, mask=m_mask[:, None], other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
+                 mask=m_mask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stat = pid_bh.to(tl.int64) * SQ + offs_m
+    lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    list_base = (pid_bh * NQ + qt) * KMAX
+    n_sel = tl.load(CNT + pid_bh * NQ + qt)
+    for j in range(0, n_sel * N_CHUNKS):
+        kt = tl.load(IDX + list_base + j // N_CHUNKS)
+        k_lo = tl.load(KV_OFF + kt) + (j % N_CHUNKS) * BLOCK_N
+        k_hi = tl.load(KV_OFF + kt + 1)
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_hi
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq = dq * sm_scale
+    # dQ is contiguous like dO: store with dO's strides.
+    tl.store(DQ + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def _dkv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q_OFF, KV_OFF, KIDX, KCNT,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h,
+    H, NK, SQ, KTMAX, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    kt = pid_n // N_SPLIT
+    # Rows of this program: a BLOCK_N chunk of key tile `kt`.
+    k_lo = tl.load(KV_OFF + kt) + (pid_n % N_SPLIT) * BLOCK_N
+    k_hi = tl.load(KV_OFF + kt + 1)
+    offs_n = k_lo + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_hi
+    offs_d = tl.arange(0, HEAD_D)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
+                mask=n_mask[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
+                mask=n_mask[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    list_base = (pid_bh * NK + kt) * KTMAX
+    n_sel = tl.load(KCNT + pid_bh * NK + kt)
+    # One step per (query tile that selected this key tile, BLOCK_M chunk of it), in q order.
+    for j in range(0, n_sel * M_CHUNKS):
+        qt = tl.load(KIDX + list_base + j // M_CHUNKS)
+        q_lo = tl.load(Q_OFF + qt) + (j % M_CHUNKS) * BLOCK_M
+        q_hi = tl.load(Q_OFF + qt + 1)
+        offs_m = q_lo + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < q_hi
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                    mask=m_mask[:, None], other=0.0)
+        do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
+                     mask=m_mask[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        stat = pid_bh.to(tl.int64) * SQ + offs_m
+        lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    # dK and dV are contiguous [B, Skv, H, D]: both use the strides (sg_b, sg_s, sg_h).
+    g_ptr = b * sg_b + h * sg_h + offs_n[:, None] * sg_s + offs_d[None, :]
+    tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
+    tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+def _block(max_tile: int) -> int:
+    """Rows per program: the tile rounded up to a power of two, at least 16 (tl.dot), at most 64."""
+    return max(16, min(64, triton.next_power_of_2(max_tile)))
+
+
+def _launch_cfg(q: torch.Tensor) -> dict:
+    """Per-dtype compile options. The interpreter upcasts bf16 (its bf16 arithmetic is wrong)."""
+    return dict(
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _warps(head_dim: int) -> dict:
+    if interpreting():
+        return {}
+    return dict(num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+
+
+def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile):
+    """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype) and LSE2 [B, H, Sq] fp32."""
+    B, Sq, H, D = q.shape
+    n_q = q_offsets.numel() - 1
+    block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
+    m_split = math.ceil(max_q_tile / block_m)
+    o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    grid = (n_q * m_split, B * H)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, n_q, Sq, q2k_idx.shape[-1], D ** -0.5 * LOG2E,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
+        N_CHUNKS=math.ceil(max_kv_tile / block_n), **_launch_cfg(q), **_warps(D),
+    )
+    return o, lse
+
+
+def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_tiles: int):
+    """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
+
+    Deterministic (a stable sort of a dense selection mask, no atomics). The list width is the true
+    maximum count over all key tiles (one host sync), not the number of query tiles.
+    """
+    B, H, n_q, kmax = q2k_idx.shape
+    valid = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
+    # Invalid list slots scatter into an extra column that is dropped.
+    target = torch.where(valid, q2k_idx.long(), n_kv_tiles)
+    sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=q2k_idx.device)
+    sel.scatter_(3, target, 1)
+    sel_t = sel[..., :n_kv_tiles].transpose(2, 3)  # [B, H, Nk, Nq]
+    k2q_cnt = sel_t.sum(-1, dtype=torch.int32)
+    width = max(int(k2q_cnt.max()), 1)
+    k2q_idx = torch.sort(sel_t, dim=-1, descending=True, stable=True).indices[..., :width]
+    return k2q_idx.to(torch.int32).contiguous(), k2q_cnt.contiguous()
+
+
+def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
+                 max_kv_tile):
+    """Launch the two backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D]."""
+    B, Sq, H, D = q.shape
+    Skv = k.shape[1]
+    n_q, n_kv = q_offsets.numel() - 1, kv_offsets.numel() - 1
+    do = do.contiguous()
+    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row correction.
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
+    block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
+    m_split, n_split = math.ceil(max_q_tile / block_m), math.ceil(max_kv_tile / block_n)
+    scale = D ** -0.5
+    cfg = _launch_cfg(q)
+    dq = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Skv, H, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, Skv, H, D), device=q.device, dtype=v.dtype)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    # dQ, dK, dV are contiguous; the kernels store dQ with dO's strides and dK/dV with dK's.
+    _dq_kernel[(n_q * m_split, B * H)](
+        q, k, v, do, dq, lse, delta, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
+        **cfg, **_warps(D),
+    )
+    k2q_idx, k2q_cnt = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
+    _dkv_kernel[(n_kv * n_split, B * H)](
+        q, k, v, do, dk, dv, lse, delta, q_offsets, kv_offsets, k2q_idx, k2q_cnt,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, k2q_idx.shape[-1], scale * LOG2E, scale,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
+        **cfg, **_warps(D),
+    )
+    return dq, dk, dv
