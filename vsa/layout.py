@@ -25,7 +25,7 @@ Grid = tuple[int, int, int]
 def _as_triple(name: str, value) -> Grid:
     try:
         triple = tuple(int(v) for v in value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name} must be a sequence of 3 ints (T, H, W), got {value!r}") from None
     if len(triple) != 3 or any(v < 1 for v in triple):
         raise ValueError(f"{name} must be 3 positive ints (T, H, W), got {value!r}")
@@ -39,7 +39,7 @@ def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
     tt, th, tw = tile
     nt, nh, nw = (math.ceil(g / t) for g, t in zip(grid, tile))
     # Tile extent along each axis (the last one is smaller when ragged), then the size of every tile.
-    ext = [torch.clamp(torch.tensor([t] * n) , max=g - torch.arange(n) * t)
+    ext = [torch.clamp(torch.tensor([t] * n), max=g - torch.arange(n) * t)
            for g, t, n in zip(grid, tile, (nt, nh, nw))]
     sizes = (ext[0][:, None, None] * ext[1][None, :, None] * ext[2][None, None, :]).reshape(-1)
     offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64)

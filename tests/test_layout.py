@@ -1,0 +1,76 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vsa import TileLayout
+
+dims = st.integers(min_value=1, max_value=11)
+tiles = st.integers(min_value=1, max_value=5)
+
+
+def brute_force_perm(grid, tile):
+    """Tile-major order by explicit enumeration: tiles in raster order, tokens raster inside."""
+    T, H, W = grid
+    tt, th, tw = tile
+    order = []
+    for it in range(0, T, tt):
+        for ih in range(0, H, th):
+            for iw in range(0, W, tw):
+                for t in range(it, min(it + tt, T)):
+                    for h in range(ih, min(ih + th, H)):
+                        for w in range(iw, min(iw + tw, W)):
+                            order.append((t * H + h) * W + w)
+    return order
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=dims, H=dims, W=dims, tt=tiles, th=tiles, tw=tiles)
+def test_layout_matches_enumeration_and_round_trips(T, H, W, tt, th, tw):
+    layout = TileLayout((T, H, W), tile=(tt, th, tw))
+    S = T * H * W
+    assert layout.perm.tolist() == brute_force_perm((T, H, W), (tt, th, tw))
+    assert layout.perm[layout.inv_perm].tolist() == list(range(S))
+    assert layout.sizes.dtype == torch.int32 and layout.offsets.dtype == torch.int32
+    assert layout.offsets[0] == 0 and layout.offsets[-1] == S
+    assert torch.equal(layout.offsets[1:] - layout.offsets[:-1], layout.sizes)
+    assert layout.n_tiles == layout.sizes.numel() == len(layout.offsets) - 1
+    assert int(layout.sizes.max()) == layout.max_tile_size
+    x = torch.randn(2, S, 3)
+    xt = layout.to_tiles(x, dim=1)
+    assert torch.equal(layout.from_tiles(xt, dim=1), x)
+    assert torch.equal(xt, x[:, layout.perm])
+    # Every tile holds exactly the tokens of its box.
+    ntw, nth = -(-W // tw), -(-H // th)
+    coords = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij"),
+                         -1).reshape(-1, 3)[layout.perm]
+    box = coords // torch.tensor([tt, th, tw])
+    tile_of = (box[:, 0] * nth + box[:, 1]) * ntw + box[:, 2]
+    assert torch.equal(tile_of, layout.tile_ids)
+
+
+def test_ragged_sizes_example():
+    layout = TileLayout((5, 6, 7))
+    assert layout.n_tiles == 8
+    assert layout.sizes.tolist() == [64, 48, 32, 24, 16, 12, 8, 6]
+    assert layout.is_ragged and not TileLayout((8, 8, 8)).is_ragged
+
+
+def test_to_tiles_other_dim_and_cache():
+    layout = TileLayout((3, 9, 4))
+    x = torch.randn(4, 2, layout.seq_len)
+    assert torch.equal(layout.from_tiles(layout.to_tiles(x, dim=-1), dim=-1), x)
+    again = TileLayout((3, 9, 4))
+    assert again.perm is layout.perm  # index tensors are built once per (grid, tile, device)
+
+
+@pytest.mark.parametrize("grid", [(0, 4, 4), (4, 4), (4, -1, 4), "abc"])
+def test_bad_grid(grid):
+    with pytest.raises((ValueError, TypeError), match="grid"):
+        TileLayout(grid)
+
+
+def test_wrong_length_tensor():
+    layout = TileLayout((4, 4, 4))
+    with pytest.raises(ValueError, match="65 tokens"):
+        layout.to_tiles(torch.randn(1, 65, 2))

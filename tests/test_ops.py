@@ -1,0 +1,263 @@
+"""VSA ops against the float64 references: forward and every gradient, Triton kernels (interpreter on
+CPU, real kernels on a GPU) and the pure-torch CPU path."""
+
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vsa import TileLayout, block_sparse_attention, video_sparse_attention
+from vsa.ops import torch_impl, transpose_block_lists
+from vsa.ops.reference import (
+    block_sparse_attention_reference,
+    selection_mask,
+    video_sparse_attention_reference,
+)
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(x).any(), "NaN in result"
+    return ((x.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm().clamp_min(1e-300)).item()
+
+
+def random_lists(B, H, n_q, n_kv, K, gen, full=False):
+    """Distinct random key tiles per query tile, with counts in [1, K] (K when full)."""
+    idx = torch.stack([torch.randperm(n_kv, generator=gen)[:K] for _ in range(B * H * n_q)])
+    cnt = torch.full((B, H, n_q), K) if full else torch.randint(1, K + 1, (B, H, n_q), generator=gen)
+    # Pad unused slots with junk the kernels must ignore.
+    idx = idx.view(B, H, n_q, K)
+    junk = torch.arange(K) >= cnt[..., None]
+    idx = torch.where(junk, torch.full_like(idx, 10**6), idx)
+    return idx.int(), cnt.int()
+
+
+def make_qkv(B, Sq, Skv, H, D, scale, gen):
+    """float64 tensors holding fp32-representable values, so every method sees the same inputs."""
+    q = torch.randn(B, Sq, H, D, generator=gen, dtype=torch.float64) * scale
+    k = torch.randn(B, Skv, H, D, generator=gen, dtype=torch.float64) * scale
+    v = torch.randn(B, Skv, H, D, generator=gen, dtype=torch.float64)
+    return tuple(x.float().double() for x in (q, k, v))
+
+
+def check_against_reference(method, reference, inputs, grad_out, dtype, device, names):
+    """The method's output and grads vs the float64 reference.
+
+    fp32: the allowed error is 10x the error of the reference itself run in fp32, or the rounding of
+    the stored log-sum-exp, whichever is larger, with a floor. Flash-style kernels recompute P in
+    the backward as exp2(s - lse); an fp32 lse of magnitude |lse| carries |lse| * 2^-24 absolute
+    error, which becomes a relative error of every P in the row. At input scale 30 and D=128 the
+    logits reach ~5e3 (log2 units), so this term (~4e-4) dominates; at unit scale it is ~1e-6. A
+    real bug (wrong mask, K pre-scaled in low precision) gives errors of 1e-2 to 1.
+    fp16/bf16: fixed bounds."""
+    ref, ref_grads = run(reference, inputs, torch.float64, "cpu", grad_out)
+    out, grads = run(method, inputs, dtype, device, grad_out)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        ref32, ref32_grads = run(reference, inputs, torch.float32, "cpu", grad_out)
+        q, k = inputs[0], inputs[1]
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * (math.log2(math.e) / math.sqrt(q.shape[-1]))
+        lse_rounding = 8 * 2.0**-24 * logits.abs().max().item()
+        bounds = [max(10 * rel_err(a, b), lse_rounding, 2e-6)
+                  for a, b in zip([ref32, *ref32_grads], [ref, *ref_grads])]
+    else:
+        bounds = [TOL[dtype]] + [2 * TOL[dtype]] * len(grads)
+    for name, x, r, bound in zip(["out", *("d" + n for n in names)], [out, *grads], [ref, *ref_grads], bounds):
+        err = rel_err(x, r)
+        assert err < bound, f"{name}: relative error {err:.3g} >= {bound:.3g}"
+
+
+def run(fn, inputs, dtype, device, grad_out):
+    """Forward + backward of fn on copies of inputs cast to dtype/device; returns (out, grads)."""
+    xs = [x.detach().to(device=device, dtype=dtype).clone().requires_grad_() for x in inputs]
+    out = fn(*xs)
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    return out.detach(), [x.grad for x in xs]
+
+
+# grid, kv grid (None = same), tile, B, H, D, K, input scale
+FINE_CASES = [
+    ((5, 6, 7), None, (4, 4, 4), 2, 3, 64, 3, 1.0),
+    ((5, 6, 7), None, (4, 4, 4), 1, 1, 128, 8, 30.0),
+    ((3, 9, 4), None, (4, 4, 4), 2, 1, 64, 1, 0.01),
+    ((8, 8, 8), None, (4, 4, 4), 1, 3, 128, 4, 16.0),
+    ((4, 4, 8), (5, 6, 7), (4, 4, 4), 2, 2, 64, 5, 3.0),  # q and kv of different lengths
+    ((4, 8, 12), None, (4, 8, 8), 1, 2, 64, 2, 1.0),  # 256-token tiles: several chunks per tile
+    ((3, 5, 6), None, (2, 2, 2), 1, 2, 64, 6, 1.0),  # 8-token tiles, 27 tiles
+]
+
+
+@pytest.mark.parametrize("case", FINE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-t{c[2]}-B{c[3]}H{c[4]}D{c[5]}K{c[6]}s{c[7]}")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_block_sparse_matches_reference(case, impl, kernel_device):
+    grid, kv_grid, tile, B, H, D, K, scale = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    layout, kv_layout = TileLayout(grid, tile), TileLayout(kv_grid or grid, tile)
+    q, k, v = make_qkv(B, layout.seq_len, kv_layout.seq_len, H, D, scale, gen)
+    idx, cnt = random_lists(B, H, layout.n_tiles, kv_layout.n_tiles, K, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    device = kernel_device if impl == "triton" else "cpu"
+
+    check_against_reference(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(device), cnt.to(device), kv_layout, impl=impl),
+        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
+        (q, k, v), grad_out, torch.float32, device, "qkv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_sparse_low_precision(dtype, kernel_device):
+    layout = TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(2, layout.seq_len, layout.seq_len, 2, 64, 4.0, gen)
+    idx, cnt = random_lists(2, 2, layout.n_tiles, layout.n_tiles, 4, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    check_against_reference(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(kernel_device), cnt.to(kernel_device),
+                                               impl="triton"),
+        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
+        (q, k, v), grad_out, dtype, kernel_device, "qkv")
+
+
+# grid, B, H, D, topk or sparsity, scale, gates
+VSA_CASES = [
+    ((5, 6, 7), 2, 3, 64, dict(topk=3), 1.0, "both"),
+    ((3, 9, 4), 1, 2, 128, dict(sparsity=0.5), 16.0, "fine_only"),
+    ((8, 8, 8), 2, 1, 64, dict(topk=1), 0.01, "none"),
+    ((5, 6, 7), 1, 3, 128, dict(sparsity=0.0), 30.0, "both"),
+]
+
+
+@pytest.mark.parametrize("case", VSA_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}D{c[3]}-{c[4]}-s{c[5]}-{c[6]}")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_video_sparse_attention_matches_reference(case, impl, kernel_device):
+    grid, B, H, D, sel, scale, gates = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    layout = TileLayout(grid)
+    S = layout.seq_len
+    q, k, v = make_qkv(B, S, S, H, D, scale, gen)
+    g_c = torch.randn(B, S, H, D, generator=gen, dtype=torch.float64)
+    g_f = torch.randn(B, S, H, D, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    device = kernel_device if impl == "triton" else "cpu"
+
+    def fn(reference, device):
+        def f(q, k, v, gc=None, gf=None):
+            if reference:
+                return video_sparse_attention_reference(q, k, v, layout, gate_c=gc, gate_f=gf, **sel)
+            return video_sparse_attention(q, k, v, layout, gate_c=gc, gate_f=gf, impl=impl, **sel)
+        return f
+
+    n_inputs = {"both": 5, "fine_only": 4, "none": 3}[gates]
+    inputs = (q, k, v, g_c, g_f)[:n_inputs]
+    check_against_reference(fn(False, device), fn(True, "cpu"), inputs, grad_out, torch.float32, device,
+                            ["q", "k", "v", "gate_c", "gate_f"][:n_inputs])
+    _, ref_sel = video_sparse_attention_reference(q, k, v, layout, return_selection=True, **sel)
+    assert ref_sel.shape[-1] == min(sel.get("topk", 10**9), math.ceil((1 - sel.get("sparsity", 0)) * layout.n_tiles))
+
+
+def test_all_tiles_with_zero_coarse_gate_is_dense_attention(kernel_device):
+    layout = TileLayout((3, 9, 4))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (x.float().to(kernel_device) for x in make_qkv(2, layout.seq_len, layout.seq_len, 3, 64, 2.0, gen))
+    out = video_sparse_attention(q, k, v, layout, sparsity=0.0, gate_c=torch.zeros_like(q), impl="triton")
+    dense = F.scaled_dot_product_attention(*(x.transpose(1, 2).double() for x in (q, k, v))).transpose(1, 2)
+    assert rel_err(out, dense) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_backward_is_deterministic(impl, kernel_device):
+    layout = TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(11)
+    device = kernel_device if impl == "triton" else "cpu"
+    q, k, v = make_qkv(1, layout.seq_len, layout.seq_len, 2, 64, 1.0, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    results = [run(lambda q, k, v: video_sparse_attention(q, k, v, layout, topk=3, impl=impl),
+                   (q, k, v), torch.float32, device, grad_out) for _ in range(2)]
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_transposed_lists():
+    gen = torch.Generator().manual_seed(5)
+    idx, cnt = random_lists(2, 3, 7, 9, 4, gen)
+    k2q_idx, k2q_cnt = transpose_block_lists(idx, cnt, 9)
+    mask = selection_mask(idx, cnt, 9)  # [B, H, Nq, Nk]
+    assert k2q_cnt.tolist() == mask.sum(2).tolist()
+    assert k2q_idx.shape[-1] == int(k2q_cnt.max())  # sized by the true maximum count
+    for b in range(2):
+        for h in range(3):
+            for j in range(9):
+                expect = torch.nonzero(mask[b, h, :, j]).flatten().tolist()
+                assert k2q_idx[b, h, j, : k2q_cnt[b, h, j]].tolist() == expect  # ascending
+
+
+def test_torch_path_chunks_agree(monkeypatch):
+    layout = TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (x.float() for x in make_qkv(2, layout.seq_len, layout.seq_len, 2, 64, 1.0, gen))
+    idx, cnt = random_lists(2, 2, layout.n_tiles, layout.n_tiles, 3, gen)
+    whole = block_sparse_attention(q, k, v, layout, idx, cnt, impl="torch")
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", 1)  # one query tile per chunk
+    chunked = block_sparse_attention(q, k, v, layout, idx, cnt, impl="torch")
+    torch.testing.assert_close(whole, chunked)
+
+
+def test_empty_list_rows_are_zero(kernel_device):
+    layout = TileLayout((4, 4, 8))
+    q, k, v = (torch.randn(1, layout.seq_len, 1, 64, device=kernel_device) for _ in range(3))
+    idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=kernel_device)
+    cnt = torch.tensor([[[1, 0]]], dtype=torch.int32, device=kernel_device)
+    for impl in ("triton", "torch"):
+        dev = kernel_device if impl == "triton" else "cpu"
+        out = block_sparse_attention(q.to(dev), k.to(dev), v.to(dev), layout, idx.to(dev), cnt.to(dev), impl=impl)
+        assert torch.all(out[:, 64:] == 0) and not torch.isnan(out).any()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _qkv(S=64, H=2, D=64, dtype=torch.float32):
+    return [torch.randn(1, S, H, D, dtype=dtype) for _ in range(3)]
+
+
+def test_bad_inputs():
+    layout = TileLayout((4, 4, 4))
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="supported head dims"):
+        video_sparse_attention(*_qkv(D=96), layout, topk=1)
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
+        video_sparse_attention(q, k, v, layout, sparsity=1.0)
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
+        video_sparse_attention(q, k, v, layout, sparsity=-0.1)
+    with pytest.raises(ValueError, match="exactly one of topk"):
+        video_sparse_attention(q, k, v, layout)
+    with pytest.raises(ValueError, match="exactly one of topk"):
+        video_sparse_attention(q, k, v, layout, topk=1, sparsity=0.5)
+    with pytest.raises(ValueError, match="topk must be a positive integer"):
+        video_sparse_attention(q, k, v, layout, topk=0)
+    with pytest.raises(ValueError, match="4-D tensor"):
+        video_sparse_attention(q[0], k, v, layout, topk=1)
+    with pytest.raises(TypeError, match="share a dtype"):
+        video_sparse_attention(q.half(), k, v, layout, topk=1)
+    with pytest.raises(TypeError, match="supported: float16"):
+        video_sparse_attention(q.double(), k.double(), v.double(), layout, topk=1)
+    with pytest.raises(ValueError, match="has 64"):
+        video_sparse_attention(*_qkv(S=65), layout, topk=1)
+    with pytest.raises(ValueError, match="gate_c of shape"):
+        video_sparse_attention(q, k, v, layout, topk=1, gate_c=torch.ones(1, 64, 3, 64))
+    with pytest.raises(ValueError, match="impl must be"):
+        video_sparse_attention(q, k, v, layout, topk=1, impl="cuda")
+    idx, cnt = torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q2k_idx must be"):
+        block_sparse_attention(q, k, v, layout, idx[0], cnt)
+    with pytest.raises(ValueError, match="key tile indices"):
+        block_sparse_attention(q, k, v, layout, idx + 5, cnt)
+    with pytest.raises(ValueError, match="q2k_cnt values"):
+        block_sparse_attention(q, k, v, layout, idx, cnt + 1)
+    with pytest.raises(TypeError, match="integer tensor"):
+        block_sparse_attention(q, k, v, layout, idx.float(), cnt)
+    with pytest.raises(ValueError, match="kv_layout"):
+        block_sparse_attention(q, *_qkv(S=128)[1:], layout, idx, cnt)
