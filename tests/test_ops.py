@@ -12,6 +12,7 @@ from vsa import TileLayout, block_sparse_attention, video_sparse_attention
 from vsa.ops import torch_impl, transpose_block_lists
 from vsa.ops.reference import (
     block_sparse_attention_reference,
+    block_sparse_attention_reference_grads,
     selection_mask,
     video_sparse_attention_reference,
 )
@@ -261,3 +262,16 @@ def test_bad_inputs():
         block_sparse_attention(q, k, v, layout, idx.float(), cnt)
     with pytest.raises(ValueError, match="kv_layout"):
         block_sparse_attention(q, *_qkv(S=128)[1:], layout, idx, cnt)
+
+
+def test_chunked_reference_grads_match_autograd_reference():
+    layout, kv_layout = TileLayout((4, 4, 8)), TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv(2, layout.seq_len, kv_layout.seq_len, 2, 64, 2.0, gen)
+    idx, cnt = random_lists(2, 2, layout.n_tiles, kv_layout.n_tiles, 5, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    ref, grads = run(lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
+                     (q, k, v), torch.float64, "cpu", grad_out)
+    chunked = block_sparse_attention_reference_grads(q, k, v, layout, idx, cnt, grad_out, kv_layout, chunk=50)
+    for a, b in zip(chunked, [ref, *grads]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -30,9 +30,13 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Read once at import (Triton reads it then too); a module constant also keeps torch.compile happy.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # --------------------------------------------------------------------------------------------------

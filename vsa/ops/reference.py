@@ -79,3 +79,36 @@ def video_sparse_attention_reference(q, k, v, layout: TileLayout, topk=None, spa
     g_f = 1.0 if gate_f is None else gate_f
     out = o_coarse * g_c + o_fine * g_f
     return (out, q2k_idx) if return_selection else out
+
+
+def block_sparse_attention_reference_grads(q, k, v, layout: TileLayout, q2k_idx, q2k_cnt, grad_out,
+                                           kv_layout: TileLayout | None = None, chunk: int = 2048):
+    """Forward and gradients of block-sparse attention with explicit formulas, chunked over queries.
+
+    The same maths as `block_sparse_attention_reference` + autograd, but memory grows with
+    chunk * S instead of S * S, so float64 checks fit on a GPU at 32K tokens. Returns (o, dq, dk, dv).
+    """
+    kv_layout = kv_layout or layout
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    tiles = selection_mask(q2k_idx, q2k_cnt, kv_layout.n_tiles).to(q.device)
+    q_tile = layout.tile_ids.to(q.device)
+    k_tile = kv_layout.tile_ids.to(q.device)
+    o, dq = torch.zeros_like(q), torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for lo in range(0, q.shape[1], chunk):
+        hi = min(lo + chunk, q.shape[1])
+        mask = tiles[:, :, q_tile[lo:hi]][:, :, :, k_tile]  # [B, H, c, Skv]
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        has_key = mask.any(-1, keepdim=True)
+        p = torch.softmax(torch.where(has_key, s, 0.0), dim=-1) * has_key
+        do = grad_out[:, lo:hi]
+        o[:, lo:hi] = torch.einsum("bhqk,bkhd->bqhd", p, v)
+        # dP = dO V^T; dS = P * (dP - rowsum(dO * O)); dQ = dS K * scale; dK = dS^T Q * scale.
+        dp = torch.einsum("bqhd,bkhd->bhqk", do, v)
+        delta = (do * o[:, lo:hi]).sum(-1).transpose(1, 2)[..., None]  # [B, H, c, 1]
+        ds = p * (dp - delta)
+        dq[:, lo:hi] = torch.einsum("bhqk,bkhd->bqhd", ds, k) * scale
+        dk += torch.einsum("bhqk,bqhd->bkhd", ds, q[:, lo:hi]) * scale
+        dv += torch.einsum("bhqk,bqhd->bkhd", p, do)
+    return o, dq, dk, dv

@@ -1,0 +1,115 @@
+"""The kernels on a real GPU in bf16 against the float64 reference (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from vsa import TileLayout, block_sparse_attention, video_sparse_attention
+from vsa.ops.reference import (
+    block_sparse_attention_reference_grads,
+    video_sparse_attention_reference,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 kernel checks)"),
+]
+
+BF16_TOL = 1e-2  # bf16 has 8 bits of mantissa; expect a few 1e-3
+
+
+def rel_err(x, ref):
+    assert not torch.isnan(x).any(), "NaN in result (unwritten or poisoned element)"
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def poison_allocator():
+    """Fill the caching allocator's free memory with NaN so unwritten outputs show as NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    blob = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device="cuda")
+    blob.fill_(float("nan"))
+    del blob
+
+
+def inputs(B, S, H, D, scale, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k = (torch.randn(B, S, H, D, device="cuda", generator=gen) * scale for _ in range(2))
+    v = torch.randn(B, S, H, D, device="cuda", generator=gen)
+    return [x.bfloat16() for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("grid,B,H,D,scale", [
+    ((8, 16, 16), 2, 2, 64, 1.0),
+    ((8, 16, 16), 2, 2, 128, 16.0),
+    ((5, 30, 52), 1, 2, 128, 1.0),
+    ((7, 10, 13), 2, 3, 64, 4.0),
+])
+def test_fine_stage_bf16(grid, B, H, D, scale):
+    layout = TileLayout(grid, device="cuda")
+    n = layout.n_tiles
+    q, k, v = inputs(B, layout.seq_len, H, D, scale, seed=n + D)
+    K = max(1, n // 8)
+    idx = torch.rand(B, H, n, n, device="cuda").topk(K, dim=-1).indices.int()
+    cnt = torch.randint(1, K + 1, (B, H, n), device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    poison_allocator()
+    out = block_sparse_attention(qg, kg, vg, layout, idx, cnt)
+    out.backward(do)
+    ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx, cnt, do.double())
+    errs = [rel_err(x, r) for x, r in zip([out, qg.grad, kg.grad, vg.grad], ref)]
+    print(f"\nbf16 fine {grid} B{B} H{H} D{D} scale {scale}: rel err o/dq/dk/dv = "
+          + " / ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < BF16_TOL
+
+
+@pytest.mark.parametrize("grid,D,scale", [((8, 16, 16), 64, 1.0), ((5, 14, 18), 128, 8.0)])
+def test_vsa_bf16(grid, D, scale):
+    layout = TileLayout(grid, device="cuda")
+    q, k, v = inputs(2, layout.seq_len, 2, D, scale, seed=D)
+    gates = [torch.randn_like(q) for _ in range(2)]
+    do = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    poison_allocator()
+    out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
+    out.backward(do)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
+    ref = video_sparse_attention_reference(*ref_leaves[:3], layout, sparsity=0.75, gate_c=ref_leaves[3],
+                                           gate_f=ref_leaves[4])
+    ref.backward(do.double())
+    errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
+    print(f"\nbf16 VSA {grid} D{D} scale {scale}: rel err o/dq/dk/dv/dgc/dgf = "
+          + " / ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < BF16_TOL
+
+
+def test_backward_deterministic_bf16():
+    layout = TileLayout((16, 32, 32), device="cuda")
+    q, k, v = inputs(2, layout.seq_len, 4, 64, 1.0, seed=1)
+    do = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        video_sparse_attention(*leaves, layout, sparsity=0.875).backward(do)
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph():
+    layout = TileLayout((8, 16, 16), device="cuda")
+    q, k, v = inputs(1, layout.seq_len, 2, 64, 1.0, seed=2)
+    gate = torch.randn_like(q)
+
+    def f(q, k, v, g):
+        return video_sparse_attention(q, k, v, layout, sparsity=0.5, gate_c=g) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    out = compiled(*leaves)
+    out.float().square().sum().backward()
+    eager_leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    eager = f(*eager_leaves)
+    eager.float().square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-2)
