@@ -24,7 +24,7 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
     T, H, W = grid
     coords = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     parts = []
-    for coord, dim in zip(coords, rope_axis_dims(head_dim)):
+    for coord, dim in zip(coords, rope_axis_dims(head_dim), strict=True):
         inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         parts.append(coord.reshape(-1, 1).to(torch.float64) * inv_freq)
     return torch.cat(parts, dim=-1).to(torch.float32)

@@ -1,0 +1,248 @@
+"""VideoDiT: presets, tile-major token order and RoPE, the attention backends, training, errors."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vsa.attention import AttentionContext, FullAttention, build_backend
+from vsa.diffusion import flow_matching_loss
+from vsa.layout import TileLayout
+from vsa.models import PRESETS, VideoDiT, build_model, preset_params, preset_table, rope_angles
+from vsa.models.presets import BACKEND_VARIANTS, nominal_params
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+
+
+def randomized(model: VideoDiT, seed: int = 0, scale: float = 0.1) -> VideoDiT:
+    """Perturb every parameter: a fresh model is the identity map to zero (zero-init gates and
+    final layer), which would make most comparisons vacuous."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tiny(**overrides) -> VideoDiT:
+    torch.manual_seed(0)
+    return build_model("0.6M", in_channels=4, **overrides)
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_param_count_matches_name(name):
+    nominal = nominal_params(name)
+    for variant, options in BACKEND_VARIANTS.items():
+        n = preset_params(name, **options)
+        assert abs(n / nominal - 1) < 0.10, f"{name} with {variant}: {n:,} params"
+
+
+def test_preset_table_is_in_docs():
+    assert preset_table() in DOCS.read_text(), "regenerate docs/models.md from preset_table()"
+
+
+def test_fresh_model_is_identity_blocks_and_zero_output():
+    model = tiny(num_classes=3)
+    x = torch.randn(2, 4, 4, 8, 8)
+    assert torch.equal(model(x, torch.rand(2), labels=torch.tensor([0, 1])), torch.zeros_like(x))
+    for block in model.blocks:
+        assert not block.modulation.any()
+
+
+# ---- token order and RoPE ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(4, 8, 8), (8, 8, 8), (5, 6, 7), (1, 3, 9), (2, 2, 2)])
+def test_tile_order_roundtrip_is_identity(grid):
+    layout = TileLayout(grid)
+    x = torch.randn(2, layout.seq_len, 3)
+    tiles = layout.to_tiles(x, dim=1)
+    assert torch.equal(layout.from_tiles(tiles, dim=1), x)
+    assert sorted(layout.perm.tolist()) == list(range(layout.seq_len))
+
+
+def test_patchify_roundtrip_is_identity():
+    model = tiny(patch=(1, 2, 2))
+    x = torch.randn(2, 4, 5, 6, 14)
+    assert torch.equal(model.unpatchify(model.patchify(x), (5, 3, 7)), x)
+
+
+def test_rope_angles_follow_tokens():
+    model = tiny()
+    grid = (5, 6, 7)
+    layout, cos, _ = model.geometry(grid, torch.device("cpu"))
+    raster = rope_angles(grid, 64)
+    assert torch.equal(cos, layout.to_tiles(raster, dim=0).cos())
+    # token i of tile order sits at raster position perm[i]: t = perm // (H*W), etc.
+    pos = layout.perm[10].item()
+    t, h, w = pos // 42, (pos // 7) % 6, pos % 7
+    assert torch.allclose(raster[pos, 0], torch.tensor(float(t)))  # first t pair: freq 1
+    assert torch.allclose(raster[pos, 12], torch.tensor(float(h)))  # first h pair
+    assert torch.allclose(raster[pos, 22], torch.tensor(float(w)))  # first w pair
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16), (5, 12, 14)])  # token grids 4x8x8, ragged 5x6x7
+def test_tile_major_model_equals_raster_model(shape):
+    """With full attention the network is order-agnostic once RoPE follows the tokens: a model
+    processing tile-major tokens equals one with 1x1x1 tiles (raster order), same weights."""
+    tiled = randomized(tiny(num_classes=3))
+    raster = copy.deepcopy(tiled)
+    raster.cfg.tile = (1, 1, 1)  # one token per tile: tile-major order is raster order
+    x, t, labels = torch.randn(2, 4, *shape), torch.rand(2), torch.tensor([1, 2])
+    tiled.eval(), raster.eval()
+    grid = tiled.cfg.token_grid(shape)
+    identity = torch.arange(grid[0] * grid[1] * grid[2])
+    assert not torch.equal(tiled.geometry(grid, x.device)[0].perm, identity)
+    assert torch.equal(raster.geometry(grid, x.device)[0].perm, identity)
+    out = tiled(x, t, labels=labels)
+    torch.testing.assert_close(out, raster(x, t, labels=labels), rtol=1e-5, atol=1e-5)
+    # Negative control: tile-major tokens with raster-order RoPE give a different function.
+    layout, cos, sin = tiled.geometry(grid, x.device)
+    raw = rope_angles(grid, 64)
+    tiled._geometry[(grid, "cpu")] = (layout, raw.cos(), raw.sin())
+    assert (tiled(x, t, labels=labels) - out).abs().max() > 1e-3
+
+
+# ---- attention backends ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["0.6M", "2.3M"])  # head dim 64 and 128
+@pytest.mark.parametrize("shape", [(4, 8, 8), (5, 12, 14)])  # 1 tile; 8 ragged tiles
+def test_vsa_adapt_at_sparsity_zero_equals_full(preset, shape):
+    torch.manual_seed(0)
+    full = randomized(build_model(preset, in_channels=4, num_classes=3))
+    vsa = build_model(preset, in_channels=4, num_classes=3, attention="vsa",
+                      attention_options={"gates": "adapt"}, sparsity=0.0)
+    missing, unexpected = vsa.load_state_dict(full.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(("gate_proj.weight", "gate_proj.bias")) for k in missing)
+    x, t, labels = torch.randn(2, 4, *shape), torch.rand(2), torch.tensor([0, 2])
+    full.eval(), vsa.eval()
+    out_full, out_vsa = full(x, t, labels=labels), vsa(x, t, labels=labels)
+    torch.testing.assert_close(out_vsa, out_full, rtol=1e-5, atol=1e-5)
+    # ... and so are the gradients of the shared weights (the CPU path is differentiable).
+    out_full.square().mean().backward()
+    out_vsa.square().mean().backward()
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.attn.proj.weight", "patch_embed.weight"):
+        g_full = full.get_parameter(name).grad
+        torch.testing.assert_close(vsa.get_parameter(name).grad, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_sparsity_is_read_from_the_model_each_call():
+    full = randomized(tiny(num_classes=3))
+    vsa = copy.deepcopy(full)
+    vsa.set_attention("vsa", gates="adapt")
+    x, t, labels = torch.randn(1, 4, 8, 16, 16), torch.rand(1), torch.tensor([1])  # 8 tiles
+    full.eval(), vsa.eval()
+    ref = full(x, t, labels=labels)
+    vsa.sparsity = 0.0
+    torch.testing.assert_close(vsa(x, t, labels=labels), ref, rtol=1e-5, atol=1e-5)
+    vsa.sparsity = 0.75  # a schedule stepping the sparsity up
+    assert (vsa(x, t, labels=labels) - ref).abs().max() > 1e-4
+    vsa.topk = 8  # all 8 tiles: dense again, top-k overrides the sparsity
+    torch.testing.assert_close(vsa(x, t, labels=labels), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vsa_pretrain_gates_train():
+    model = tiny(attention="vsa", sparsity=0.5)
+    gate = model.blocks[0].attn.backend.gate_proj
+    assert torch.equal(gate.bias, torch.cat([torch.zeros(128), torch.ones(128)]))  # G_c 0, G_f 1
+    randomized(model)
+    x = torch.randn(2, 4, 8, 16, 16)
+    loss = flow_matching_loss(model, x, torch.rand(2))
+    loss.backward()
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+
+
+def test_full_backend_matches_explicit_softmax():
+    backend = build_backend("full", width=128, n_heads=2, head_dim=64)
+    layout = TileLayout((2, 4, 4))
+    q, k, v = (torch.randn(2, 32, 2, 64) for _ in range(3))
+    scores = torch.einsum("bshd,bthd->bhst", q, k) / 8.0
+    expected = torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v)
+    torch.testing.assert_close(backend(q, k, v, AttentionContext(layout)), expected)
+    assert isinstance(backend, FullAttention)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = build_model("0.6M", in_channels=4, num_classes=4, cond_dropout=0.0)
+    x0 = torch.randn(4, 4, 4, 8, 8)
+    noise, t, labels = torch.randn_like(x0), torch.rand(4), torch.arange(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    start = time.perf_counter()
+    losses = []
+    for _ in range(200):
+        loss = flow_matching_loss(model, x0, t, noise, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+    print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f}")
+    assert time.perf_counter() - start < 60
+
+
+def test_label_dropout_only_in_training():
+    model = randomized(tiny(num_classes=3, cond_dropout=0.999))
+    x, t, labels = torch.randn(2, 4, 4, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    model.eval()
+    null = model(x, t, **model.null_condition({"labels": labels}))
+    assert torch.equal(null, model(x, t))  # no labels = the null class
+    assert (model(x, t, labels=labels) - null).abs().max() > 1e-4
+    model.train()
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x, t, labels=labels), null)  # (almost) always dropped
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors():
+    model = tiny(num_classes=3)
+    with pytest.raises(ValueError, match=r"not divisible by the patch \(1, 2, 2\)"):
+        model(torch.randn(1, 4, 4, 9, 8), torch.rand(1))
+    with pytest.raises(ValueError, match=r"head_dim 96 is not supported; use one of \(64, 128\)"):
+        build_model("0.6M", head_dim=96, width=192)
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        build_model("0.6M", width=100)
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'; known backends: "
+                                         r"\['full', 'vsa'\]"):
+        build_model("0.6M", attention="flash")
+    with pytest.raises(ValueError, match="unknown VSA gate variant"):
+        build_model("0.6M", attention="vsa", attention_options={"gates": "sigmoid"})
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        build_model("huge")
+    with pytest.raises(ValueError, match=r"x must be \[B, C=4"):
+        model(torch.randn(1, 3, 4, 8, 8), torch.rand(1))
+    with pytest.raises(ValueError, match="sparsity must lie in"):
+        model.sparsity = 1.0
+    text_model = tiny(text_dim=32)
+    x, t = torch.randn(1, 4, 4, 8, 8), torch.rand(1)
+    with pytest.raises(ValueError, match=r"text must be \[B=1, L, text_dim=32\]"):
+        text_model(x, t, text=torch.randn(1, 5, 48))
+    with pytest.raises(ValueError, match="needs|cross-attends"):
+        text_model(x, t)
+    with pytest.raises(ValueError, match="not both"):
+        tiny(text_dim=32, num_classes=3)
+    with pytest.raises(ValueError, match="no class embedding"):
+        tiny()(x, t, labels=torch.tensor([0]))
+
+
+def test_text_conditioning_runs_and_masks():
+    model = randomized(tiny(text_dim=32))
+    model.eval()
+    x, t = torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+    text = torch.randn(2, 6, 32)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    out = model(x, t, text=text, text_mask=mask)
+    # masked-out text tokens do not matter
+    text2 = text.clone()
+    text2[0, 4:] = 100.0
+    torch.testing.assert_close(model(x, t, text=text2, text_mask=mask), out)
+    null = model.null_condition({"text": text, "text_mask": mask})
+    assert not null["text"].any() and null["text_mask"].all()

@@ -1,0 +1,105 @@
+"""`DiTConfig`: every hyper-parameter of a `VideoDiT`, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsa.ops import SUPPORTED_HEAD_DIMS
+
+
+def _triple(name: str, value) -> tuple[int, int, int]:
+    try:
+        triple = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be 3 ints (t, h, w), got {value!r}") from None
+    if len(triple) != 3 or min(triple) < 1:
+        raise ValueError(f"{name} must be 3 positive ints (t, h, w), got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of a VideoDiT plus its attention backend.
+
+    Conditioning: `text_dim > 0` gives cross-attention to text embeddings of that width;
+    otherwise `num_classes > 0` gives class labels (index `num_classes` is the null class used
+    for classifier-free guidance); with neither the model is unconditional (timestep only).
+    `cond_dropout` is the training-time probability of replacing a sample's condition by the
+    null one (null class, or all-zero text embeddings).
+    """
+
+    depth: int = 12
+    width: int = 768
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    in_channels: int = 16
+    out_channels: int | None = None  # None: same as in_channels
+    patch: tuple[int, int, int] = (1, 2, 2)
+    tile: tuple[int, int, int] = (4, 4, 4)
+    num_classes: int = 0
+    text_dim: int = 0
+    cond_dropout: float = 0.1
+    rope_theta: float = 10000.0
+    attention: str = "full"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    sparsity: float = 0.875  # VSA: fraction of key tiles skipped (the paper's K=32 of 256)
+    topk: int | None = None  # VSA: key tiles kept per query tile; overrides sparsity when set
+
+    def __post_init__(self) -> None:
+        self.patch = _triple("patch", self.patch)
+        self.tile = _triple("tile", self.tile)
+        self.attention_options = dict(self.attention_options)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim {self.head_dim} is not supported; use one of "
+                             f"{SUPPORTED_HEAD_DIMS} (the VSA kernels' head dims)")
+        if self.width < self.head_dim or self.width % self.head_dim:
+            raise ValueError(f"width {self.width} must be a positive multiple of head_dim "
+                             f"{self.head_dim} (width = heads * head_dim)")
+        for name in ("depth", "in_channels", "out_channels"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_ratio <= 0 or self.mlp_width < 1:
+            raise ValueError(f"mlp_ratio must give a positive MLP width, got {self.mlp_ratio}")
+        if self.num_classes < 0 or self.text_dim < 0:
+            raise ValueError("num_classes and text_dim must be >= 0 (0 = not used)")
+        if self.num_classes and self.text_dim:
+            raise ValueError(
+                f"the model conditions on text (text_dim={self.text_dim}) or on class labels "
+                f"(num_classes={self.num_classes}), not both; set one of them to 0"
+            )
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
+        check_sparsity(self.sparsity, self.topk)
+
+    @property
+    def n_heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def patch_volume(self) -> int:
+        return self.patch[0] * self.patch[1] * self.patch[2]
+
+    def token_grid(self, video_shape) -> tuple[int, int, int]:
+        """Token grid (T', H', W') of an input of shape (T, H, W) (channels excluded)."""
+        shape = _triple("video shape", video_shape)
+        if any(s % p for s, p in zip(shape, self.patch, strict=True)):
+            raise ValueError(
+                f"video grid (T, H, W) = {shape} is not divisible by the patch {self.patch}; crop "
+                "or resize the video (or latent) to a multiple of the patch, or change `patch`"
+            )
+        return tuple(s // p for s, p in zip(shape, self.patch, strict=True))  # type: ignore[return-value]
+
+
+def check_sparsity(sparsity: float | None, topk: int | None) -> None:
+    """Raise unless sparsity lies in [0, 1) and topk is None or a positive int."""
+    if sparsity is not None and not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1) (0 = dense), got {sparsity}")
+    if topk is not None and (int(topk) != topk or topk < 1):
+        raise ValueError(f"topk must be None or a positive int (key tiles per query tile), got {topk}")
