@@ -32,12 +32,15 @@ from vsa.ops.torch_impl import block_sparse_attention_torch
 @torch.library.custom_op("vsa::block_sparse_attention_fwd", mutates_args=())
 def _bsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
              kv_offsets: torch.Tensor, q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor,
-             max_q_tile: int, max_kv_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile)
+             max_q_tile: int, max_kv_tile: int, q_uniform: bool,
+             kv_uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
+                       q_uniform, kv_uniform)
 
 
 @_bsa_fwd.register_fake
-def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile):
+def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile, q_uniform,
+      kv_uniform):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -45,28 +48,28 @@ def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile)
 @torch.library.custom_op("vsa::block_sparse_attention_bwd", mutates_args=())
 def _bsa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor,
-             q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, max_q_tile: int,
-             max_kv_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, max_q_tile: int, max_kv_tile: int,
+             q_uniform: bool, kv_uniform: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                        max_kv_tile)
+                        max_kv_tile, q_uniform, kv_uniform)
 
 
 @_bsa_bwd.register_fake
-def _(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile):
+def _(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
+      q_uniform, kv_uniform):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _bsa_setup(ctx, inputs, output):
-    q, k, v, q_off, kv_off, idx, cnt, ctx.max_q_tile, ctx.max_kv_tile = inputs
+    q, k, v, q_off, kv_off, idx, cnt, *ctx.static = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, q_off, kv_off, idx, cnt)
 
 
 def _bsa_grad(ctx, do, dlse):
     q, k, v, o, lse, q_off, kv_off, idx, cnt = ctx.saved_tensors
-    dq, dk, dv = _bsa_bwd(do, q, k, v, o, lse, q_off, kv_off, idx, cnt, ctx.max_q_tile,
-                          ctx.max_kv_tile)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = _bsa_bwd(do, q, k, v, o, lse, q_off, kv_off, idx, cnt, *ctx.static)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _bsa_fwd.register_autograd(_bsa_grad, setup_context=_bsa_setup)
@@ -150,7 +153,7 @@ def _fine(q, k, v, layout, kv_layout, q2k_idx, q2k_cnt, use_triton: bool):
     args = (layout.offsets, kv_layout.offsets, q2k_idx, q2k_cnt, layout.max_tile_size,
             kv_layout.max_tile_size)
     if use_triton:
-        return _bsa_fwd(q, k, v, *args)[0]
+        return _bsa_fwd(q, k, v, *args, not layout.is_ragged, not kv_layout.is_ragged)[0]
     return block_sparse_attention_torch(q, k, v, *args)
 
 

@@ -44,6 +44,31 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _configs() -> list:
+    """Warps x pipeline depth to try on a GPU; the interpreter runs exactly one config."""
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+# Tuned once per head dim, block shape and tile chunking (and, implicitly, dtype).
+_TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N"]
+
+
+@triton.jit
+def _load_rows(base, offs, stride, offs_d, mask, EVEN: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows `offs` of a [S, D] slice; rows past a ragged tile's end read as 0 (unless EVEN)."""
+    ptrs = base + offs[:, None] * stride + offs_d[None, :]
+    if EVEN:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask[:, None], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
@@ -52,6 +77,7 @@ def _fwd_kernel(
     H, NQ, SQ, KMAX, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -64,10 +90,7 @@ def _fwd_kernel(
     offs_m = q_lo + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_hi
     offs_d = tl.arange(0, HEAD_D)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                mask=m_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -81,15 +104,11 @@ def _fwd_kernel(
         k_hi = tl.load(KV_OFF + kt + 1)
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_mask = offs_n < k_hi
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
+        v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A chunk past a ragged tile's end is fully masked; keep the arithmetic finite.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -108,6 +127,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=m_mask)
 
 
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
@@ -116,6 +136,7 @@ def _dq_kernel(
     H, NQ, SQ, KMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -127,13 +148,8 @@ def _dq_kernel(
     offs_m = q_lo + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_hi
     offs_d = tl.arange(0, HEAD_D)
-    row = offs_m[:, None] * sq_s + offs_d[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + row, mask=m_mask[:, None], other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
-                 mask=m_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
+    do = _load_rows(DO + b * sd_b + h * sd_h, offs_m, sd_s, offs_d, m_mask, EVEN_M, UPCAST)
     stat = pid_bh.to(tl.int64) * SQ + offs_m
     lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
@@ -147,16 +163,12 @@ def _dq_kernel(
         k_hi = tl.load(KV_OFF + kt + 1)
         offs_n = k_lo + tl.arange(0, BLOCK_N)
         n_mask = offs_n < k_hi
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
-                    mask=n_mask[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
+        v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
+        if not EVEN_N:
+            p = tl.where(n_mask[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -166,6 +178,7 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
 
 
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
@@ -174,6 +187,7 @@ def _dkv_kernel(
     H, NK, SQ, KTMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -186,13 +200,8 @@ def _dkv_kernel(
     offs_n = k_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_hi
     offs_d = tl.arange(0, HEAD_D)
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_s + offs_d[None, :],
-                mask=n_mask[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_d[None, :],
-                mask=n_mask[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
+    v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
 
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
@@ -205,19 +214,15 @@ def _dkv_kernel(
         q_hi = tl.load(Q_OFF + qt + 1)
         offs_m = q_lo + tl.arange(0, BLOCK_M)
         m_mask = offs_m < q_hi
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                    mask=m_mask[:, None], other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
-                     mask=m_mask[:, None], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
+        do = _load_rows(DO + b * sd_b + h * sd_h, offs_m, sd_s, offs_d, m_mask, EVEN_M, UPCAST)
         stat = pid_bh.to(tl.int64) * SQ + offs_m
         lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(s_t - lse[None, :])
-        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        if not EVEN_M:
+            p_t = tl.where(m_mask[None, :], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -239,21 +244,24 @@ def _block(max_tile: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max_tile)))
 
 
-def _launch_cfg(q: torch.Tensor) -> dict:
-    """Per-dtype compile options. The interpreter upcasts bf16 (its bf16 arithmetic is wrong)."""
+def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, q_uniform: bool,
+                kv_uniform: bool) -> dict:
+    """Compile-time options. The interpreter upcasts bf16 (its bf16 arithmetic is wrong); fp32
+    inputs get exact fp32 dots (not tf32); EVEN_* drop the row masks when every tile fills its
+    blocks exactly (no ragged tiles)."""
+    block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
     return dict(
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        EVEN_M=q_uniform and max_q_tile % block_m == 0,
+        EVEN_N=kv_uniform and max_kv_tile % block_n == 0,
     )
 
 
-def _warps(head_dim: int) -> dict:
-    if interpreting():
-        return {}
-    return dict(num_warps=4 if head_dim <= 64 else 8, num_stages=3)
 
 
-def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile):
+def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
+                q_uniform=False, kv_uniform=False):
     """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype) and LSE2 [B, H, Sq] fp32."""
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
@@ -268,7 +276,8 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, Sq, q2k_idx.shape[-1], D ** -0.5 * LOG2E,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
-        N_CHUNKS=math.ceil(max_kv_tile / block_n), **_launch_cfg(q), **_warps(D),
+        N_CHUNKS=math.ceil(max_kv_tile / block_n),
+        **_launch_cfg(q, max_q_tile, max_kv_tile, q_uniform, kv_uniform),
     )
     return o, lse
 
@@ -293,7 +302,7 @@ def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_til
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                 max_kv_tile):
+                 max_kv_tile, q_uniform=False, kv_uniform=False):
     """Launch the two backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D]."""
     B, Sq, H, D = q.shape
     Skv = k.shape[1]
@@ -304,7 +313,7 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
     m_split, n_split = math.ceil(max_q_tile / block_m), math.ceil(max_kv_tile / block_n)
     scale = D ** -0.5
-    cfg = _launch_cfg(q)
+    cfg = _launch_cfg(q, max_q_tile, max_kv_tile, q_uniform, kv_uniform)
     dq = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Skv, H, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Skv, H, D), device=q.device, dtype=v.dtype)
@@ -315,13 +324,13 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
         q, k, v, do, dq, lse, delta, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
         *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
-        **cfg, **_warps(D),
+        **cfg,
     )
     k2q_idx, k2q_cnt = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     _dkv_kernel[(n_kv * n_split, B * H)](
         q, k, v, do, dk, dv, lse, delta, q_offsets, kv_offsets, k2q_idx, k2q_cnt,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, k2q_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
-        **cfg, **_warps(D),
+        **cfg,
     )
     return dq, dk, dv

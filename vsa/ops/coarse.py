@@ -108,7 +108,7 @@ def coarse_stage(q, k, v, layout, topk: int, use_triton: bool):
 
     Returns O_c per tile (fp32 [B, n_tiles, H, D]) and q2k_idx (int32 [B, H, n_tiles, topk]).
     """
-    qc, kc, vc = (tile_mean(x, layout, use_triton) for x in (q, k, v))
+    qc, kc, vc = [tile_mean(x, layout, use_triton) for x in (q, k, v)]
     scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * (1.0 / math.sqrt(q.shape[-1]))
     o_c = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), vc)
     # Ascending tile order: a fixed accumulation order for the fine stage and forward memory walks.
