@@ -32,6 +32,14 @@ def _as_triple(name: str, value) -> Grid:
     return triple  # type: ignore[return-value]
 
 
+def _normalize(device) -> torch.device:
+    """"cuda" and "cuda:0" name the same tensors: give CUDA devices their index."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @functools.lru_cache(maxsize=256)
 def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
     """All index tensors of one layout, computed on the CPU and moved to `device` once."""
@@ -77,7 +85,7 @@ class TileLayout:
     def __init__(self, grid, tile=(4, 4, 4), device: torch.device | str = "cpu"):
         self.grid = _as_triple("grid", grid)
         self.tile = _as_triple("tile", tile)
-        self.device = torch.device(device)
+        self.device = _normalize(device)
         self.tile_grid: Grid = tuple(math.ceil(g / t) for g, t in zip(self.grid, self.tile))
         self.n_tiles = math.prod(self.tile_grid)
         self.seq_len = math.prod(self.grid)
@@ -98,7 +106,7 @@ class TileLayout:
 
     def to(self, device: torch.device | str) -> TileLayout:
         """The same layout with its index tensors on `device` (cached)."""
-        if torch.device(device) == self.device:
+        if _normalize(device) == self.device:
             return self
         return TileLayout(self.grid, self.tile, device)
 

@@ -228,7 +228,9 @@ def video_sparse_attention(q, k, v, layout: TileLayout, topk: int | None = None,
     o_c_tiles, q2k_idx = coarse_stage(q, k, v, layout, n_k, use_triton)
     q2k_cnt = torch.full(q2k_idx.shape[:3], n_k, dtype=torch.int32, device=q.device)
     o_f = _fine(q, k, v, layout, layout, q2k_idx, q2k_cnt, use_triton)
-    o_c = tile_broadcast(o_c_tiles, layout.offsets, layout.tile_ids, layout.max_tile_size,
-                         use_triton)
-    out = o_c * (1.0 if gate_c is None else gate_c) + o_f * (1.0 if gate_f is None else gate_f)
+    # The coarse output is per tile: cast it before broadcasting so the combine runs in q's dtype.
+    o_c = tile_broadcast(o_c_tiles.to(q.dtype), layout.offsets, layout.tile_ids,
+                         layout.max_tile_size, use_triton)
+    out = o_f if gate_f is None else o_f * gate_f
+    out = out + (o_c if gate_c is None else o_c * gate_c)
     return out.to(q.dtype)

@@ -234,6 +234,23 @@ def _dkv_kernel(
     tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
 
 
+@triton.jit
+def _delta_kernel(O, DO, DELTA, so_b, so_s, so_h, sd_b, sd_s, sd_h, H, S,
+                  HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
+    """DELTA[b, h, s] = sum_d O[b, s, h, d] * dO[b, s, h, d] in fp32: the softmax backward's row
+    correction (= sum_j P_sj dP_sj), one pass over O and dO."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs = pid_s * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < S
+    offs_d = tl.arange(0, HEAD_D)
+    o = _load_rows(O + b * so_b + h * so_h, offs, so_s, offs_d, mask, False, True)
+    do = _load_rows(DO + b * sd_b + h * sd_h, offs, sd_s, offs_d, mask, False, True)
+    tl.store(DELTA + pid_bh.to(tl.int64) * S + offs, tl.sum(o * do, 1), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch wrappers
 # --------------------------------------------------------------------------------------------------
@@ -285,20 +302,29 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
 def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_tiles: int):
     """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
 
-    Deterministic (a stable sort of a dense selection mask, no atomics). The list width is the true
-    maximum count over all key tiles (one host sync), not the number of query tiles.
+    Deterministic: a stable sort of the list entries by (b, h, key tile) keeps them in query order
+    (no atomics). The list width is the true maximum count over all key tiles (one host sync),
+    not the number of query tiles. Returns k2q_idx int32 [B, H, Nk, width], k2q_cnt int32 [B, H, Nk].
     """
     B, H, n_q, kmax = q2k_idx.shape
-    valid = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
-    # Invalid list slots scatter into an extra column that is dropped.
-    target = torch.where(valid, q2k_idx.long(), n_kv_tiles)
-    sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=q2k_idx.device)
-    sel.scatter_(3, target, 1)
-    sel_t = sel[..., :n_kv_tiles].transpose(2, 3)  # [B, H, Nk, Nq]
-    k2q_cnt = sel_t.sum(-1, dtype=torch.int32)
+    dev = q2k_idx.device
+    listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
+    # Unused slots get key tile n_kv_tiles: a group of their own, dropped below.
+    groups = n_kv_tiles + 1
+    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
+    key = (bh * groups + torch.where(listed, q2k_idx.long(), n_kv_tiles)).flatten()
+    key_sorted, order = torch.sort(key, stable=True)
+    q_sorted = (order // kmax) % n_q  # entry (b, h, i, j) sits at flat index ((b*H + h)*Nq + i)*K + j
+    counts = torch.bincount(key, minlength=B * H * groups)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(key.numel(), device=dev) - starts[key_sorted]
+    real = (key_sorted % groups) != n_kv_tiles
+    k2q_cnt = counts.view(B, H, groups)[..., :n_kv_tiles].to(torch.int32)
     width = max(int(k2q_cnt.max()), 1)
-    k2q_idx = torch.sort(sel_t, dim=-1, descending=True, stable=True).indices[..., :width]
-    return k2q_idx.to(torch.int32).contiguous(), k2q_cnt.contiguous()
+    k2q_idx = torch.zeros((B * H * groups, width), dtype=torch.int32, device=dev)
+    k2q_idx[key_sorted[real], slot[real]] = q_sorted[real].to(torch.int32)
+    k2q_idx = k2q_idx.view(B, H, groups, width)[:, :, :n_kv_tiles]
+    return k2q_idx.contiguous(), k2q_cnt.contiguous()
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
@@ -308,8 +334,11 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     Skv = k.shape[1]
     n_q, n_kv = q_offsets.numel() - 1, kv_offsets.numel() - 1
     do = do.contiguous()
-    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row correction.
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
+    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, Sq, HEAD_D=D, BLOCK=64,
+    )
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
     m_split, n_split = math.ceil(max_q_tile / block_m), math.ceil(max_kv_tile / block_n)
     scale = D ** -0.5
