@@ -23,6 +23,7 @@ from vsa.ops.block_sparse import (
 )
 from vsa.ops.coarse import coarse_stage, tile_broadcast
 from vsa.ops.torch_impl import block_sparse_attention_torch
+from vsa.ops.video_sparse import video_sparse_attention_triton
 
 # --------------------------------------------------------------------------------------------------
 # The fine stage as a custom op with autograd
@@ -34,8 +35,9 @@ def _bsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch
              kv_offsets: torch.Tensor, q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor,
              max_q_tile: int, max_kv_tile: int, q_uniform: bool,
              kv_uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
-                       q_uniform, kv_uniform)
+    o, lse, _ = bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
+                            max_kv_tile, q_uniform, kv_uniform)
+    return o, lse
 
 
 @_bsa_fwd.register_fake
@@ -225,6 +227,9 @@ def video_sparse_attention(q, k, v, layout: TileLayout, topk: int | None = None,
                                  f"{tuple(q.shape)} ([B, S, H, D])")
     use_triton = _use_triton(q, impl)
     layout = layout.to(q.device)
+    if use_triton:
+        return video_sparse_attention_triton(q, k, v, layout, n_k, gate_c, gate_f)
+    # Pure-torch path (CPU): the same maths composed from differentiable pieces.
     o_c_tiles, q2k_idx = coarse_stage(q, k, v, layout, n_k, use_triton)
     q2k_cnt = torch.full(q2k_idx.shape[:3], n_k, dtype=torch.int32, device=q.device)
     o_f = _fine(q, k, v, layout, layout, q2k_idx, q2k_cnt, use_triton)

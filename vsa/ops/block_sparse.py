@@ -71,14 +71,18 @@ def _load_rows(base, offs, stride, offs_d, mask, EVEN: tl.constexpr, UPCAST: tl.
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, OUT, OC, GC, GF,
     Q_OFF, KV_OFF, IDX, CNT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
     H, NQ, SQ, KMAX, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr,
 ):
+    """O = softmax over the listed key tiles. With COMBINE (the whole VSA), also
+    OUT = O * G_f + O_c[tile] * G_c, where O_c is the fp32 coarse output per tile [B, NQ, H, D]
+    and OUT, O, G_c, G_f are contiguous [B, S, H, D] (strides so_*)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -122,22 +126,31 @@ def _fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     acc = acc / l_safe[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=m_mask[:, None])
+    o_rows = b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :]
+    tl.store(O + o_rows, acc.to(O.dtype.element_ty), mask=m_mask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * SQ + offs_m, lse, mask=m_mask)
+    if COMBINE:
+        o_c = tl.load(OC + ((b * NQ + qt) * H + h) * HEAD_D + offs_d)[None, :]
+        if HAS_GC:
+            o_c = o_c * _load_rows(GC + b * so_b + h * so_h, offs_m, so_s, offs_d, m_mask, EVEN_M, True)
+        if HAS_GF:
+            acc = acc * _load_rows(GF + b * so_b + h * so_h, offs_m, so_s, offs_d, m_mask, EVEN_M, True)
+        tl.store(OUT + o_rows, (acc + o_c).to(OUT.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,
+    Q, K, V, DO, DQ, LSE, DELTA, BIAS,
     Q_OFF, KV_OFF, IDX, CNT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h,
     H, NQ, SQ, KMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """dQ over the q->k lists. HAS_BIAS adds a per-tile vector BIAS[b, tile, h] (fp32, contiguous
+    [B, NQ, H, D]) to every row of the tile: the gradient that reaches q through the tile means."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -173,6 +186,8 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * sm_scale
+    if HAS_BIAS:
+        dq += tl.load(BIAS + ((b * NQ + qt) * H + h) * HEAD_D + offs_d)[None, :]
     # dQ is contiguous like dO: store with dO's strides.
     tl.store(DQ + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
@@ -181,14 +196,15 @@ def _dq_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, BIAS_K, BIAS_V,
     Q_OFF, KV_OFF, KIDX, KCNT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h,
     H, NK, SQ, KTMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """dK, dV over the transposed k->q lists; HAS_BIAS as in _dq_kernel (BIAS_K, BIAS_V: [B, NK, H, D])."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -228,6 +244,10 @@ def _dkv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
+    if HAS_BIAS:
+        tile_row = ((b * NK + kt) * H + h) * HEAD_D + offs_d
+        dk += tl.load(BIAS_K + tile_row)[None, :]
+        dv += tl.load(BIAS_V + tile_row)[None, :]
     # dK and dV are contiguous [B, Skv, H, D]: both use the strides (sg_b, sg_s, sg_h).
     g_ptr = b * sg_b + h * sg_h + offs_n[:, None] * sg_s + offs_d[None, :]
     tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
@@ -278,58 +298,78 @@ def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, q_uniform: b
 
 
 def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
-                q_uniform=False, kv_uniform=False):
-    """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype) and LSE2 [B, H, Sq] fp32."""
+                q_uniform=False, kv_uniform=False, o_c=None, gate_c=None, gate_f=None):
+    """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype), LSE2 [B, H, Sq] fp32 and
+    OUT: O itself, or with `o_c` (fp32 [B, n_q_tiles, H, D]) the gated combine
+    O * gate_f + o_c[tile] * gate_c (gates None = 1, else contiguous [B, Sq, H, D])."""
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
     m_split = math.ceil(max_q_tile / block_m)
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    combine = o_c is not None
+    out = torch.empty_like(o) if combine else o
     grid = (n_q * m_split, B * H)
     _fwd_kernel[grid](
-        q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        q, k, v, o, lse, out, o_c if combine else o, q if gate_c is None else gate_c,
+        q if gate_f is None else gate_f, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, Sq, q2k_idx.shape[-1], D ** -0.5 * LOG2E,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
         N_CHUNKS=math.ceil(max_kv_tile / block_n),
+        COMBINE=combine, HAS_GC=gate_c is not None, HAS_GF=gate_f is not None,
         **_launch_cfg(q, max_q_tile, max_kv_tile, q_uniform, kv_uniform),
     )
-    return o, lse
+    return o, lse, out
+
+
+@triton.jit
+def _transpose_lists_kernel(SEL, K2Q, NQ, NK, WIDTH, BLOCK: tl.constexpr):
+    """For BLOCK key tiles of one (b, h): walk the query tiles in order and append each one that
+    selected the key tile. SEL: uint8 [BH, NQ, NK]; K2Q: int32 [BH, NK, WIDTH]."""
+    pid_k = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    k_mask = offs_k < NK
+    count = tl.zeros([BLOCK], tl.int32)
+    for qt in range(NQ):
+        hit = tl.load(SEL + (bh * NQ + qt) * NK + offs_k, mask=k_mask, other=0) != 0
+        tl.store(K2Q + (bh * NK + offs_k) * WIDTH + count, tl.full([BLOCK], qt, tl.int32), mask=hit)
+        count += hit.to(tl.int32)
 
 
 def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_tiles: int):
     """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
 
-    Deterministic: a stable sort of the list entries by (b, h, key tile) keeps them in query order
-    (no atomics). The list width is the true maximum count over all key tiles (one host sync),
-    not the number of query tiles. Returns k2q_idx int32 [B, H, Nk, width], k2q_cnt int32 [B, H, Nk].
+    Deterministic (each list is written by one program walking the query tiles in order; no
+    atomics). The list width is the true maximum count over all key tiles (one host sync), not the
+    number of query tiles. Returns k2q_idx int32 [B, H, Nk, width] (entries past k2q_cnt are
+    unspecified) and k2q_cnt int32 [B, H, Nk].
     """
     B, H, n_q, kmax = q2k_idx.shape
-    dev = q2k_idx.device
-    listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
-    # Unused slots get key tile n_kv_tiles: a group of their own, dropped below.
-    groups = n_kv_tiles + 1
-    bh = torch.arange(B * H, device=dev).view(B, H, 1, 1)
-    key = (bh * groups + torch.where(listed, q2k_idx.long(), n_kv_tiles)).flatten()
-    key_sorted, order = torch.sort(key, stable=True)
-    q_sorted = (order // kmax) % n_q  # entry (b, h, i, j) sits at flat index ((b*H + h)*Nq + i)*K + j
-    counts = torch.bincount(key, minlength=B * H * groups)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(key.numel(), device=dev) - starts[key_sorted]
-    real = (key_sorted % groups) != n_kv_tiles
-    k2q_cnt = counts.view(B, H, groups)[..., :n_kv_tiles].to(torch.int32)
+    listed = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
+    # Unused list slots scatter into an extra column that is dropped.
+    target = torch.where(listed, q2k_idx.long(), n_kv_tiles)
+    sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=q2k_idx.device)
+    sel.scatter_(3, target, 1)
+    sel = sel[..., :n_kv_tiles].contiguous()
+    k2q_cnt = sel.sum(2, dtype=torch.int32)
     width = max(int(k2q_cnt.max()), 1)
-    k2q_idx = torch.zeros((B * H * groups, width), dtype=torch.int32, device=dev)
-    k2q_idx[key_sorted[real], slot[real]] = q_sorted[real].to(torch.int32)
-    k2q_idx = k2q_idx.view(B, H, groups, width)[:, :, :n_kv_tiles]
-    return k2q_idx.contiguous(), k2q_cnt.contiguous()
+    k2q_idx = torch.empty((B, H, n_kv_tiles, width), dtype=torch.int32, device=q2k_idx.device)
+    block = 128
+    _transpose_lists_kernel[(triton.cdiv(n_kv_tiles, block), B * H)](
+        sel, k2q_idx, n_q, n_kv_tiles, width, BLOCK=block)
+    return k2q_idx, k2q_cnt
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                 max_kv_tile, q_uniform=False, kv_uniform=False):
-    """Launch the two backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D]."""
+                 max_kv_tile, q_uniform=False, kv_uniform=False, bias=None):
+    """Launch the backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D].
+
+    `bias`: None or per-tile fp32 gradients (for q, k, v; each contiguous [B, n_tiles, H, D]) added
+    to every token of the tile, e.g. what reaches q, k, v through VSA's tile means."""
     B, Sq, H, D = q.shape
     Skv = k.shape[1]
     n_q, n_kv = q_offsets.numel() - 1, kv_offsets.numel() - 1
@@ -349,17 +389,20 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     # dQ, dK, dV are contiguous; the kernels store dQ with dO's strides and dK/dV with dK's.
+    has_bias = bias is not None
+    bias_q, bias_k, bias_v = bias if has_bias else (lse, lse, lse)
     _dq_kernel[(n_q * m_split, B * H)](
-        q, k, v, do, dq, lse, delta, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
         *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
-        **cfg,
+        HAS_BIAS=has_bias, **cfg,
     )
     k2q_idx, k2q_cnt = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     _dkv_kernel[(n_kv * n_split, B * H)](
-        q, k, v, do, dk, dv, lse, delta, q_offsets, kv_offsets, k2q_idx, k2q_cnt,
-        *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, k2q_idx.shape[-1], scale * LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_cnt,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, k2q_idx.shape[-1],
+        scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
-        **cfg,
+        HAS_BIAS=has_bias, **cfg,
     )
     return dq, dk, dv

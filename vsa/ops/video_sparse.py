@@ -1,0 +1,128 @@
+"""The whole VSA on the GPU as one custom op with a hand-written backward.
+
+Forward: tile means of q, k, v (Triton, fp32) -> coarse attention among them and the top-K key
+tiles per query tile (small torch ops on [B, H, n_tiles, n_tiles]) -> the fine-stage kernel, whose
+epilogue also writes OUT = O_f * G_f + O_c[tile] * G_c (no separate broadcast or combine pass).
+
+Backward: dO_f = dO * G_f and the per-tile coarse gradient sum_tile(dO * G_c) -> the coarse
+attention's backward (small, fp32) gives the gradients of the tile means, which the fine-stage
+backward kernels add to every token of the tile while storing dQ, dK, dV. Gate gradients are
+dO * O_f and dO * O_c[tile]. Selection gets no gradient.
+
+Doing it in one op saves the full-size passes that autograd would add between the pieces (a
+broadcast, the combine, three casts and three gradient sums over [B, S, H, D]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vsa.ops.block_sparse import bsa_backward, bsa_forward
+from vsa.ops.coarse import tile_sum
+
+
+def _coarse_forward(qc, kc, vc, scale: float):
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return scores, probs, torch.einsum("bhqk,bkhd->bqhd", probs, vc)
+
+
+@torch.library.custom_op("vsa::video_sparse_attention_fwd", mutates_args=())
+def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Tensor | None,
+            gate_f: torch.Tensor | None, offsets: torch.Tensor, tile_ids: torch.Tensor,
+            sizes: torch.Tensor, max_tile: int, uniform: bool,
+            topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, q2k_idx."""
+    inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
+    qc, kc, vc = [tile_sum(x, offsets, tile_ids, max_tile, True) * inv_size for x in (q, k, v)]
+    scores, _, o_c = _coarse_forward(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]))
+    q2k_idx = scores.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    q2k_cnt = torch.full(q2k_idx.shape[:3], topk, dtype=torch.int32, device=q.device)
+    o_f, lse, out = bsa_forward(q, k, v, offsets, offsets, q2k_idx, q2k_cnt, max_tile, max_tile,
+                                uniform, uniform, o_c=o_c.contiguous(), gate_c=gate_c, gate_f=gate_f)
+    return out, o_f, lse, qc, kc, vc, q2k_idx
+
+
+@vsa_fwd.register_fake
+def _(q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, topk):
+    B, S, H, D = q.shape
+    n = offsets.shape[0] - 1
+    means = [q.new_empty((B, n, H, D), dtype=torch.float32) for _ in range(3)]
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
+            *means, q.new_empty((B, H, n, topk), dtype=torch.int32))
+
+
+@torch.library.custom_op("vsa::video_sparse_attention_bwd", mutates_args=())
+def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            gate_c: torch.Tensor | None, gate_f: torch.Tensor | None, o_f: torch.Tensor,
+            lse: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+            q2k_idx: torch.Tensor, offsets: torch.Tensor, tile_ids: torch.Tensor,
+            sizes: torch.Tensor, max_tile: int,
+            uniform: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv, d gate_c, d gate_f (gate grads are empty tensors for absent gates)."""
+    dout = dout.contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    # Gated combine.
+    do_f = dout if gate_f is None else dout * gate_f
+    do_c_tok = dout if gate_c is None else dout * gate_c
+    d_oc = tile_sum(do_c_tok.contiguous(), offsets, tile_ids, max_tile, True)  # fp32 [B, n, H, D]
+    _, probs, o_c = _coarse_forward(qc, kc, vc, scale)
+    d_gate_f = (dout * o_f).to(gate_f.dtype) if gate_f is not None else dout.new_empty(0)
+    if gate_c is not None:
+        d_gate_c = (dout * o_c.to(dout.dtype).index_select(1, tile_ids)).to(gate_c.dtype)
+    else:
+        d_gate_c = dout.new_empty(0)
+    # Coarse attention backward: dV_c = P^T dO_c; dS = P * (dP - rowsum(dP * P)); dQ_c = dS K_c s.
+    d_oc_h = d_oc.permute(0, 2, 1, 3)  # [B, H, n, D]
+    d_vc = torch.einsum("bhqk,bhqd->bkhd", probs, d_oc_h)
+    d_p = torch.einsum("bhqd,bkhd->bhqk", d_oc_h, vc)
+    d_s = probs * (d_p - (d_p * probs).sum(-1, keepdim=True))
+    d_qc = torch.einsum("bhqk,bkhd->bqhd", d_s, kc) * scale
+    d_kc = torch.einsum("bhqk,bqhd->bkhd", d_s, qc) * scale
+    # The tile mean's gradient reaches each token of the tile divided by the tile's size.
+    inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
+    bias = tuple((g * inv_size).contiguous() for g in (d_qc, d_kc, d_vc))
+    cnt = torch.full(q2k_idx.shape[:3], q2k_idx.shape[-1], dtype=torch.int32, device=q.device)
+    dq, dk, dv = bsa_backward(do_f.contiguous(), q, k, v, o_f, lse, offsets, offsets, q2k_idx, cnt,
+                              max_tile, max_tile, uniform, uniform, bias=bias)
+    return dq, dk, dv, d_gate_c, d_gate_f
+
+
+@vsa_bwd.register_fake
+def _(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids, sizes,
+      max_tile, uniform):
+    gc = gate_c.new_empty(gate_c.shape) if gate_c is not None else dout.new_empty(0)
+    gf = gate_f.new_empty(gate_f.shape) if gate_f is not None else dout.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gc, gf
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, _ = inputs
+    _, o_f, lse, qc, kc, vc, q2k_idx = output
+    ctx.static = (max_tile, uniform)
+    ctx.has_gates = (gate_c is not None, gate_f is not None)
+    ctx.save_for_backward(q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids,
+                          sizes)
+
+
+def _backward(ctx, dout, *unused):
+    q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids, sizes = ctx.saved_tensors
+    dq, dk, dv, d_gc, d_gf = vsa_bwd(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx,
+                                     offsets, tile_ids, sizes, *ctx.static)
+    d_gc = d_gc if ctx.has_gates[0] else None
+    d_gf = d_gf if ctx.has_gates[1] else None
+    return dq, dk, dv, d_gc, d_gf, None, None, None, None, None, None
+
+
+vsa_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def video_sparse_attention_triton(q, k, v, layout, topk: int, gate_c=None, gate_f=None):
+    """The fused op on the Triton path; gates are expanded to q's shape (contiguous) if given."""
+    gates = [None if g is None else g.expand(q.shape).contiguous() for g in (gate_c, gate_f)]
+    out = vsa_fwd(q, k, v, gates[0], gates[1], layout.offsets, layout.tile_ids, layout.sizes,
+                  layout.max_tile_size, not layout.is_ragged, topk)[0]
+    return out
