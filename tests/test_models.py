@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -175,9 +174,8 @@ def test_tiny_model_overfits_one_batch():
     x0 = torch.randn(4, 4, 4, 8, 8)
     noise, t, labels = torch.randn_like(x0), torch.rand(4), torch.arange(4)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    start = time.perf_counter()
     losses = []
-    for _ in range(200):
+    for _ in range(100):
         loss = flow_matching_loss(model, x0, t, noise, labels=labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,7 +183,6 @@ def test_tiny_model_overfits_one_batch():
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
     print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f}")
-    assert time.perf_counter() - start < 60
 
 
 def test_label_dropout_only_in_training():
