@@ -197,9 +197,9 @@ def _dq_kernel(
 @triton.jit
 def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, BIAS_K, BIAS_V,
-    Q_OFF, KV_OFF, KIDX, KCNT,
+    Q_OFF, KV_OFF, KIDX, KSTART,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h, sg_b, sg_s, sg_h,
-    H, NK, SQ, KTMAX, qk_scale, sm_scale,
+    H, NK, SQ, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -221,8 +221,9 @@ def _dkv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    list_base = (pid_bh * NK + kt) * KTMAX
-    n_sel = tl.load(KCNT + pid_bh * NK + kt)
+    # This key tile's list: KIDX[KSTART[g] : KSTART[g + 1]] with g = b*h*NK + kt (CSR layout).
+    list_base = tl.load(KSTART + pid_bh * NK + kt)
+    n_sel = tl.load(KSTART + pid_bh * NK + kt + 1) - list_base
     # One step per (query tile that selected this key tile, BLOCK_M chunk of it), in q order.
     for j in range(0, n_sel * M_CHUNKS):
         qt = tl.load(KIDX + list_base + j // M_CHUNKS)
@@ -326,42 +327,45 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
 
 
 @triton.jit
-def _transpose_lists_kernel(SEL, K2Q, NQ, NK, WIDTH, BLOCK: tl.constexpr):
+def _transpose_lists_kernel(SEL, K2Q, START, NQ, NK, BLOCK: tl.constexpr):
     """For BLOCK key tiles of one (b, h): walk the query tiles in order and append each one that
-    selected the key tile. SEL: uint8 [BH, NQ, NK]; K2Q: int32 [BH, NK, WIDTH]."""
+    selected the key tile to the key tile's list. SEL: uint8 [BH, NQ, NK]; K2Q: int32 flat lists;
+    START: int32 [BH * NK + 1] list starts."""
     pid_k = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     k_mask = offs_k < NK
-    count = tl.zeros([BLOCK], tl.int32)
+    pos = tl.load(START + bh * NK + offs_k, mask=k_mask, other=0)
     for qt in range(NQ):
-        hit = tl.load(SEL + (bh * NQ + qt) * NK + offs_k, mask=k_mask, other=0) != 0
-        tl.store(K2Q + (bh * NK + offs_k) * WIDTH + count, tl.full([BLOCK], qt, tl.int32), mask=hit)
-        count += hit.to(tl.int32)
+        hit = tl.load(SEL + (bh.to(tl.int64) * NQ + qt) * NK + offs_k, mask=k_mask, other=0) != 0
+        tl.store(K2Q + pos, tl.full([BLOCK], qt, tl.int32), mask=hit)
+        pos += hit.to(tl.int32)
 
 
 def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_tiles: int):
     """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
 
-    Deterministic (each list is written by one program walking the query tiles in order; no
-    atomics). The list width is the true maximum count over all key tiles (one host sync), not the
-    number of query tiles. Returns k2q_idx int32 [B, H, Nk, width] (entries past k2q_cnt are
-    unspecified) and k2q_cnt int32 [B, H, Nk].
+    Returned in CSR form, sized by the true number of entries with no host sync: `k2q_start` int32
+    [B * H * Nk + 1]; the list of key tile j of (b, h) is
+    `k2q_idx[k2q_start[g]:k2q_start[g + 1]]` with g = (b * H + h) * Nk + j. Deterministic: each list
+    is written by one program walking the query tiles in order (no atomics).
     """
     B, H, n_q, kmax = q2k_idx.shape
-    listed = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
+    dev = q2k_idx.device
+    listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
     # Unused list slots scatter into an extra column that is dropped.
     target = torch.where(listed, q2k_idx.long(), n_kv_tiles)
-    sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=q2k_idx.device)
+    sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=dev)
     sel.scatter_(3, target, 1)
     sel = sel[..., :n_kv_tiles].contiguous()
-    k2q_cnt = sel.sum(2, dtype=torch.int32)
-    width = max(int(k2q_cnt.max()), 1)
-    k2q_idx = torch.empty((B, H, n_kv_tiles, width), dtype=torch.int32, device=q2k_idx.device)
+    k2q_start = torch.zeros(B * H * n_kv_tiles + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(sel.sum(2, dtype=torch.int32).flatten(), 0, out=k2q_start[1:])
+    # Room for every listed entry (the exact total would need a host sync; unused slack is small).
+    k2q_idx = torch.empty(B * H * n_q * kmax, dtype=torch.int32, device=dev)
     block = 128
     _transpose_lists_kernel[(triton.cdiv(n_kv_tiles, block), B * H)](
-        sel, k2q_idx, n_q, n_kv_tiles, width, BLOCK=block)
-    return k2q_idx, k2q_cnt
+        sel, k2q_idx, k2q_start, n_q, n_kv_tiles, BLOCK=block)
+    return k2q_idx, k2q_start
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
@@ -397,11 +401,10 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
         HAS_BIAS=has_bias, **cfg,
     )
-    k2q_idx, k2q_cnt = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
+    k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     _dkv_kernel[(n_kv * n_split, B * H)](
-        q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_cnt,
-        *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, k2q_idx.shape[-1],
-        scale * LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_start,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
         HAS_BIAS=has_bias, **cfg,
     )
