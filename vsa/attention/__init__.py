@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from vsa.attention.base import AttentionBackend, AttentionContext
 from vsa.attention.full import FullAttention
+from vsa.attention.static import GratB, GratX, SlidingTileAttention, StaticPatternAttention
 from vsa.attention.video_sparse import VideoSparseAttention
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     "full": FullAttention,
     "vsa": VideoSparseAttention,
+    "grat_b": GratB,
+    "grat_x": GratX,
+    "sta": SlidingTileAttention,
 }
 
 
@@ -29,5 +33,5 @@ def build_backend(name: str, width: int, n_heads: int, head_dim: int,
         raise TypeError(f"bad options {options} for attention backend {name!r}: {err}") from None
 
 
-__all__ = ["AttentionBackend", "AttentionContext", "BACKENDS", "FullAttention",
-           "VideoSparseAttention", "build_backend"]
+__all__ = ["AttentionBackend", "AttentionContext", "BACKENDS", "FullAttention", "GratB", "GratX",
+           "SlidingTileAttention", "StaticPatternAttention", "VideoSparseAttention", "build_backend"]

@@ -1,0 +1,48 @@
+"""Training: the LightningModule, DataModule glue, callbacks, checkpoint IO and `train(cfg)`.
+
+Names are imported on first use, so `import vsa.training.flops` does not pay for Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "train": "vsa.training.run",
+    "ConfigError": "vsa.training.run",
+    "load_init_weights": "vsa.training.run",
+    "VideoDiffusionModule": "vsa.training.module",
+    "WarmupSchedule": "vsa.training.module",
+    "ResumableDataModule": "vsa.training.data",
+    "ResumableSampler": "vsa.training.data",
+    "SparsitySchedule": "vsa.training.callbacks",
+    "TrainingSpeed": "vsa.training.callbacks",
+    "SampleVideos": "vsa.training.callbacks",
+    "RunCheckpoint": "vsa.training.callbacks",
+    "AtomicCheckpointIO": "vsa.training.checkpoint_io",
+    "forward_flops": "vsa.training.flops",
+    "training_flops": "vsa.training.flops",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from vsa.training.callbacks import RunCheckpoint, SampleVideos, SparsitySchedule, TrainingSpeed
+    from vsa.training.checkpoint_io import AtomicCheckpointIO
+    from vsa.training.data import ResumableDataModule, ResumableSampler
+    from vsa.training.flops import forward_flops, training_flops
+    from vsa.training.module import VideoDiffusionModule, WarmupSchedule
+    from vsa.training.run import ConfigError, load_init_weights, train
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vsa.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
