@@ -224,7 +224,7 @@ def main():
                          share_of_vsa_fwd=coarse / vsa_fwd, transpose_lists_ms=transpose))
         print(f"{name:36s} coarse stage {coarse:.3f} ms = {100 * coarse / vsa_fwd:.1f}% of VSA fwd; "
               f"transposed lists {transpose:.3f} ms", flush=True)
-        del q, k, v
+        q = k = v = None  # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
