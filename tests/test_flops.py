@@ -93,9 +93,23 @@ def test_vsa_top_k_resolution():
 def test_bad_input():
     with pytest.raises(ValueError, match="not divisible by the patch"):
         forward_flops(preset_config("0.6M"), (4, 9, 8))
-    with pytest.raises(ValueError, match="known: 'full', 'vsa'"):
-        forward_flops(preset_config("0.6M", attention="grat_b"), (4, 8, 8))
+    with pytest.raises(ValueError, match="attention backend 'flash'"):
+        forward_flops(preset_config("0.6M"), (4, 8, 8), attention="flash")
     with pytest.raises(ValueError, match="sparsity must lie in"):
         forward_flops(preset_config("0.6M", attention="vsa"), (4, 8, 8), sparsity=1.0)
     with pytest.raises(ValueError, match="text_len"):
         forward_flops(preset_config("0.6M", text_dim=8), (4, 8, 8))
+
+
+def test_static_pattern_flops_use_the_maps_kept_fraction():
+    from vsa.layout import TileLayout
+    from vsa.ops import patterns
+
+    cfg = preset_config("60M")
+    full = forward_flops(cfg, (16, 64, 64), attention="full")
+    grat = forward_flops(cfg, (16, 64, 64), attention="grat_b")
+    layout = TileLayout(cfg.token_grid((16, 64, 64)), cfg.tile)
+    kept = patterns.kept_token_fraction(layout, *patterns.build_map("grat_b", layout))
+    assert 0 < kept < 1
+    assert grat.self_attention == pytest.approx(full.self_attention * kept)
+    assert grat.linear == full.linear  # static patterns add no weights

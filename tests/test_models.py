@@ -208,7 +208,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="multiple of head_dim"):
         build_model("0.6M", width=100)
     with pytest.raises(ValueError, match=r"unknown attention backend 'flash'; known backends: "
-                                         r"\['full', 'vsa'\]"):
+                                         r"\['full', 'grat_b', 'grat_x', 'sta', 'vsa'\]"):
         build_model("0.6M", attention="flash")
     with pytest.raises(ValueError, match="unknown VSA gate variant"):
         build_model("0.6M", attention="vsa", attention_options={"gates": "sigmoid"})

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from vsa.attention import BACKENDS, VideoSparseAttention
 from vsa.models.config import DiTConfig, check_sparsity
 from vsa.models.dit import TIMESTEP_FREQ_DIM
-from vsa.ops import resolve_topk
+from vsa.layout import TileLayout
+from vsa.ops import patterns, resolve_topk
+
+STATIC_PATTERNS = tuple(patterns.PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,12 @@ class FlopCount:
 
 def _gate_weights(cfg: DiTConfig) -> int:
     """Matmul weights per token that an attention backend itself adds (VSA's gate projection)."""
-    if cfg.attention == "full":
+    if cfg.attention in ("full", *STATIC_PATTERNS):
         return 0
     if cfg.attention == "vsa":
         return VideoSparseAttention.gate_weights(cfg.width, **cfg.attention_options)
     raise ValueError(f"no FLOP formula for attention backend {cfg.attention!r}; "
-                     f"known: 'full', 'vsa' (registered backends: {sorted(BACKENDS)})")
+                     f"known: 'full', 'vsa', {STATIC_PATTERNS} (registered backends: {sorted(BACKENDS)})")
 
 
 def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: float | None = None,
@@ -98,6 +101,12 @@ def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: floa
             n_tiles, sparsity=sparsity)
         kv_tokens = k * tile_volume
         coarse = 4 * (L / tile_volume) ** 2 * w
+    elif cfg.attention in STATIC_PATTERNS:
+        # Static maps: the kept fraction of real (query, key) token pairs of the tile map.
+        layout = TileLayout(grid, cfg.tile)
+        options = {k: v for k, v in cfg.attention_options.items() if k != "impl"}
+        kept = patterns.kept_token_fraction(layout, *patterns.build_map(cfg.attention, layout, **options))
+        kv_tokens, coarse = kept * L, 0.0
     else:
         kv_tokens, coarse = L, 0.0
     self_attention = depth * (4 * L * kv_tokens * w + coarse)

@@ -1,0 +1,107 @@
+"""Training-free structured attention backends: GRAT-B, GRAT-X and sliding tile attention (STA).
+
+Each query tile attends (exact softmax) to the key tiles of a static map computed from the tile
+geometry (`vsa.ops.patterns`), on the same block-sparse kernel as VSA's fine stage, forward and
+backward, so a pattern can be swapped into a model trained with full attention (sample with GRAT)
+or finetuned. The group size of GRAT is the model's tile (`DiTConfig.tile`, e.g. (4, 8, 8) = 256
+tokens as GRAT used for video); ragged edge tiles work as for VSA. No parameters; the context's
+sparsity / top-k are ignored.
+
+    model.set_attention("grat_b", radius=[1, 1, 1])   # 3x3x3 tiles
+    model.set_attention("grat_x", lines=False)        # tiles sharing the t, row or column index
+    model.set_attention("sta", window=[3, 3, 3])      # sliding tile window, full at the borders
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vsa.attention.base import AttentionBackend, AttentionContext
+from vsa.layout import TileLayout
+from vsa.ops import patterns
+from vsa.ops.api import _fine, _use_triton
+from vsa.ops.block_sparse import SUPPORTED_DTYPES
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_map(pattern: str, params: tuple, grid, tile, device: str, batch: int, heads: int):
+    """The pattern's map [n, K] laid out as the kernel reads it: contiguous [B, H, n, K] + [B, H, n]
+    (cached per shape, so a model's blocks share one copy and a call costs one cache lookup)."""
+    layout = TileLayout(grid, tile, device)
+    idx, cnt = patterns.build_map(pattern, layout, **dict(params))
+    return (idx.expand(batch, heads, -1, -1).contiguous(),
+            cnt.expand(batch, heads, -1).contiguous())
+
+
+class StaticPatternAttention(AttentionBackend):
+    """Block-sparse attention over a static tile map (see the module docstring).
+
+    Subclasses set `pattern` (a name in `vsa.ops.patterns.PATTERNS`) and pass the pattern's options
+    to `__init__`. `impl`: None (Triton on CUDA, torch on CPU), "triton" or "torch".
+    """
+
+    pattern: str = ""
+
+    def __init__(self, width: int, n_heads: int, head_dim: int, impl: str | None = None, **options):
+        super().__init__(width, n_heads, head_dim)
+        if impl not in (None, "triton", "torch"):
+            raise ValueError(f"impl must be None (auto), 'triton' or 'torch', got {impl!r}")
+        self.impl = impl
+        # Validated now (a bad config fails when the model is built, not mid-forward), normalised
+        # and hashable: the key of the map cache.
+        self.options = tuple(sorted(patterns.pattern_options(self.pattern, **options).items()))
+
+    def block_map(self, layout: TileLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map of this pattern on `layout`: q2k_idx int32 [n_tiles, K], q2k_cnt int32 [n_tiles]."""
+        return patterns.build_map(self.pattern, layout, **dict(self.options))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        self.check_inputs(q, k, v, ctx)
+        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"q, k, v must share one of the dtypes {SUPPORTED_DTYPES}; got {q.dtype}, "
+                            f"{k.dtype}, {v.dtype}")
+        layout = ctx.layout.to(q.device)
+        batch, heads = q.shape[0], q.shape[2]
+        idx, cnt = _batched_map(self.pattern, self.options, layout.grid, layout.tile, str(layout.device),
+                                batch, heads)
+        return _fine(q, k, v, layout, layout, idx, cnt, _use_triton(q, self.impl))
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{super().extra_repr()}, pattern={self.pattern}" + (f", {opts}" if opts else "")
+
+
+class GratB(StaticPatternAttention):
+    """GRAT-B: each query tile attends to the key tiles within `radius` tiles on every axis
+    (radius 1 = 3x3x3 tiles; clipped at the borders)."""
+
+    pattern = "grat_b"
+
+    def __init__(self, width: int, n_heads: int, head_dim: int, radius=(1, 1, 1),
+                 impl: str | None = None):
+        super().__init__(width, n_heads, head_dim, impl=impl, radius=radius)
+
+
+class GratX(StaticPatternAttention):
+    """GRAT-X: each query tile attends to the key tiles sharing its time index, tile-row or
+    tile-column (`lines=False`), or only to the three lines of tiles through it (`lines=True`)."""
+
+    pattern = "grat_x"
+
+    def __init__(self, width: int, n_heads: int, head_dim: int, lines: bool = False,
+                 impl: str | None = None):
+        super().__init__(width, n_heads, head_dim, impl=impl, lines=lines)
+
+
+class SlidingTileAttention(StaticPatternAttention):
+    """STA: a window of `window` tiles per axis around each query tile, shifted inward at the
+    borders so every query tile keeps the full window."""
+
+    pattern = "sta"
+
+    def __init__(self, width: int, n_heads: int, head_dim: int, window=(3, 3, 3),
+                 impl: str | None = None):
+        super().__init__(width, n_heads, head_dim, impl=impl, window=window)
