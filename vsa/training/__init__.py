@@ -25,7 +25,22 @@ _EXPORTS = {
     "training_flops": "vsa.training.flops",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AtomicCheckpointIO",
+    "ConfigError",
+    "ResumableDataModule",
+    "ResumableSampler",
+    "RunCheckpoint",
+    "SampleVideos",
+    "SparsitySchedule",
+    "TrainingSpeed",
+    "VideoDiffusionModule",
+    "WarmupSchedule",
+    "forward_flops",
+    "load_init_weights",
+    "train",
+    "training_flops",
+]
 
 if TYPE_CHECKING:
     from vsa.training.callbacks import RunCheckpoint, SampleVideos, SparsitySchedule, TrainingSpeed

@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass
 
 from vsa.attention import BACKENDS, VideoSparseAttention
+from vsa.layout import TileLayout
 from vsa.models.config import DiTConfig, check_sparsity
 from vsa.models.dit import TIMESTEP_FREQ_DIM
-from vsa.layout import TileLayout
 from vsa.ops import patterns, resolve_topk
 
 STATIC_PATTERNS = tuple(patterns.PATTERNS)

@@ -1,0 +1,141 @@
+"""The Hydra config tree: every experiment composes into something buildable, the vsa/full pairs
+differ only in attention, the launchers and trainers compose, and bad overrides fail clearly."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from vsa.data.codecs import build_codec
+from vsa.models import DiTBlock, preset_params
+from vsa.models.presets import nominal_params
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+PAIRS = ["60m", "150m", "300m", "600m", "1b"]
+
+
+def compose_train(overrides: list[str], tmp: str = "/tmp/vsa-config-test", hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"paths.log_dir={tmp}", f"paths.output_dir={tmp}/run",
+                                           *overrides], return_hydra_config=hydra)
+
+
+def input_shape(cfg) -> tuple[int, ...]:
+    """(C, T, H, W) of the model input, the way vsa.training.train derives it."""
+    dataset = cfg.data.datamodule.dataset
+    shape = (dataset.channels, dataset.frames, dataset.height, dataset.width)
+    codec = {k: v for k, v in OmegaConf.to_container(cfg.data.codec).items() if v is not None}
+    return build_codec(**codec).latent_shape(shape)
+
+
+def test_the_required_experiments_exist():
+    required = {"tiny", "vsa_finetune"} | {f"{a}_{s}" for a in ("vsa", "full") for s in PAIRS}
+    assert required <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_into_a_buildable_model(experiment):
+    overrides = [f"experiment={experiment}"]
+    if experiment == "vsa_finetune":
+        overrides.append("init_from=/some/dense/last.ckpt")
+    cfg = compose_train(overrides)
+    assert cfg.experiment_name == experiment and cfg.logger and cfg.callbacks.checkpoint.save_last
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert container["module"]["lr_schedule"]["total_steps"] == cfg.trainer.max_steps
+    shape = input_shape(cfg)
+    with torch.device("meta"):  # the real builder, no memory
+        model = instantiate(cfg.model, in_channels=shape[0], _convert_="all")
+    assert model.cfg.attention == cfg.attention.name
+    tokens = math.prod(model.cfg.token_grid(shape[1:]))
+    if experiment.endswith("_1b"):
+        assert cfg.model.name == "1.4B" and tokens == 16_384 and cfg.trainer.precision == "bf16-mixed"
+        assert model.cfg.n_heads * model.cfg.head_dim == 1792
+    if experiment.startswith("vsa_"):
+        assert model.cfg.attention == "vsa" and 0 < model.sparsity < 1
+
+
+@pytest.mark.parametrize("size", PAIRS)
+def test_vsa_and_full_experiments_differ_only_in_attention(size):
+    vsa = OmegaConf.to_container(compose_train([f"experiment=vsa_{size}"]), resolve=True)
+    full = OmegaConf.to_container(compose_train([f"experiment=full_{size}"]), resolve=True)
+    for cfg in (vsa, full):
+        for key in ("attention", "experiment_name", "run_name", "tags"):
+            cfg.pop(key)
+        for key in ("attention", "attention_options", "sparsity", "topk"):
+            cfg["model"].pop(key)
+        cfg["logger"]["wandb"].pop("group")
+        cfg["logger"]["wandb"].pop("name")
+        cfg["logger"]["wandb"].pop("tags")
+    assert vsa == full
+
+
+def test_scaling_presets_match_their_names():
+    for experiment in ("vsa_60m", "vsa_150m", "vsa_300m", "vsa_600m", "vsa_1b"):
+        cfg = compose_train([f"experiment={experiment}"])
+        count = preset_params(cfg.model.name, attention="vsa", attention_options={"gates": "pretrain"})
+        assert abs(count / nominal_params(cfg.model.name) - 1) < 0.1
+
+
+def test_vsa_finetune_adapts_with_a_staircase():
+    cfg = compose_train(["experiment=vsa_finetune", "init_from=/dense.ckpt"])
+    assert cfg.attention.options.gates == "adapt"
+    schedule = instantiate(cfg.callbacks.sparsity_schedule)
+    assert schedule.value(0) == 0.0 and schedule.value(10**9) == cfg.attention.sparsity
+    assert schedule.value(schedule.interval) == schedule.increment
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "fsdp"])
+def test_trainer_configs_compose(trainer):
+    cfg = compose_train([f"trainer={trainer}", "experiment=tiny"])
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.max_steps == 4
+    assert cfg.trainer.use_distributed_sampler is False  # the training sampler shards itself
+    if trainer == "fsdp":
+        strategy = instantiate(cfg.trainer.strategy)
+        assert strategy.__class__.__name__ == "FSDPStrategy"
+        assert strategy.kwargs["auto_wrap_policy"].__class__.__name__ == "ModuleWrapPolicy"
+        assert DiTBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_slurm_launcher_composes_with_requeue(tmp_path):
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                         "trainer.num_nodes=2", "hydra.launcher.partition=gpu", "experiment=vsa_1b"],
+                        tmp=str(tmp_path), hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert launcher.partition == "gpu" and launcher.max_num_timeout > 0 and launcher.timeout_min > 0
+    assert cfg.hydra.run.dir == f"{tmp_path}/train/runs/vsa_1b"  # fixed: a requeued job finds it
+    local = compose_train(["hydra/launcher=local"], hydra=True)
+    assert local.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+def test_sample_config_composes_with_a_backend_swap():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        plain = compose("sample", overrides=["ckpt_path=x.ckpt", "paths.output_dir=/tmp/x"])
+        swapped = compose("sample", overrides=["ckpt_path=x.ckpt", "attention=vsa", "sparsity=0"])
+    assert plain.get("attention") is None and plain.ema is True
+    assert swapped.attention.name == "vsa" and swapped.sparsity == 0
+
+
+def test_unknown_experiment_or_key_fails_clearly():
+    with pytest.raises(MissingConfigException, match="Could not find 'experiment/nope'"):
+        compose_train(["experiment=nope"])
+    with pytest.raises(ConfigCompositionException, match="Could not override 'module.learning_rate'"):
+        compose_train(["module.learning_rate=1"])
+    result = subprocess.run([sys.executable, "train.py", "experiment=nope"], cwd=REPO,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Could not find 'experiment/nope'" in result.stderr and "vsa_1b" in result.stderr

@@ -1,0 +1,268 @@
+"""Training: train.py end to end, exact resume, W&B offline logs, dense -> VSA finetuning, the
+sparsity schedule, atomic checkpoints and bad input. CPU, tiny models, a few steps each."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from vsa.training import AtomicCheckpointIO, ConfigError, SparsitySchedule, load_init_weights, train
+from vsa.training.data import ResumableLoader, ResumableSampler
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# Two pytest workers share two cores: one thread each (more threads only contend).
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+
+# A tiny, fast run: no validation, no sample videos, no EMA (the EMA has its own test below).
+QUICK = ["experiment=tiny", "data.datamodule.val_size=0", "callbacks.sample_videos=null",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def compose_train(tmp_path: Path, run_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"paths.log_dir={tmp_path}",
+                                           f"paths.output_dir={tmp_path / run_name}",
+                                           f"run_name={run_name}", *overrides])
+
+
+def run_train(tmp_path: Path, run_name: str, overrides: list[str]) -> dict[str, float]:
+    return train(compose_train(tmp_path, run_name, overrides))
+
+
+def csv_column(run_dir: Path, column: str) -> dict[int, float]:
+    """step -> value of one metric in the run's CSV logs (one csv/version_N per launch)."""
+    values: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(column):
+                    values[int(row["step"])] = float(row[column])
+    return values
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """History rows of an offline W&B run file (LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, pending, rows = run_file.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a complete record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def test_tiny_experiment_fast_dev_run_through_train_py(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=tiny", "trainer.fast_dev_run=true",
+         f"paths.log_dir={tmp_path}"],
+        cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Running in `fast_dev_run` mode" in output and "`Trainer.fit` stopped" in output
+    run_dir = tmp_path / "train" / "runs" / "tiny"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # fast_dev_run saves nothing
+
+
+def test_resume_continues_exactly_and_wandb_appends_to_the_same_run(tmp_path, monkeypatch):
+    """6 steps in one go == 3 steps, stop, resume for 3 more: same losses, same final weights.
+    The dataset holds 2 batches per epoch, so the resume lands mid-epoch after an epoch boundary.
+    The split run also logs to W&B (offline): both launches append to one W&B run id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = QUICK + ["data.datamodule.dataset.num_samples=8", "callbacks.ema=null",
+                      "module.lr_schedule.total_steps=6", "module.lr_schedule.warmup_steps=2"]
+    run_train(tmp_path, "whole", common + ["trainer.max_steps=6"])
+    first = run_train(tmp_path, "split", common + ["trainer.max_steps=3", "logger=many"])
+    second = run_train(tmp_path, "split", common + ["trainer.max_steps=6", "logger=many"])
+
+    whole = csv_column(tmp_path / "whole", "train/loss")
+    split = csv_column(tmp_path / "split", "train/loss")
+    assert sorted(whole) == sorted(split) == list(range(6))
+    assert [split[s] for s in range(6)] == [whole[s] for s in range(6)]
+    assert whole[5] < whole[0]
+    assert first["train/loss"] == whole[2] and second["train/loss"] == whole[5]
+    ckpt_whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt_split = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt_split["global_step"] == 6
+    for name, value in ckpt_whole["state_dict"].items():
+        assert torch.equal(value, ckpt_split["state_dict"][name]), name
+
+    # W&B: one run id stored in the run folder, two offline launches of it, metrics in both.
+    run_id = (tmp_path / "split" / "wandb_run_id.txt").read_text().strip()
+    launches = sorted(glob.glob(str(tmp_path / "split" / "wandb" / "offline-run-*")))
+    assert len(launches) == 2 and all(p.endswith(run_id) for p in launches)
+    logged = {}
+    for launch in launches:
+        for row in wandb_history(Path(launch) / f"run-{run_id}.wandb"):
+            if "train/loss" in row:
+                logged[row["trainer/global_step"]] = row["train/loss"]
+    assert logged == pytest.approx(split, rel=1e-6)
+
+
+def test_ema_validation_and_sample_videos(tmp_path, monkeypatch):
+    """The full tiny recipe: EMA weights in the checkpoint, fixed-protocol validation, throughput
+    and MFU logged, sample videos written at the validation steps and logged to W&B."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    metrics = run_train(tmp_path, "full", ["experiment=tiny", "logger=many",
+                                           "trainer.enable_progress_bar=false"])
+    run_dir = tmp_path / "full"
+    assert set(csv_column(run_dir, "val/loss")) == {1, 3}  # after steps 2 and 4 (0-based step - 1)
+    assert metrics["val/loss"] > 0 and csv_column(run_dir, "train/sparsity")[0] == 0.5
+    tokens = csv_column(run_dir, "perf/tokens_per_sec")
+    mfu = csv_column(run_dir, "perf/mfu")
+    assert tokens and all(v > 0 for v in tokens.values()) and all(0 < v < 1 for v in mfu.values())
+    for step in (2, 4):
+        folder = run_dir / "samples" / f"step_{step:07d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "video_00.mp4", "video_01.mp4"]
+    (launch,) = (run_dir / "wandb").glob("offline-run-*")
+    rows = wandb_history(next(launch.glob("run-*.wandb")))
+    media = {(row["trainer/global_step"], key.split("/_type")[0]) for row in rows for key in row
+             if key.endswith("/_type")}
+    assert media == {(s, k) for s in (2, 4) for k in ("samples/video", "samples/grid")}
+    assert len(list(launch.glob("files/media/videos/samples/*.mp4"))) == 4
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and "current_model_state" in ckpt  # EMA in state_dict
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+# ----------------------------------------------------------------------------- finetuning
+
+def test_vsa_finetune_adapts_a_dense_checkpoint(tmp_path):
+    run_train(tmp_path, "dense", QUICK + ["attention=full", "trainer.max_steps=2"])
+    dense_ckpt = tmp_path / "dense" / "checkpoints" / "last.ckpt"
+
+    # "adapt" gates at sparsity 0: the finetuning model starts as the dense model exactly.
+    cfg = compose_train(tmp_path, "check", ["experiment=tiny", "attention=vsa",
+                                            "attention.options.gates=adapt"])
+    from hydra.utils import instantiate
+
+    from vsa.sampling import load_model
+    dense, _ = load_model(dense_ckpt)
+    sparse = instantiate(cfg.model, in_channels=3)
+    fresh = load_init_weights(sparse, dense_ckpt)
+    assert fresh and all(".attn.backend.gate_proj." in name for name in fresh)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make attention matter: the 2-step model is close to its zero init
+        for name, p in dense.named_parameters():
+            delta = 0.1 * torch.randn(p.shape, generator=gen)
+            p.add_(delta)
+            sparse.get_parameter(name).add_(delta)
+    sparse.eval().sparsity = 0.0
+    x, t = torch.randn(2, 3, 4, 16, 16, generator=gen), torch.tensor([0.3, 0.8])
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x, t, labels), dense(x, t, labels), atol=1e-5, rtol=1e-5)
+        sparse.sparsity = 0.5
+        assert not torch.allclose(sparse(x, t, labels), dense(x, t, labels), atol=1e-3)
+
+    # The experiment itself: dense weights in, sparsity staircase 0 -> 0.25 -> 0.5.
+    run_train(tmp_path, "finetune", [
+        "experiment=vsa_finetune", f"init_from={dense_ckpt}", "model=0.6m", "logger=csv",
+        "data.datamodule.dataset.num_samples=64", "data.datamodule.dataset.frames=4",
+        "data.datamodule.dataset.height=16", "data.datamodule.dataset.width=16",
+        "data.datamodule.batch_size=4", "data.datamodule.num_workers=0", "data.datamodule.val_size=0",
+        "data.codec.name=identity", "data.codec.factor=null", "attention.sparsity=0.5",
+        "callbacks.sparsity_schedule.increment=0.25", "callbacks.sparsity_schedule.interval=2",
+        "callbacks.sample_videos=null", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "module.lr_schedule.warmup_steps=1"])
+    sparsity = csv_column(tmp_path / "finetune", "train/sparsity")
+    assert [sparsity[s] for s in range(5)] == [0.0, 0.0, 0.25, 0.25, 0.5]
+
+
+def test_sparsity_schedule_is_a_staircase():
+    schedule = SparsitySchedule(target=0.875, increment=0.25, interval=100)
+    assert [schedule.value(s) for s in (0, 99, 100, 250, 300, 399, 400, 10_000)] == \
+        [0.0, 0.0, 0.25, 0.5, 0.75, 0.75, 0.875, 0.875]
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
+        SparsitySchedule(target=1.0, increment=0.1, interval=10)
+    with pytest.raises(ValueError, match="interval"):
+        SparsitySchedule(target=0.5, increment=0.1, interval=0)
+
+
+# ----------------------------------------------------------------------------- data stream
+
+def test_resumable_sampler_continues_the_stream_at_any_batch():
+    def stream(sampler, epochs):
+        return [i for _ in range(epochs) for i in sampler]
+
+    full = stream(ResumableSampler(10, 3, seed=1), 3)  # 3 whole batches (9 samples) per epoch
+    assert len(full) == 27 and full[:9] != sorted(full[:9]) and full[:9] != full[9:18]
+    for start in range(9):
+        resumed = ResumableSampler(10, 3, seed=1, start_batch=start)
+        assert stream(resumed, 4)[: 27 - 3 * start] == full[3 * start:]
+    ranks = [list(ResumableSampler(10, 2, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4 and not set(ranks[0]) & set(ranks[1])
+
+    loader = ResumableLoader(list(range(10)), batch_size=3, sampler=ResumableSampler(10, 3, seed=1))
+    saved = loader.state_dict()
+    loader.load_state_dict(saved)  # the same stream: silent
+    with pytest.warns(UserWarning, match="reads other batches"):
+        loader.load_state_dict({**saved, "seed": 2})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1  # the old checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_gives_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data: video folder .*nowhere does not exist"):
+        run_train(tmp_path, "a", ["data=videos", f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"missing mandatory value\(s\): data.root"):
+        run_train(tmp_path, "b", ["data=videos"])
+    with pytest.raises(ConfigError, match=r"model: sparsity must lie in \[0, 1\) .* got 1.0"):
+        run_train(tmp_path, "c", ["experiment=tiny", "attention.sparsity=1.0"])
+    with pytest.raises(ConfigError, match=r"unknown model preset '7B'"):
+        run_train(tmp_path, "d", ["experiment=tiny", "model.name=7B"])
+    with pytest.raises(ConfigError, match=r"missing mandatory value\(s\): init_from"):
+        run_train(tmp_path, "e", ["experiment=vsa_finetune"])
+
+    result = subprocess.run([sys.executable, "train.py", "experiment=tiny", "attention.sparsity=-0.1",
+                             f"paths.log_dir={tmp_path}"], cwd=REPO, env=SUBPROCESS_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "model: sparsity must lie in [0, 1) (0 = dense), got -0.1" in result.stderr
+    assert "Traceback" not in result.stderr

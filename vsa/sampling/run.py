@@ -1,0 +1,89 @@
+"""`sample(cfg)`: videos from a training checkpoint (configs/sample.yaml).
+
+The checkpoint brings its own model config, latent shape, codec and timestep recipe; the config
+chooses the weights (EMA or raw), the attention backend and sparsity (train dense, sample
+sparse), the sampler (Euler/Heun), the guidance weight and the seed. Output: video_XX.mp4,
+grid.png and latents.pt (the raw samples, fp32) in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vsa.data.codecs import build_codec
+from vsa.models.config import check_sparsity
+from vsa.sampling.checkpoint import load_model
+from vsa.sampling.generate import generate
+from vsa.sampling.media import save_grid, to_uint8_frames, write_mp4
+from vsa.training.module import timestep_shift
+from vsa.training.run import ConfigError, check_missing, config_section
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision not in ("auto", "32", "bf16"):
+        raise ConfigError(f"precision must be auto, 32 or bf16, got {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def sample(cfg: DictConfig) -> dict:
+    """Sample `cfg.num_videos` videos; return the written paths and the seconds per video."""
+    check_missing(cfg)
+    with config_section("sparsity"):
+        check_sparsity(cfg.sparsity, cfg.topk)
+    with config_section("ckpt_path"):
+        model, spec = load_model(cfg.ckpt_path, ema=cfg.ema)
+
+    swap = cfg.get("attention")
+    if swap is not None and swap.name != model.cfg.attention:
+        options = dict(OmegaConf.to_container(swap.options, resolve=True))
+        if swap.name == "vsa":
+            # A backend swapped in after training has no learned gates: "adapt" gates (G_c = 0,
+            # G_f = 1) make VSA output its fine stage, which at sparsity 0 is dense attention.
+            options["gates"] = "adapt"
+        with config_section("attention"):
+            model.set_attention(swap.name, **options)
+            model.sparsity, model.topk = swap.sparsity, swap.topk
+    if cfg.sparsity is not None or cfg.topk is not None:  # explicit values win; topk over sparsity
+        model.sparsity, model.topk = cfg.sparsity, cfg.topk
+    if model.cfg.attention == "vsa" and model.sparsity is None and model.topk is None:
+        raise ConfigError("attention=vsa needs a sparsity: add sparsity=<value in [0, 1)> (or topk=<K>)")
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    latent_shape = spec["latent_shape"]
+    ts = spec["timesteps"]
+    shift = cfg.shift if cfg.shift is not None else (
+        lambda seq_len: timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"]))
+    labels = None if cfg.labels is None else list(cfg.labels)
+
+    start = time.perf_counter()
+    with config_section("sampling"), _autocast(str(cfg.precision), device):
+        latents = generate(model, latent_shape, cfg.num_videos, labels=labels, steps=cfg.steps,
+                           method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift, seed=cfg.seed,
+                           device=device, progress=True)
+        pixels = build_codec(**spec["codec"]).to(device).decode(latents.float())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8_frames(pixels)
+    fps = cfg.fps or spec["fps"]
+    videos = [write_mp4(out / f"video_{i:02d}.mp4", f, fps) for i, f in enumerate(frames)]
+    grid = save_grid(out / "grid.png", frames)
+    latents_path = out / "latents.pt"
+    torch.save(latents.cpu(), latents_path)
+    per_video = seconds / cfg.num_videos
+    attention = model.cfg.attention + (f" (sparsity {model.sparsity})" if model.cfg.attention == "vsa" else "")
+    print(f"{cfg.num_videos} videos, {cfg.steps} {cfg.method} steps, {attention}, on {device}: "
+          f"{seconds:.2f} s ({per_video:.2f} s per video) -> {out}")
+    return {"videos": videos, "grid": grid, "latents": latents_path, "seconds_per_video": per_video}

@@ -1,0 +1,200 @@
+"""Training callbacks: the sparsity schedule, throughput/MFU, sample videos, the run checkpoint.
+
+EMA is Lightning's own `EMAWeightAveraging` (configs/callbacks/default.yaml); learning-rate
+logging is Lightning's `LearningRateMonitor`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.loggers import WandbLogger
+
+from vsa.models.config import check_sparsity
+
+
+class SparsitySchedule(Callback):
+    """Dense -> VSA adaptation: a staircase of sparsities set on `pl_module.model.sparsity`.
+
+        sparsity(step) = min(target, start + increment * (step // interval))
+
+    It starts at `start` (0 = dense; with VSA "adapt" gates the model then equals the dense one)
+    and rises by `increment` every `interval` optimizer steps until it reaches `target`. The value
+    is a pure function of the global step, so resumed runs continue on the same staircase.
+    """
+
+    def __init__(self, target: float, increment: float, interval: int, start: float = 0.0) -> None:
+        check_sparsity(target, None)
+        check_sparsity(start, None)
+        if not increment > 0:
+            raise ValueError(f"sparsity schedule increment must be > 0, got {increment}")
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"sparsity schedule interval must be a positive int (steps), got {interval}")
+        if start > target:
+            raise ValueError(f"sparsity schedule start {start} is above its target {target}")
+        self.target, self.increment, self.interval, self.start = (float(target), float(increment),
+                                                                   int(interval), float(start))
+
+    def value(self, step: int) -> float:
+        return min(self.target, self.start + self.increment * (step // self.interval))
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.model.sparsity = self.value(trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._apply(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+
+class TrainingSpeed(Callback):
+    """Logs throughput and MFU of training steps, from Lightning's `Throughput` over a window.
+
+    Reads `flops_per_batch`, `tokens_per_batch` and `samples_per_batch` from the LightningModule
+    (set in its training_step from the analytic FLOP counter). Time is wall-clock between the ends
+    of consecutive training batches (data loading included), validation and sampling excluded.
+
+    Logged (per device; `perf/global_*` too when there is more than one device):
+        perf/step_time, perf/samples_per_sec, perf/tokens_per_sec, perf/tflops_per_sec, perf/mfu,
+        perf/peak_memory_gb (CUDA only).
+
+    Args:
+        peak_flops: the device's peak FLOP/s for MFU; default H100 SXM dense bf16 (989.4e12).
+            None: Lightning's table for the detected device and precision (None on CPU: no MFU).
+        window_size: number of steps the rates are averaged over (reported once the window is full).
+    """
+
+    def __init__(self, peak_flops: float | None = 989.4e12, window_size: int = 10) -> None:
+        if window_size < 2:
+            raise ValueError(f"window_size must be >= 2 (rates need two points), got {window_size}")
+        self.peak_flops = peak_flops
+        self.window_size = window_size
+        self._throughput: Throughput | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        peak = self.peak_flops
+        if peak is None:
+            dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+            peak = get_available_flops(trainer.strategy.root_device, dtype)
+        self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size,
+                                      window_size=self.window_size)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._throughput.reset()
+        self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
+        self._last = self._now(trainer)
+
+    @staticmethod
+    def _now(trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = self._now(trainer)
+        self._elapsed += now - self._last
+        self._last = now
+        self._batches += 1
+        self._samples += pl_module.samples_per_batch
+        self._tokens += pl_module.tokens_per_batch
+        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens, flops=pl_module.flops_per_batch)
+        metrics = self._throughput.compute()
+        names = {"device/samples_per_sec": "perf/samples_per_sec",
+                 "device/items_per_sec": "perf/tokens_per_sec",
+                 "device/mfu": "perf/mfu",
+                 "samples_per_sec": "perf/global_samples_per_sec",
+                 "items_per_sec": "perf/global_tokens_per_sec"}
+        logged = {new: float(metrics[old]) for old, new in names.items() if old in metrics}
+        if "device/batches_per_sec" in metrics:
+            logged["perf/step_time"] = 1.0 / float(metrics["device/batches_per_sec"])
+        if "device/flops_per_sec" in metrics:
+            logged["perf/tflops_per_sec"] = float(metrics["device/flops_per_sec"]) / 1e12
+        if trainer.strategy.root_device.type == "cuda":
+            logged["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if logged:
+            pl_module.log_dict(logged, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._throughput is not None and hasattr(self, "_last"):
+            self._last = self._now(trainer)  # validation (and sampling) time is not training time
+
+
+class SampleVideos(Callback):
+    """Every `every_n_steps` (checked at the end of validation), sample a few videos, write them as
+    mp4 files + a PNG grid under `<run folder>/samples/step_XXXXXXX/`, and log them to W&B
+    (`samples/video`, `samples/grid`) when a WandbLogger is attached.
+
+    Placed before the EMA callback in the callback list, it runs while the EMA weights are swapped
+    in for validation, so the videos show the EMA model.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_videos: int = 4, steps: int = 32,
+                 method: str = "euler", cfg_scale: float = 4.0, seed: int = 0) -> None:
+        if every_n_steps < 1 or num_videos < 1 or steps < 1:
+            raise ValueError("every_n_steps, num_videos and steps must be >= 1")
+        self.every_n_steps, self.num_videos, self.steps = every_n_steps, num_videos, steps
+        self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
+        self.last_step = 0
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", 0))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step < self.last_step + self.every_n_steps:
+            return
+        self.last_step = step
+        from vsa.sampling import generate, save_grid, to_uint8_frames, write_mp4
+
+        with trainer.precision_plugin.forward_context():
+            latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos,
+                               steps=self.steps, method=self.method, cfg_scale=self.cfg_scale,
+                               shift=pl_module.time_shift, seed=self.seed, device=pl_module.device)
+        videos = to_uint8_frames(pl_module.decode(latents.float()))
+        if not trainer.is_global_zero:
+            return
+        folder = Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}"
+        paths = [write_mp4(folder / f"video_{i:02d}.mp4", v, pl_module.fps) for i, v in enumerate(videos)]
+        grid = save_grid(folder / "grid.png", videos)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_video("samples/video", [str(p) for p in paths], step=step,
+                                 caption=[p.stem for p in paths], format=["mp4"] * len(paths))
+                logger.log_image("samples/grid", [str(grid)], step=step)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `last.ckpt` after the final training step (max_steps
+    reached, or the trainer asked to stop) when the periodic schedule did not just do it, so a
+    finished run always ends with a checkpoint of its last step. Writing goes through the trainer's
+    checkpoint IO (AtomicCheckpointIO in vsa.training.train: temp file + fsync + rename)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        final = (0 < trainer.max_steps <= trainer.global_step) or trainer.should_stop
+        if (final and self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:  # Lightning 2.6 would write last.ckpt here even in fast_dev_run
+            return
+        super().on_train_end(trainer, pl_module)

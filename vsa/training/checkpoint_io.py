@@ -1,0 +1,58 @@
+"""Checkpoint files that are either complete or absent: write beside, fsync, rename.
+
+Lightning's `TorchCheckpointIO` (2.6) saves through an fsspec transaction: for a local path the
+bytes go to a temporary file from `tempfile.mkstemp()` (the system temp folder) and are then
+`shutil.move`d over the target. When the system temp folder and the run folder are on different
+file systems (node-local /tmp, run folder on a shared file system: the usual cluster set-up) that
+move is a copy followed by a delete, so a job killed mid-copy leaves a truncated `last.ckpt`; and
+nothing is fsynced, so a node crash can lose a checkpoint that was already "renamed".
+
+`AtomicCheckpointIO` writes to a hidden temporary file in the checkpoint's own folder, fsyncs it,
+`os.replace`s it over the target (atomic on POSIX within one file system) and fsyncs the folder.
+Remote paths (s3://, gs://, ...) keep Lightning's behaviour, where the object store's upload is
+the atomic step.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save(obj, path)` such that `path` is never seen half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO with same-folder temp file + fsync + rename for local paths."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)

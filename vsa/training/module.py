@@ -1,0 +1,248 @@
+"""`VideoDiffusionModule`: a VideoDiT trained with the rectified-flow objective under Lightning.
+
+    batch {video | latents, label, [text_emb, text_mask]}
+      -> codec.encode (videos only) -> x0 [B, C, T, H, W]
+      -> t ~ logit-normal, shifted for the sequence length -> flow-matching MSE
+
+- Optimiser: AdamW; weight decay only on the weights of linear layers (not on biases, norms,
+  embeddings or the adaLN offsets). Learning rate: linear warm-up, then constant or cosine decay
+  (`WarmupSchedule`). Gradient clipping and mixed precision are the trainer's job.
+- Randomness: the global RNG is re-seeded before every training batch from (seed, step,
+  micro-batch, rank), so noise, timesteps and condition dropout of a step do not depend on what ran
+  before it: a resumed run draws exactly what an uninterrupted one would.
+- Validation: the fixed protocol of `vsa.diffusion.validation` (fixed t grid, seeded noise),
+  logged as `val/loss`, weighted by batch size.
+- `flops_per_batch` / `tokens_per_batch` / `samples_per_batch` are updated every training step
+  (the Lightning convention read by throughput callbacks); FLOPs come from the analytic counter
+  at the model's current sparsity.
+- Checkpoints carry, under the key "vsa", everything `vsa.sampling` needs to rebuild and run the
+  model without the training config: the DiTConfig, the latent shape, the codec, the timestep
+  shift recipe, the fps and the current sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from vsa.data.codecs import build_codec
+from vsa.diffusion import flow_matching_loss, resolution_shift, sample_timesteps, validation_loss
+from vsa.models import VideoDiT
+from vsa.training.flops import training_flops
+
+CHECKPOINT_KEY = "vsa"
+
+
+@dataclass
+class WarmupSchedule:
+    """LR multiplier: linear warm-up to 1 over `warmup_steps`, then `decay` ("constant" or
+    "cosine" down to `min_ratio` at `total_steps`, flat after it). A callable object, so LambdaLR
+    can save it."""
+
+    warmup_steps: int = 0
+    total_steps: int = 0
+    decay: str = "cosine"
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule.decay must be 'constant' or 'cosine', got {self.decay!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"need warmup_steps >= 0 and min_ratio in [0, 1], got "
+                             f"{self.warmup_steps}, {self.min_ratio}")
+        if self.decay == "cosine" and self.total_steps < 1:
+            raise ValueError(f"cosine decay needs total_steps >= 1, got {self.total_steps}; set "
+                             "lr_schedule.total_steps (default: trainer.max_steps) or use decay=constant")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        # A run shorter than its warm-up (a benchmark of a long recipe) never gets here.
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def timestep_shift(seq_len: int, shift: float | None = None, base_seq_len: int = 4096,
+                   base_shift: float = 1.0) -> float:
+    """The shift of training and sampling times: `shift` if given, else the resolution shift."""
+    return float(shift) if shift is not None else resolution_shift(seq_len, base_seq_len, base_shift)
+
+
+def step_seed(seed: int, *indices: int) -> int:
+    """A well-mixed 63-bit seed for (seed, *indices)."""
+    words = np.random.SeedSequence((seed, *indices)).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class VideoDiffusionModule(L.LightningModule):
+    """Flow-matching training of a VideoDiT (see the module docstring).
+
+    Args:
+        model: the VideoDiT (its config fixes architecture, attention backend and sparsity).
+        codec: codec spec for `vsa.data.build_codec`, e.g. {"name": "space_to_depth", "factor":
+            [1, 2, 2]}; applied to `video` batches, and used to decode samples to pixels.
+        data_key: batch key of the model input: "video" (encoded by the codec) or "latents".
+        latent_shape: (C, T, H, W) of one model input, for sampling from a checkpoint.
+        fps: frame rate of written sample videos.
+        optimizer: AdamW keyword arguments (lr, betas, eps, weight_decay, fused, ...).
+        lr_schedule: WarmupSchedule fields (warmup_steps, total_steps, decay, min_ratio).
+        timesteps: logit-normal `mean`, `std`; `shift` (None: resolution shift from `base_seq_len`,
+            `base_shift`).
+        validation: fixed protocol settings `n_t` (time points) and `seed`.
+        seed: seed of the per-step training randomness.
+    """
+
+    def __init__(self, model: VideoDiT, codec: dict | None = None, data_key: str = "video",
+                 latent_shape: Sequence[int] | None = None, fps: int = 8,
+                 optimizer: dict | None = None, lr_schedule: dict | None = None,
+                 timesteps: dict | None = None, validation: dict | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if data_key not in ("video", "latents"):
+            raise ValueError(f"data_key must be 'video' or 'latents', got {data_key!r}")
+        self.save_hyperparameters(ignore=["model"], logger=False)
+        self.model = model
+        self.codec_spec = dict(codec or {"name": "identity"})
+        # The codec is kept out of the module tree: a VAE's frozen weights must not enter
+        # checkpoints, the optimiser or the EMA copy.
+        self._codec = [build_codec(**self.codec_spec)]
+        self.data_key = data_key
+        self.latent_shape = None if latent_shape is None else tuple(int(s) for s in latent_shape)
+        self.fps = int(fps)
+        self.optimizer_kwargs = dict(optimizer or {"lr": 1e-4})
+        self.schedule = WarmupSchedule(**(lr_schedule or {"decay": "constant"}))
+        self.timesteps = {"mean": 0.0, "std": 1.0, "shift": None, "base_seq_len": 4096,
+                          "base_shift": 1.0, **(timesteps or {})}
+        self.validation = {"n_t": 8, "seed": 0, **(validation or {})}
+        self.seed = int(seed)
+        self.flops_per_batch: float | None = None
+        self.tokens_per_batch = 0
+        self.samples_per_batch = 0
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    @property
+    def codec(self) -> nn.Module:
+        return self._codec[0]
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """x0 [B, C, T, H, W]: the batch's latents, or its videos through the codec."""
+        if self.data_key not in batch:
+            raise KeyError(f"batch has no {self.data_key!r} (keys: {sorted(batch)}); set data.key to "
+                           "'video' for video datasets or 'latents' for latent shards")
+        x = batch[self.data_key].float()
+        if self.data_key == "latents":
+            return x
+        codec = self.codec
+        param = next(codec.parameters(), None)
+        if param is not None and param.device != x.device:
+            codec.to(x.device)
+        return codec.encode(x)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> pixels (through the codec)."""
+        codec = self.codec
+        param = next(codec.parameters(), None)
+        if param is not None and param.device != x0.device:
+            codec.to(x0.device)
+        return codec.decode(x0)
+
+    def condition(self, batch: dict) -> dict:
+        """Model keyword arguments from a batch: class labels (-1 = none -> the null class) and/or
+        text embeddings, as the model's config asks for."""
+        cfg = self.model.cfg
+        cond: dict[str, Any] = {}
+        if cfg.num_classes:
+            labels = batch.get("label")
+            if labels is None:
+                raise KeyError("the model is class-conditional (num_classes > 0) but the batch has no "
+                               "`label`; set model.num_classes=0 for unlabelled data")
+            if int(labels.max()) >= cfg.num_classes:
+                raise ValueError(f"label {int(labels.max())} >= num_classes {cfg.num_classes}; set "
+                                 "data.num_classes to the number of classes in the data")
+            cond["labels"] = torch.where(labels < 0, cfg.num_classes, labels)
+        if cfg.text_dim:
+            if "text_emb" not in batch:
+                raise KeyError("the model cross-attends to text (text_dim > 0) but the batch has no "
+                               "`text_emb`; use latent shards written with text embeddings")
+            cond["text"] = batch["text_emb"]
+            cond["text_mask"] = batch.get("text_mask")
+        return cond
+
+    def seq_len(self, x0: torch.Tensor) -> int:
+        return math.prod(self.model.cfg.token_grid(x0.shape[2:]))
+
+    def time_shift(self, seq_len: int) -> float:
+        ts = self.timesteps
+        return timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"])
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        torch.manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self.encode(batch)
+        cond = self.condition(batch)
+        B, L_tokens = x0.shape[0], self.seq_len(x0)
+        ts = self.timesteps
+        t = sample_timesteps(B, ts["mean"], ts["std"], self.time_shift(L_tokens), device=x0.device)
+        loss = flow_matching_loss(self.model, x0, t, **cond)
+
+        text_len = cond["text"].shape[1] if "text" in cond else 0
+        self.flops_per_batch = B * training_flops(self.model.cfg, x0.shape[2:], text_len,
+                                                  sparsity=self.model.sparsity, topk=self.model.topk)
+        self.tokens_per_batch, self.samples_per_batch = B * L_tokens, B
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        if self.model.cfg.attention == "vsa" and self.model.sparsity is not None:
+            self.log("train/sparsity", self.model.sparsity, batch_size=B)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0 = self.encode(batch)
+        cond = self.condition(batch)
+        loss = validation_loss(self.model, x0, cond, seed=self.validation["seed"] + batch_idx,
+                               n_t=self.validation["n_t"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for module in self.model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
+        kwargs = dict(self.optimizer_kwargs)
+        weight_decay = kwargs.pop("weight_decay", 0.0)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def sampling_spec(self) -> dict:
+        """What a sampler needs besides the weights (stored in every checkpoint)."""
+        return {
+            "dit_config": dataclasses.asdict(self.model.cfg),
+            "latent_shape": None if self.latent_shape is None else list(self.latent_shape),
+            "codec": dict(self.codec_spec),
+            "timesteps": dict(self.timesteps),
+            "fps": self.fps,
+            "sparsity": self.model.sparsity,
+            "topk": self.model.topk,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.sampling_spec()

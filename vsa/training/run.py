@@ -1,0 +1,219 @@
+"""`train(cfg)`: build data, model, LightningModule, callbacks, loggers and trainer from a Hydra
+config (configs/train.yaml), then fit, resuming from the run folder's `last.ckpt` when it exists.
+
+Mistakes in the configuration (a missing mandatory value, an unknown preset, a sparsity outside
+[0, 1), a data folder that does not exist, an unknown keyword) raise `ConfigError`, which Hydra
+reports as one line naming the config section; `HYDRA_FULL_ERROR=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from vsa.data.codecs import build_codec
+from vsa.models import VideoDiT
+from vsa.training.checkpoint_io import AtomicCheckpointIO
+from vsa.training.module import VideoDiffusionModule
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError,
+                AttributeError)
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """A bad configuration value; Hydra prints its message alone (no traceback)."""
+
+
+@contextlib.contextmanager
+def config_section(name: str):
+    """Turn errors raised while building config section `name` into one-line ConfigErrors."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, _USER_ERRORS):
+            raise
+        message = str(cause) if cause is not None else str(exc).splitlines()[0]
+        raise ConfigError(f"{name}: {message}") from exc
+    except _USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConfigError(f"{name}: {message}") from exc
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Raise a ConfigError naming every mandatory value (`???`) left unset."""
+    def walk(node, prefix: str):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if value == "???":
+                yield name
+            yield from walk(value, name)
+
+    # (OmegaConf.missing_keys would resolve interpolations, and fail on those leading to a `???`.)
+    missing = sorted(walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), ""))
+    if missing:
+        example = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"missing mandatory value(s): {', '.join(missing)}; set them on the command "
+                          f"line, e.g. `{example}`")
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """'auto' -> bf16-mixed on a CUDA GPU with bf16 support, else 32-true; others unchanged."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The W&B run id of this run folder, created (and stored) on the first launch. Only global
+    rank 0 reads or writes it: it is the only rank that talks to W&B."""
+    if rank_zero_only.rank != 0:
+        return None
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs = {}
+        with config_section(f"logger.{name}"):
+            cls = get_class(node._target_)
+            if issubclass(cls, WandbLogger) and node.get("id") is None:
+                kwargs["id"] = wandb_run_id(run_dir)
+            loggers.append(instantiate(node, _convert_="all", **kwargs))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        with config_section(f"callbacks.{name}"):
+            callbacks.append(instantiate(node, _convert_="all"))
+    return callbacks
+
+
+def load_init_weights(model: VideoDiT, path: str | os.PathLike) -> list[str]:
+    """Load another run's weights (EMA when present) into `model` for finetuning.
+
+    Attention-backend parameters may differ (a dense checkpoint has no VSA gates: they keep the
+    backend's own init, e.g. "adapt" gates G_c = 0, G_f = 1); everything else must match exactly.
+    Returns the names of the parameters left at their init.
+    """
+    from vsa.sampling.checkpoint import model_state, read_checkpoint
+
+    state = model_state(read_checkpoint(path), ema=True)
+    own = model.state_dict()
+
+    def is_backend(key: str) -> bool:
+        return ".attn.backend." in key
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+    problems = ([f"missing {k}" for k in missing if not is_backend(k)]
+                + [f"unexpected {k}" for k in unexpected if not is_backend(k)] + mismatched)
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4 else "")
+        raise ConfigError(f"init_from: {path} does not fit this model ({shown}); choose the model "
+                          "preset, patch and data the checkpoint was trained with")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return missing
+
+
+def single_console_log() -> None:
+    """`import lightning` gives the "lightning" logger its own console handler, and the logger
+    also propagates to the root handlers Hydra set up: every message would print twice. Keep
+    Hydra's (console + the run folder's train.log)."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model; return the final callback metrics (train/loss, val/loss, ...)."""
+    single_console_log()
+    check_missing(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    with config_section("data"):
+        datamodule = instantiate(cfg.data.datamodule, _convert_="all")
+        item = datamodule.dataset[0]
+        if cfg.data.key not in item:
+            raise KeyError(f"data.key={cfg.data.key!r} but the dataset's items have keys {sorted(item)}")
+        # A null codec argument means "not given" (an experiment switching the codec to identity
+        # nulls the space-to-depth factor it inherits).
+        codec_spec = {k: v for k, v in OmegaConf.to_container(cfg.data.codec, resolve=True).items()
+                      if v is not None}
+        codec = build_codec(**codec_spec)
+        shape = tuple(item[cfg.data.key].shape)
+        # Videos go through the codec; latents are the model's input as they are.
+        latent_shape = codec.latent_shape(shape) if cfg.data.key == "video" else shape
+
+    with config_section("model"):
+        model = instantiate(cfg.model, in_channels=latent_shape[0], _convert_="all")
+        tokens = math.prod(model.cfg.token_grid(latent_shape[1:]))
+    with config_section("module"):
+        module = instantiate(cfg.module, model=model, codec=codec_spec, data_key=cfg.data.key,
+                             latent_shape=list(latent_shape), fps=cfg.data.fps, _convert_="all")
+    if not isinstance(module, VideoDiffusionModule):
+        raise ConfigError(f"module._target_ must build a VideoDiffusionModule, got {type(module).__name__}")
+    if cfg.get("init_from"):
+        with config_section("init_from"):
+            fresh = load_init_weights(model, cfg.init_from)
+        rank_zero_info(f"Initialised from {cfg.init_from} ({len(fresh)} backend tensors at their init)")
+
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg, run_dir)
+    with config_section("trainer"):
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+            precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+            default_root_dir=str(run_dir), _convert_="all")
+
+    rank_zero_info(f"Run folder {run_dir}: {type(model).__name__} {model.cfg.attention} "
+                   f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), input "
+                   f"{list(latent_shape)} = {tokens} tokens")
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
