@@ -243,3 +243,20 @@ def test_text_conditioning_runs_and_masks():
     torch.testing.assert_close(model(x, t, text=text2, text_mask=mask), out)
     null = model.null_condition({"text": text, "text_mask": mask})
     assert not null["text"].any() and null["text_mask"].all()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5)
+    ckpt = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5,
+                       activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, labels = torch.randn(2, 4, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        torch.manual_seed(1)  # same label dropout draws
+        model(x, t, labels=labels).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

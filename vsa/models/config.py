@@ -45,6 +45,9 @@ class DiTConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.875  # VSA: fraction of key tiles skipped (the paper's K=32 of 256)
     topk: int | None = None  # VSA: key tiles kept per query tile; overrides sparsity when set
+    # Recompute each block's activations in the backward instead of storing them (training only):
+    # less memory for long videos / big models (the 1.4B at 16,384 tokens), ~1/3 more compute.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.patch = _triple("patch", self.patch)

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vsa.attention import AttentionContext, build_backend
 from vsa.layout import TileLayout
@@ -330,7 +331,10 @@ class VideoDiT(nn.Module):
         c6 = self.t_block(c).unflatten(1, (6, self.cfg.width))
         ctx = AttentionContext(layout=layout, sparsity=self.sparsity, topk=self.topk)
         for block in self.blocks:
-            h = block(h, c6, (cos, sin), ctx, text, text_mask)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c6, (cos, sin), ctx, text, text_mask, use_reentrant=False)
+            else:
+                h = block(h, c6, (cos, sin), ctx, text, text_mask)
 
         shift, scale = (self.final_modulation + c[:, None]).unbind(dim=1)
         out = self.final_linear(modulate(self.final_norm(h), shift, scale))
