@@ -147,12 +147,16 @@ class VideoDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, drop_last=drop_last, **extra)
 
-    def train_dataloader(self) -> DataLoader:
+    def _setup_train(self) -> None:
+        """Set up the splits and check that the training split fills at least one batch."""
         self.setup()
         if self.drop_last and len(self.train_set) < self.batch_size:
             raise ValueError(f"the training split has {len(self.train_set)} samples, fewer than "
                              f"batch_size={self.batch_size}, so every batch would be dropped; lower "
                              f"batch_size, or set drop_last=False")
+
+    def train_dataloader(self) -> DataLoader:
+        self._setup_train()
         return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader | list:

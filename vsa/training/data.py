@@ -116,11 +116,7 @@ class ResumableDataModule(VideoDataModule):
         return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
-        if self.drop_last and len(self.train_set) < self.batch_size:
-            raise ValueError(f"the training split has {len(self.train_set)} samples, fewer than "
-                             f"batch_size={self.batch_size}, so every batch would be dropped; lower "
-                             f"batch_size, or set drop_last=False")
+        self._setup_train()
         sampler = ResumableSampler(len(self.train_set), self.batch_size, seed=self.seed,
                                    drop_last=self.drop_last, start_batch=self.consumed_batches())
         extra = {}
