@@ -11,8 +11,9 @@ Names are imported on first use, so `import vsa.data.synthetic` does not pay for
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from vsa._lazy import lazy_exports
 
 _EXPORTS = {
     "SyntheticVideoDataset": "vsa.data.synthetic",
@@ -53,13 +54,4 @@ if TYPE_CHECKING:
     from vsa.data.videos import UnreadableVideoWarning, VideoFolderDataset
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vsa.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,9 @@ Names are imported on first use, so `import vsa.training.flops` does not pay for
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from vsa._lazy import lazy_exports
 
 _EXPORTS = {
     "train": "vsa.training.run",
@@ -51,13 +52,4 @@ if TYPE_CHECKING:
     from vsa.training.run import ConfigError, load_init_weights, train
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vsa.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
