@@ -13,17 +13,14 @@ Prints a markdown table last; writes the same rows (plus device, versions, date)
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
+from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
 from vsa.ops import coarse_stage, transpose_block_lists
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
@@ -34,26 +31,6 @@ SHAPES = [
     ("2x16x16384x64", 2, 16, (16, 32, 32), 64),
     ("ragged 21x30x52 (32760) H12 D128", 1, 12, (21, 30, 52), 128),
 ]
-
-
-def bench(fn, grad_inputs=None) -> float:
-    """Median ms of fn (forward) or of fn + backward when grad_inputs is given."""
-    if grad_inputs is None:
-        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-    out = fn()
-    g = torch.randn_like(out)
-
-    def step():
-        fn().backward(g)
-
-    return triton.testing.do_bench(step, warmup=50, rep=300, grad_to_none=grad_inputs, return_mode="median")
-
-
-def sdpa(backend):
-    def run(q, k, v):  # [B, S, H, D] -> SDPA's [B, H, S, D]
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return run
 
 
 def pairwise_selection(B, H, n_tiles, K, device, gen):
@@ -90,10 +67,6 @@ def flex_runner(idx_pairs, S, B, H):
                           dict(fwd, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)]
     run.kernel_options = run.options_to_try[0]
     return run
-
-
-def rel_err(x, ref) -> float:
-    return float("nan") if torch.isnan(x).any() else ((x.double() - ref).norm() / ref.norm()).item()
 
 
 def accuracy_row(name, grid, D, sparsity, dev) -> dict:
@@ -227,12 +200,8 @@ def main():
         q = k = v = None  # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(),
-                date=datetime.date.today().isoformat(), sparsity=args.sparsity, dtype="bfloat16")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta = run_meta(sparsity=args.sparsity, dtype="bfloat16")
+    write_results(args.out, meta, rows)
     print("\n" + markdown_table(rows, meta))
 
 

@@ -19,19 +19,16 @@ The helpers that build FlexAttention's mask are CPU-only and unit-tested (tests/
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from vsa import TileLayout
 from vsa.attention import AttentionContext, build_backend
 from vsa.attention import static as static_backends
+from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
 from vsa.ops import patterns
 
 GRID = (32, 48, 80)
@@ -108,34 +105,8 @@ def flex_runner(mask):
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing
+# Map building
 # --------------------------------------------------------------------------------------------------
-
-
-def bench(fn, grad_inputs=None) -> float:
-    """Median ms of fn() (forward, no grad) or of fn() + backward when grad_inputs is given."""
-    import triton
-
-    if grad_inputs is None:
-        with torch.no_grad():
-            return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-    g = torch.randn_like(fn())
-
-    def step():
-        fn().backward(g)
-
-    return triton.testing.do_bench(step, warmup=50, rep=300, grad_to_none=grad_inputs,
-                                   return_mode="median")
-
-
-def sdpa(backend):
-    from torch.nn.attention import sdpa_kernel
-
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return o.transpose(1, 2)
-    return run
 
 
 def time_map_build(name: str, options: dict, layout: TileLayout, keep_block: int, reps: int = 5) -> dict:
@@ -171,11 +142,6 @@ def time_map_build(name: str, options: dict, layout: TileLayout, keep_block: int
                 flex_block_mask_ms=statistics.median(flex_ms), K_max=int(idx.shape[1]))
 
 
-def rel_err(x, ref) -> float:
-    x, ref = x.double(), ref.double()
-    return float("nan") if torch.isnan(x).any() else ((x - ref).norm() / ref.norm()).item()
-
-
 def accuracy_row(label, name, options, layout, dev) -> dict:
     """bf16 forward + gradients of our pattern at H=1 vs the float64 reference (chunked)."""
     from vsa.ops.reference import block_sparse_attention_reference_grads
@@ -202,7 +168,6 @@ def accuracy_row(label, name, options, layout, dev) -> dict:
 
 
 def main():
-    import triton
     from torch.nn.attention import SDPBackend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -300,14 +265,10 @@ def main():
             rows.append(accuracy_row(label, name, options, layout, dev))
             torch.cuda.empty_cache()
 
-    meta = dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                python=platform.python_version(), date=datetime.date.today().isoformat(),
-                dtype="bfloat16", shape=shape, grid=list(GRID), tile=list(TILE), B=BATCH, H=HEADS,
-                D=HEAD_DIM, flex_block=args.flex_block)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta = run_meta(dev, cudnn=torch.backends.cudnn.version(), dtype="bfloat16", shape=shape,
+                    grid=list(GRID), tile=list(TILE), B=BATCH, H=HEADS, D=HEAD_DIM,
+                    flex_block=args.flex_block)
+    write_results(args.out, meta, rows)
     print("\n" + markdown_table(rows, meta))
 
 
