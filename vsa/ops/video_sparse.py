@@ -34,16 +34,17 @@ def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Ten
             gate_f: torch.Tensor | None, offsets: torch.Tensor, tile_ids: torch.Tensor,
             sizes: torch.Tensor, max_tile: int, uniform: bool,
             topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, q2k_idx."""
+                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, the coarse
+    probabilities [B, H, n, n] (fp32) and q2k_idx."""
     inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
     qc, kc, vc = [tile_sum(x, offsets, tile_ids, max_tile, True) * inv_size for x in (q, k, v)]
-    scores, _, o_c = _coarse_forward(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]))
+    scores, probs, o_c = _coarse_forward(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]))
     q2k_idx = scores.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
     q2k_cnt = torch.full(q2k_idx.shape[:3], topk, dtype=torch.int32, device=q.device)
     o_f, lse, out = bsa_forward(q, k, v, offsets, offsets, q2k_idx, q2k_cnt, max_tile, max_tile,
                                 uniform, uniform, o_c=o_c.contiguous(), gate_c=gate_c, gate_f=gate_f)
-    return out, o_f, lse, qc, kc, vc, q2k_idx
+    return out, o_f, lse, qc, kc, vc, probs, q2k_idx
 
 
 @vsa_fwd.register_fake
@@ -52,14 +53,15 @@ def _(q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, topk
     n = offsets.shape[0] - 1
     means = [q.new_empty((B, n, H, D), dtype=torch.float32) for _ in range(3)]
     return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32),
-            *means, q.new_empty((B, H, n, topk), dtype=torch.int32))
+            *means, q.new_empty((B, H, n, n), dtype=torch.float32),
+            q.new_empty((B, H, n, topk), dtype=torch.int32))
 
 
 @torch.library.custom_op("vsa::video_sparse_attention_bwd", mutates_args=())
 def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             gate_c: torch.Tensor | None, gate_f: torch.Tensor | None, o_f: torch.Tensor,
             lse: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-            q2k_idx: torch.Tensor, offsets: torch.Tensor, tile_ids: torch.Tensor,
+            probs: torch.Tensor, q2k_idx: torch.Tensor, offsets: torch.Tensor, tile_ids: torch.Tensor,
             sizes: torch.Tensor, max_tile: int,
             uniform: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv, d gate_c, d gate_f (gate grads are empty tensors for absent gates)."""
@@ -69,9 +71,9 @@ def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     do_f = dout if gate_f is None else dout * gate_f
     do_c_tok = dout if gate_c is None else dout * gate_c
     d_oc = tile_sum(do_c_tok.contiguous(), offsets, tile_ids, max_tile, True)  # fp32 [B, n, H, D]
-    _, probs, o_c = _coarse_forward(qc, kc, vc, scale)
     d_gate_f = (dout * o_f).to(gate_f.dtype) if gate_f is not None else dout.new_empty(0)
     if gate_c is not None:
+        o_c = torch.einsum("bhqk,bkhd->bqhd", probs, vc)
         d_gate_c = (dout * o_c.to(dout.dtype).index_select(1, tile_ids)).to(gate_c.dtype)
     else:
         d_gate_c = dout.new_empty(0)
@@ -92,7 +94,7 @@ def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @vsa_bwd.register_fake
-def _(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids, sizes,
+def _(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx, offsets, tile_ids, sizes,
       max_tile, uniform):
     gc = gate_c.new_empty(gate_c.shape) if gate_c is not None else dout.new_empty(0)
     gf = gate_f.new_empty(gate_f.shape) if gate_f is not None else dout.new_empty(0)
@@ -101,16 +103,16 @@ def _(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, til
 
 def _setup(ctx, inputs, output):
     q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, _ = inputs
-    _, o_f, lse, qc, kc, vc, q2k_idx = output
+    _, o_f, lse, qc, kc, vc, probs, q2k_idx = output
     ctx.static = (max_tile, uniform)
     ctx.has_gates = (gate_c is not None, gate_f is not None)
-    ctx.save_for_backward(q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids,
-                          sizes)
+    ctx.save_for_backward(q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx, offsets,
+                          tile_ids, sizes)
 
 
 def _backward(ctx, dout, *unused):
-    q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx, offsets, tile_ids, sizes = ctx.saved_tensors
-    dq, dk, dv, d_gc, d_gf = vsa_bwd(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, q2k_idx,
+    q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx, offsets, tile_ids, sizes = ctx.saved_tensors
+    dq, dk, dv, d_gc, d_gf = vsa_bwd(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx,
                                      offsets, tile_ids, sizes, *ctx.static)
     d_gc = d_gc if ctx.has_gates[0] else None
     d_gf = d_gf if ctx.has_gates[1] else None
