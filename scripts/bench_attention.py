@@ -6,8 +6,12 @@ time(dense cuDNN SDPA) / time(method); effective TFLOP/s = FLOPs the method must
 dense FLOPs x kept fraction; forward 4*B*H*S*S_kv*D, forward+backward 3.5x forward).
 
     python scripts/bench_attention.py --out docs/results/attention_h100.json
+    python scripts/bench_attention.py --sweep --out docs/results/attention_sweep_h100.json
+    python scripts/plot_attention.py docs/results/attention_sweep_h100.json   # the PNG
 
-Prints a markdown table last; writes the same rows (plus device, versions, date) as JSON.
+Prints a markdown table last; writes the same rows (plus device, versions, date) as JSON. --sweep
+times dense cuDNN, our VSA and FlexAttention (forward; same blocks) over sequence lengths 8K-128K
+at 87.5% sparsity and over sparsities 50-95% at 32K tokens (H12, D128, B1).
 """
 
 from __future__ import annotations
@@ -110,6 +114,44 @@ def profile_vsa(B, H, grid, D, sparsity, dev) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
+SWEEP_LENGTHS = [(8, 32, 32), (16, 32, 32), (8, 64, 64), (16, 64, 64), (32, 64, 64)]  # 8K .. 128K
+SWEEP_SPARSITIES = [0.5, 0.75, 0.875, 0.9, 0.95]
+
+
+def sweep_rows(dev, gen, B=1, H=12, D=128) -> list[dict]:
+    """Speedups over dense cuDNN vs sequence length (87.5% sparse) and vs sparsity (32K tokens)."""
+    points = [("length", grid, 0.875) for grid in SWEEP_LENGTHS]
+    points += [("sparsity", (8, 64, 64), s) for s in SWEEP_SPARSITIES]
+    cudnn, rows, dense_cache = sdpa(SDPBackend.CUDNN_ATTENTION), [], {}
+    for axis, grid, sparsity in points:
+        layout = TileLayout(grid, device=dev)
+        S, n = layout.seq_len, layout.n_tiles
+        K = max(1, min(n, math.ceil((1 - sparsity) * n)))
+        q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        if S not in dense_cache:  # dense time does not depend on the sparsity
+            dense_cache[S] = (bench(lambda: cudnn(q, k, v)), bench(lambda: cudnn(q, k, v), grad_inputs=[q, k, v]))
+        dense_fwd, dense_fb = dense_cache[S]
+        vsa = lambda: video_sparse_attention(q, k, v, layout, topk=K)
+        fwd, fb = bench(vsa), bench(vsa, grad_inputs=[q, k, v])
+        row = dict(axis=axis, S=S, grid=list(grid), sparsity=sparsity, topk=K, n_tiles=n, B=B, H=H, D=D,
+                   cudnn_fwd_ms=dense_fwd, cudnn_fwd_bwd_ms=dense_fb, vsa_fwd_ms=fwd, vsa_fwd_bwd_ms=fb,
+                   vsa_speedup_fwd=dense_fwd / fwd, vsa_speedup_fwd_bwd=dense_fb / fb)
+        try:
+            idx_pairs, _ = pairwise_selection(B, H, n, K, dev, gen)
+            flex = flex_runner(idx_pairs, S, B, H)
+            row["flex_fwd_ms"] = bench(lambda: flex(q, k, v))
+            row["flex_speedup_fwd"] = dense_fwd / row["flex_fwd_ms"]
+        except Exception as e:  # reported, not fatal
+            row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(f"{axis:8s} S={S:6d} sparsity={sparsity:.3f}: cuDNN {dense_fwd:7.2f}/{dense_fb:7.2f} ms, VSA "
+              f"{fwd:6.2f}/{fb:6.2f} ms = x{row['vsa_speedup_fwd']:.2f}/x{row['vsa_speedup_fwd_bwd']:.2f}, "
+              f"Flex fwd x{row.get('flex_speedup_fwd', float('nan')):.2f}", flush=True)
+        q = k = v = None
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="JSON file for the rows")
@@ -117,9 +159,13 @@ def main():
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or 'all'")
     ap.add_argument("--no-check", action="store_true", help="skip the bf16-vs-float64 accuracy rows")
     ap.add_argument("--profile", action="store_true", help="print where VSA fwd+bwd time goes (first shape)")
+    ap.add_argument("--sweep", action="store_true", help="speedup vs sequence length and vs sparsity (for the plot)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
+    if args.sweep:
+        write_results(args.out, run_meta(dtype="bfloat16", kind="sweep"), sweep_rows(dev, gen))
+        return
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     rows = []
     if args.profile:

@@ -17,3 +17,17 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py), started once per
+    session: installed with apt-get when missing (as root), skipped with the reason otherwise."""
+    from slurm_cluster import ensure_slurm, start_cluster
+
+    reason = ensure_slurm()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()

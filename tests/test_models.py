@@ -260,3 +260,54 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_checkpointing_a_number_of_blocks_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = dict(in_channels=4, attention="full", depth=3)
+    plain = build_model("0.6M", **cfg)
+    some = build_model("0.6M", **cfg, activation_checkpointing=2)
+    assert some.cfg.checkpointed_blocks == 2 and plain.cfg.checkpointed_blocks == 0
+    assert build_model("0.6M", **cfg, activation_checkpointing=True).cfg.checkpointed_blocks == 3
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.1)
+    some.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+    for model in (plain, some):
+        model.train()
+        model(x, t).square().mean().backward()
+    for a, b in zip(plain.parameters(), some.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        build_model("0.6M", activation_checkpointing=-1)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_function():
+    """compile_blocks (fullgraph: no graph break in a block, through the VSA custom op) keeps the
+    outputs, the gradients and the state dict's names."""
+    torch.manual_seed(0)
+    eager = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0, 0.1)
+    compiled = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    assert compiled.blocks_compiled and list(compiled.state_dict()) == list(eager.state_dict())
+    x, t, labels = torch.randn(2, 4, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    outs = []
+    for model in (eager, compiled):
+        model.eval()
+        out = model(x, t, labels=labels)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_full_attention_rejects_unknown_kernels():
+    with pytest.raises(ValueError, match="kernel"):
+        build_model("0.6M", attention="full", attention_options={"kernel": "fa9"})

@@ -45,9 +45,10 @@ class DiTConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.875  # VSA: fraction of key tiles skipped (the paper's K=32 of 256)
     topk: int | None = None  # VSA: key tiles kept per query tile; overrides sparsity when set
-    # Recompute each block's activations in the backward instead of storing them (training only):
-    # less memory for long videos / big models (the 1.4B at 16,384 tokens), ~1/3 more compute.
-    activation_checkpointing: bool = False
+    # Recompute blocks' activations in the backward instead of storing them (training only): less
+    # memory for long videos / big models, ~1/3 more compute in the recomputed blocks. True = every
+    # block, False or 0 = none, an int n = the first n blocks (spend the memory you have).
+    activation_checkpointing: bool | int = False
 
     def __post_init__(self) -> None:
         self.patch = _triple("patch", self.patch)
@@ -76,6 +77,16 @@ class DiTConfig:
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         check_sparsity(self.sparsity, self.topk)
+        ac = self.activation_checkpointing
+        if not isinstance(ac, (bool, int)) or ac < 0:
+            raise ValueError(f"activation_checkpointing must be true/false or a number of blocks >= 0, "
+                             f"got {ac!r}")
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many blocks (the first ones) recompute their activations in the backward."""
+        ac = self.activation_checkpointing
+        return self.depth if ac is True else min(int(ac), self.depth)
 
     @property
     def n_heads(self) -> int:

@@ -166,6 +166,7 @@ class VideoDiT(nn.Module):
         self.final_linear = nn.Linear(w, cfg.patch_volume * cfg.out_channels)
         self.sparsity, self.topk = cfg.sparsity, cfg.topk
         self._geometry: dict[tuple, tuple[TileLayout, torch.Tensor, torch.Tensor]] = {}
+        self.blocks_compiled = False
         self.initialize_weights()
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -203,6 +204,40 @@ class VideoDiT(nn.Module):
             backend = build_backend(name, cfg.width, cfg.n_heads, cfg.head_dim, **options)
             block.attn.backend = backend.to(device=param.device, dtype=param.dtype)
         self.cfg = dataclasses.replace(cfg, attention=name, attention_options=dict(options))
+
+    def set_tile(self, tile) -> None:
+        """Use tiles of `tile` = (t, h, w) tokens from now on, e.g. GRAT's 4x8x8 groups at sampling.
+
+        No weight depends on the tile: it fixes the tile-major token order and the tiles that VSA
+        and the static patterns work on. The cached layouts and tile-ordered RoPE angles are
+        dropped and rebuilt for the new tile, so full attention computes the same function as
+        before (up to floating point) and a pattern gets groups of the new size.
+        """
+        try:
+            values = tuple(tile)
+            ok = len(values) == 3 and all(not isinstance(v, bool) and int(v) == v >= 1 for v in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tile must be 3 positive ints (t, h, w) in tokens, e.g. [4, 8, 8], "
+                             f"got {tile!r}")
+        self.cfg = dataclasses.replace(self.cfg, tile=tuple(int(v) for v in values))
+        self._geometry.clear()
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every block in place (`nn.Module.compile`): norms, RoPE, modulation and
+        gating fuse around the matmuls and the attention op. Parameter names and the state dict are
+        unchanged. Default options: fullgraph=True (a graph break in a block is a bug), dynamic=False
+        (one graph per video shape; all blocks share it)."""
+        options = {"fullgraph": True, "dynamic": False, **options}
+        # All blocks share one code object, whose compiled graphs dynamo caches up to a limit (8 by
+        # default): train/eval, recomputation, other shapes, other models in the same process
+        # each need their own. Past the limit a fullgraph compile fails, so raise it.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
+        for block in self.blocks:
+            block.compile(**options)
+        self.blocks_compiled = True
 
     @property
     def sparsity(self) -> float | None:
@@ -330,8 +365,9 @@ class VideoDiT(nn.Module):
         c, text, text_mask = self._condition(t, labels, text, text_mask)
         c6 = self.t_block(c).unflatten(1, (6, self.cfg.width))
         ctx = AttentionContext(layout=layout, sparsity=self.sparsity, topk=self.topk)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+        recompute = self.cfg.checkpointed_blocks if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recompute:
                 h = checkpoint(block, h, c6, (cos, sin), ctx, text, text_mask, use_reentrant=False)
             else:
                 h = block(h, c6, (cos, sin), ctx, text, text_mask)

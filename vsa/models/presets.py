@@ -21,6 +21,10 @@ PRESETS: dict[str, dict[str, int]] = {
     # tiny, for CPU tests
     "0.6M": dict(depth=2, width=128, head_dim=64),
     "2.3M": dict(depth=2, width=256, head_dim=128),
+    # small, for the one-GPU scaling sweep (configs/sweep/scaling_micro.yaml)
+    "5M": dict(depth=5, width=256, head_dim=64),
+    "10M": dict(depth=7, width=320, head_dim=64),
+    "20M": dict(depth=10, width=384, head_dim=64),
     # the scaling ladder
     "60M": dict(depth=17, width=512, head_dim=64),
     "150M": dict(depth=19, width=768, head_dim=64),

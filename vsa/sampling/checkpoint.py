@@ -33,11 +33,19 @@ def model_state(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def model_from_checkpoint(checkpoint: dict, ema: bool = True,
+                          device: torch.device | str | None = None) -> VideoDiT:
+    """A VideoDiT in eval mode with the weights of a checkpoint dict (`read_checkpoint`), built
+    on `device` (default: the CPU). The dict is not modified, so one read serves several models."""
+    spec = checkpoint[CHECKPOINT_KEY]
+    with torch.device(device or "cpu"):  # built where it runs: no init on the CPU, then a copy
+        model = VideoDiT(DiTConfig(**spec["dit_config"]))
+    model.load_state_dict(model_state(checkpoint, ema))
+    model.sparsity, model.topk = spec.get("sparsity"), spec.get("topk")
+    return model.eval()
+
+
 def load_model(path: str | Path, ema: bool = True) -> tuple[VideoDiT, dict]:
     """(VideoDiT in eval mode on the CPU, the checkpoint's sampling spec)."""
     checkpoint = read_checkpoint(path)
-    spec = checkpoint[CHECKPOINT_KEY]
-    model = VideoDiT(DiTConfig(**spec["dit_config"]))
-    model.load_state_dict(model_state(checkpoint, ema))
-    model.sparsity, model.topk = spec.get("sparsity"), spec.get("topk")
-    return model.eval(), spec
+    return model_from_checkpoint(checkpoint, ema), checkpoint[CHECKPOINT_KEY]

@@ -2,8 +2,9 @@
 
 The checkpoint brings its own model config, latent shape, codec and timestep recipe; the config
 chooses the weights (EMA or raw), the attention backend and sparsity (train dense, sample
-sparse), the sampler (Euler/Heun), the guidance weight and the seed. Output: video_XX.mp4,
-grid.png and latents.pt (the raw samples, fp32) in `output_dir`.
+sparse), the tile size (the group size of the static patterns, e.g. GRAT's 4x8x8; the weights do
+not depend on it), the sampler (Euler/Heun), the guidance weight and the seed. Output:
+video_XX.mp4, grid.png and latents.pt (the raw samples, fp32) in `output_dir`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vsa.data.codecs import build_codec
+from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
 from vsa.sampling.checkpoint import load_model
 from vsa.sampling.generate import generate
@@ -33,6 +35,24 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
+                   sparsity: float | None = None, topk: int | None = None) -> None:
+    """Give a loaded model the attention backend `name` (train dense, sample sparse).
+
+    A backend other than the checkpoint's is built fresh with `options`, and the model takes its
+    `sparsity` / `topk`; the checkpoint's own backend is kept as trained (options ignored).
+    """
+    if name == model.cfg.attention:
+        return
+    options = dict(options or {})
+    if name == "vsa":
+        # A backend swapped in after training has no learned gates: "adapt" gates (G_c = 0,
+        # G_f = 1) make VSA output its fine stage, which at sparsity 0 is dense attention.
+        options["gates"] = "adapt"
+    model.set_attention(name, **options)
+    model.sparsity, model.topk = sparsity, topk
+
+
 def sample(cfg: DictConfig) -> dict:
     """Sample `cfg.num_videos` videos; return the written paths and the seconds per video."""
     check_missing(cfg)
@@ -42,19 +62,18 @@ def sample(cfg: DictConfig) -> dict:
         model, spec = load_model(cfg.ckpt_path, ema=cfg.ema)
 
     swap = cfg.get("attention")
-    if swap is not None and swap.name != model.cfg.attention:
-        options = dict(OmegaConf.to_container(swap.options, resolve=True))
-        if swap.name == "vsa":
-            # A backend swapped in after training has no learned gates: "adapt" gates (G_c = 0,
-            # G_f = 1) make VSA output its fine stage, which at sparsity 0 is dense attention.
-            options["gates"] = "adapt"
+    if swap is not None:
         with config_section("attention"):
-            model.set_attention(swap.name, **options)
-            model.sparsity, model.topk = swap.sparsity, swap.topk
+            swap_attention(model, swap.name, OmegaConf.to_container(swap.options, resolve=True),
+                           swap.sparsity, swap.topk)
     if cfg.sparsity is not None or cfg.topk is not None:  # explicit values win; topk over sparsity
         model.sparsity, model.topk = cfg.sparsity, cfg.topk
     if model.cfg.attention == "vsa" and model.sparsity is None and model.topk is None:
         raise ConfigError("attention=vsa needs a sparsity: add sparsity=<value in [0, 1)> (or topk=<K>)")
+    if cfg.get("tile") is not None:
+        with config_section("tile"):
+            tile = cfg.tile
+            model.set_tile(list(tile) if isinstance(tile, ListConfig) else tile)
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
@@ -84,6 +103,7 @@ def sample(cfg: DictConfig) -> dict:
     torch.save(latents.cpu(), latents_path)
     per_video = seconds / cfg.num_videos
     attention = model.cfg.attention + (f" (sparsity {model.sparsity})" if model.cfg.attention == "vsa" else "")
+    attention += f", tile {'x'.join(map(str, model.cfg.tile))}"
     print(f"{cfg.num_videos} videos, {cfg.steps} {cfg.method} steps, {attention}, on {device}: "
           f"{seconds:.2f} s ({per_video:.2f} s per video) -> {out}")
     return {"videos": videos, "grid": grid, "latents": latents_path, "seconds_per_video": per_video}

@@ -100,12 +100,15 @@ class VideoDiffusionModule(L.LightningModule):
             `base_shift`).
         validation: fixed protocol settings `n_t` (time points) and `seed`.
         seed: seed of the per-step training randomness.
+        compile_blocks: torch.compile every DiT block (VideoDiT.compile_blocks) when the trainer
+            starts fitting: fused norms/RoPE/modulation, one graph per block, ~first steps slow.
     """
 
     def __init__(self, model: VideoDiT, codec: dict | None = None, data_key: str = "video",
                  latent_shape: Sequence[int] | None = None, fps: int = 8,
                  optimizer: dict | None = None, lr_schedule: dict | None = None,
-                 timesteps: dict | None = None, validation: dict | None = None, seed: int = 0) -> None:
+                 timesteps: dict | None = None, validation: dict | None = None, seed: int = 0,
+                 compile_blocks: bool = False) -> None:
         super().__init__()
         if data_key not in ("video", "latents"):
             raise ValueError(f"data_key must be 'video' or 'latents', got {data_key!r}")
@@ -124,6 +127,7 @@ class VideoDiffusionModule(L.LightningModule):
                           "base_shift": 1.0, **(timesteps or {})}
         self.validation = {"n_t": 8, "seed": 0, **(validation or {})}
         self.seed = int(seed)
+        self.compile_blocks = bool(compile_blocks)
         self.flops_per_batch: float | None = None
         self.tokens_per_batch = 0
         self.samples_per_batch = 0
@@ -184,6 +188,12 @@ class VideoDiffusionModule(L.LightningModule):
     def time_shift(self, seq_len: int) -> float:
         ts = self.timesteps
         return timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"])
+
+    def on_fit_start(self) -> None:
+        # After the callbacks' setup, so the EMA copy (made there) is a plain module; not in
+        # configure_model, which the EMA callback calls before copying. Compiles once per model.
+        if self.compile_blocks and not self.model.blocks_compiled:
+            self.model.compile_blocks()
 
     # ---- training ----------------------------------------------------------------------------
 

@@ -198,9 +198,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, run_dir)
+    plugins = [AtomicCheckpointIO()]
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    if SLURMEnvironment.detect():
+        # One requeue mechanism: the launcher's (submitit's SIGUSR2 handler under
+        # hydra/launcher=slurm, the batch script's trap in scripts/slurm/train.sbatch). Lightning's
+        # own SIGUSR1 auto-requeue would write hpc_ckpt_N.ckpt files that resuming from last.ckpt
+        # ignores (docs/slurm.md).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     with config_section("trainer"):
         trainer: L.Trainer = instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
             default_root_dir=str(run_dir), _convert_="all")
 
@@ -212,6 +220,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("scaling"):  # a scaling-sweep run (configs/sweep/): write its result row
+        from vsa.scaling.result import write_result_row
+
+        with config_section("scaling"):
+            write_result_row(cfg, trainer, module, datamodule)
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:

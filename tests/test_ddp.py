@@ -1,0 +1,68 @@
+"""trainer=ddp with 2 CPU processes (gloo): train.py through Lightning's DDP launcher, which starts
+rank 1 by re-running train.py's command line with the run folder of rank 0 (hydra.run.dir), and
+the data sharding of the training sampler (per-device batches; same samples per step as one
+process with the global batch)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vsa.training.data import ResumableSampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ddp_two_cpu_processes_fit_through_train_py(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    command = [sys.executable, str(REPO / "train.py"), "experiment=tiny", "trainer=ddp",
+               "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+               "data.datamodule.val_size=0", "callbacks.sample_videos=null",
+               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert "distributed_backend=gloo" in output
+
+    run_dir = tmp_path / "logs" / "train" / "runs" / "tiny"
+    # Both ranks used the same run folder (no timestamp in it): rank 1 logged next to rank 0.
+    assert (run_dir / "train_ddp_process_1.log").is_file()
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # rank 0 logs only
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4
+    (stream,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert stream["world_size"] == 2 and stream["batch_size"] == 4  # batch_size is per device
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    with open(run_dir / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert sorted(losses) == [0, 1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_stream_reads_the_global_batches_of_one_process(world_size):
+    """batch_size is per device: N ranks with batch B/N read, at every step, exactly the B samples
+    one process with batch B reads (scripts/multi_gpu_check.py relies on it)."""
+    num_samples, global_batch, epochs = 48, 8, 3
+    sampler = ResumableSampler(num_samples, global_batch, seed=3, rank=0, world_size=1)
+    single = [i for _ in range(epochs) for i in sampler]  # one iter() per epoch
+    shards = []
+    for rank in range(world_size):
+        sampler = ResumableSampler(num_samples, global_batch // world_size, seed=3, rank=rank,
+                                   world_size=world_size)
+        shards.append([i for _ in range(epochs) for i in sampler])
+    per_rank = global_batch // world_size
+    steps = len(single) // global_batch
+    assert all(len(s) == steps * per_rank for s in shards)
+    for step in range(steps):
+        together = sorted(i for s in shards for i in s[step * per_rank:(step + 1) * per_rank])
+        assert together == sorted(single[step * global_batch:(step + 1) * global_batch]), step

@@ -1,0 +1,254 @@
+"""Scaling-law harness: budgets -> steps with the analytic FLOP counter, the sweep configs, a
+tiny sweep end to end through Hydra multirun (result rows, skip on relaunch, report), the
+power-law fit on synthetic data and the report with few points. CPU, tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+import vsa.scaling  # noqa: F401  (registers the resolvers)
+from vsa.models.presets import preset_config
+from vsa.scaling.budget import compact_number, run_spec
+from vsa.scaling.report import envelope_flops_at, fit_power_law, lower_envelope, summarize, write_report
+from vsa.training.flops import training_flops
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+
+
+def compose_train(overrides: list[str], tmp: str = "/tmp/vsa-scaling-test", hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=[f"paths.log_dir={tmp}", f"paths.output_dir={tmp}/run", *overrides],
+                       return_hydra_config=hydra)
+
+
+# ----------------------------------------------------------------------------- budgets -> steps
+
+def test_steps_for_budget_match_the_analytic_flop_counter():
+    for attention in ("full", "vsa"):
+        cfg = compose_train(["sweep=scaling_micro", "model=10m", f"attention={attention}", "scaling.budget=1e15"])
+        dit = preset_config("10M", in_channels=12, num_classes=10, patch=(1, 2, 2), cond_dropout=0.1,
+                            attention=attention, sparsity=cfg.attention.sparsity,
+                            attention_options=dict(cfg.attention.options))
+        per_sample = training_flops(dit, (16, 64, 64))  # 12x16x64x64 latents -> 16,384 tokens
+        steps = cfg.trainer.max_steps
+        assert steps == math.floor(1e15 / (per_sample * 2)) and steps > 0
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert resolved["module"]["lr_schedule"]["total_steps"] == steps == resolved["trainer"]["val_check_interval"]
+        assert run_spec(cfg).flops_for_steps(steps) <= 1e15 < run_spec(cfg).flops_for_steps(steps + 1)
+    # the global batch counts devices, nodes and gradient accumulation
+    cfg = compose_train(["sweep=scaling_micro", "model=5m", "attention=full", "scaling.budget=1e16",
+                         "trainer.devices=2", "trainer.num_nodes=3", "trainer.accumulate_grad_batches=4"])
+    assert run_spec(cfg).global_batch == 2 * 2 * 3 * 4
+    assert cfg.trainer.max_steps == math.floor(1e16 / (run_spec(cfg).sample_flops().training * 48))
+
+
+def test_steps_follow_a_vsa_sparsity_schedule():
+    """With a dense -> sparse staircase the early steps cost more; the steps spend the budget."""
+    cfg = compose_train(["sweep=scaling_micro", "model=5m", "attention=vsa", "scaling.budget=2e15",
+                         "+callbacks.sparsity_schedule._target_=vsa.training.SparsitySchedule",
+                         "+callbacks.sparsity_schedule.target=0.875", "+callbacks.sparsity_schedule.increment=0.25",
+                         "+callbacks.sparsity_schedule.interval=20"])
+    spec = run_spec(cfg)
+    steps = cfg.trainer.max_steps
+    assert spec.sparsity_at(0) == 0.0 and spec.sparsity_at(60) == 0.75 and spec.sparsity_at(80) == 0.875
+    assert spec.step_flops(0) > spec.step_flops(20) > spec.step_flops(80)
+    brute = np.cumsum([spec.step_flops(s) for s in range(steps + 1)])
+    assert brute[steps - 1] <= 2e15 < brute[steps]
+    assert math.isclose(spec.flops_for_steps(steps), brute[steps - 1], rel_tol=1e-12)
+
+
+def test_bad_budgets_and_presets_fail_clearly(tmp_path):
+    with pytest.raises(MissingConfigException, match="model/nope"):
+        compose_train(["sweep=scaling_tiny", "model=nope"])
+    with pytest.raises(MissingConfigException, match="sweep/nope"):
+        compose_train(["sweep=nope"])
+    for budget, message in (("abc", "must be a number of training FLOPs"), ("null", "must be a number"),
+                            ("-1e12", "positive, finite"),
+                            ("1e3", "too small for one training step.*raise scaling.budget to at least")):
+        cfg = compose_train(["sweep=scaling_tiny", f"scaling.budget={budget}"])
+        with pytest.raises(InterpolationResolutionError, match=message):
+            _ = cfg.trainer.max_steps
+    cfg = compose_train(["sweep=scaling_tiny", "scaling.budget=1e12", "trainer.devices=auto"])
+    with pytest.raises(InterpolationResolutionError, match="trainer.devices='auto'.*positive int"):
+        _ = cfg.trainer.max_steps
+    # through train(): one ConfigError line, before any training
+    from vsa.training import ConfigError, train
+
+    cfg = compose_train(["sweep=scaling_tiny", "scaling.budget=1e3"], tmp=str(tmp_path))
+    with pytest.raises(ConfigError, match="too small for one training step"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweeps_compose_with_their_grid_and_fixed_run_folders(sweep, tmp_path):
+    cfg = compose_train([f"sweep={sweep}"], tmp=str(tmp_path), hydra=True)
+    params = dict(cfg.hydra.sweeper.params)
+    assert set(params) == {"model", "attention", "scaling.budget"}
+    assert params["attention"] == "full,vsa" and len(params["model"].split(",")) >= 2
+    assert len(params["scaling.budget"].split(",")) >= 2
+    assert cfg.logger.wandb.group == sweep and cfg.callbacks.recorder is not None
+    assert "scaling.budgets" in cfg.hydra.job.config.override_dirname.exclude_keys
+    assert cfg.hydra.sweep.dir == f"{tmp_path}/train/multiruns/{sweep}"
+    for model in params["model"].split(","):  # every point resolves to a buildable run
+        for attention in ("full", "vsa"):
+            point = compose_train([f"sweep={sweep}", f"model={model}", f"attention={attention}",
+                                   f"scaling.budget={params['scaling.budget'].split(',')[-1]}"], tmp=str(tmp_path))
+            resolved = OmegaConf.to_container(point, resolve=True, throw_on_missing=True)
+            assert resolved["trainer"]["max_steps"] >= 1
+            assert resolved["logger"]["wandb"]["name"].startswith(point.model.name)
+    if sweep == "scaling_micro":
+        assert params["model"] == "5m,10m,20m" and params["scaling.budget"] == "5e14,1e15,2e15"
+        assert cfg.callbacks.sample_videos is None and run_spec(point).sample_flops().tokens == 16_384
+    if sweep == "scaling_paper":
+        slurm = compose_train([f"sweep={sweep}", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                              tmp=str(tmp_path), hydra=True)
+        launcher = OmegaConf.to_container(slurm.hydra.launcher, resolve=True)
+        assert launcher["_target_"].endswith("SlurmLauncher") and launcher["max_num_timeout"] > 0
+        assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
+        assert "1.4b" in params["model"] and float(params["scaling.budget"].split(",")[-1]) == 4e21
+        assert run_spec(point).global_batch == 256 and point.ckpt_path == "last"
+
+
+def test_compact_numbers_name_run_folders():
+    assert compact_number("1000000000000000.0") == "1e15" and compact_number("450000000000000000000.0") == "4.5e20"
+    assert compact_number("0.875") == "0.875" and compact_number("10m") == "10m" and compact_number("3") == "3"
+    subdir = OmegaConf.create({"d": "${sweep_subdir:'attention=vsa,model=10m,scaling.budget=1000000000000000.0'}"})
+    assert subdir.d == "attention=vsa,model=10m,scaling.budget=1e15"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_tiny_sweep_end_to_end_rows_skip_and_report(tmp_path):
+    command = [sys.executable, "train.py", "-m", "sweep=scaling_tiny", f"paths.log_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "train" / "multiruns" / "scaling_tiny"
+    rows = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")}
+    assert sorted(rows) == sorted(f"attention={a},model={m},scaling.budget={b}"
+                                  for a in ("full", "vsa") for m in ("0.6m", "2.3m") for b in ("2e10", "4e10"))
+    for name, row in rows.items():
+        dit = preset_config(row["preset"], in_channels=3, num_classes=10, attention=row["attention"],
+                            sparsity=row["sparsity"])
+        per_sample = training_flops(dit, (4, 8 * 2, 8 * 2))
+        assert row["flops_per_sample"] == per_sample and row["global_batch"] == 4 and row["seq_len"] == 256
+        assert row["steps"] == math.floor(row["budget"] / (4 * per_sample))
+        assert row["flops"] == row["steps"] * 4 * per_sample <= row["budget"]
+        assert row["tokens"] == row["steps"] * 4 * 256 and row["sweep"] == "scaling_tiny"
+        assert row["val_loss"] == row["val_loss_raw"]  # scaling_tiny reports the raw weights' loss
+        # the EMA's first update copies the weights: after 1 step both are the same
+        assert (row["val_loss_raw"] != row["val_loss_ema"]) == (row["steps"] > 1)
+        assert row["wall_clock_s"] > 0 and row["tokens_per_s"] > 0 and row["device"].startswith("cpu")
+        assert (row["sparsity"] == 0.875) == (row["attention"] == "vsa") and 0 < row["attention_fraction"] < 1
+        # the EMA loss is the logged val/loss of the final validation (EMA weights swapped in)
+        with open(sweep_dir / name / "csv" / "version_0" / "metrics.csv", newline="") as f:
+            logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+        assert len(logged) == 1 and math.isclose(logged[0], row["val_loss_ema"], rel_tol=1e-5)
+
+    # relaunch: every point is finished, so nothing trains and no row changes
+    before = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+    again = subprocess.run(command, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("skipped") == 8 and "Trainer.fit" not in again.stdout + again.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+
+    summary = write_report(sweep_dir, tmp_path / "report", n_bootstrap=200)
+    for name in ("report.md", "summary.json", "loss_vs_flops.png", "isoflop.png", "multiplier.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0, name
+    multiplier = summary["multipliers"]["vsa"]
+    assert math.isfinite(multiplier["multiplier"]) and multiplier["multiplier"] > 0
+    assert summary["n_rows"] == 8 and set(summary["groups"]) == {"full", "vsa"}
+    assert "Compute multiplier" in (tmp_path / "report" / "report.md").read_text()
+    cli = subprocess.run([sys.executable, "-m", "vsa.scaling.report", str(tmp_path / "missing")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "is not a folder" in cli.stderr and "Traceback" not in cli.stderr
+
+
+# ----------------------------------------------------------------------------- fits and report
+
+def test_power_law_fit_recovers_a_known_law():
+    E, A, alpha = 0.12, 3.0e4, 0.3
+    rng = np.random.default_rng(0)
+    flops = np.geomspace(1e15, 1e21, 14)
+    losses = (E + A * flops ** -alpha) * np.exp(rng.normal(0, 0.005, flops.size))
+    fit = fit_power_law(flops, losses)
+    assert fit.status == "ok" and fit.n_points == 14
+    assert abs(fit.E - E) < 0.01 and abs(fit.alpha - alpha) / alpha < 0.1 and abs(math.log(fit.A / A)) < 1.0
+    # the inverse gives the compute of a loss on the curve
+    assert math.isclose(fit.flops_at(float(fit.loss(1e18))), 1e18, rel_tol=1e-6)
+    exact = fit_power_law(flops[::6], (E + A * flops[::6] ** -alpha))
+    assert exact.status == "exact" and abs(exact.E - E) < 0.01 and "passes through" in exact.message
+    two = fit_power_law([1e15, 1e16], [1.0, 0.8])
+    assert two.status == "underdetermined" and two.E == 0 and math.isclose(two.alpha, -math.log10(0.8))
+
+
+def test_envelope_and_interpolation():
+    points = [(1e15, 1.0), (2e15, 1.1), (4e15, 0.8), (4e15, 0.7), (8e15, 0.75), (1.6e16, 0.5)]
+    assert lower_envelope(points) == [(1e15, 1.0), (4e15, 0.7), (1.6e16, 0.5)]
+    frontier = lower_envelope(points)
+    c, extrapolated = envelope_flops_at(frontier, 0.7)
+    assert math.isclose(c, 4e15) and not extrapolated
+    c, extrapolated = envelope_flops_at(frontier, 0.4)
+    assert c > 1.6e16 and extrapolated
+
+
+def _rows(attention, law, budgets, presets=(("5M", 5e6), ("10M", 1e7))):
+    rows = []
+    for name, params in presets:
+        for budget in budgets:
+            rows.append({"attention": attention, "sparsity": 0.875 if attention == "vsa" else None,
+                         "preset": name, "params": params, "budget": budget, "flops": budget * 0.98,
+                         "steps": 10, "val_loss": law(budget) * (1 + 0.01 * (params > 6e6)),
+                         "val_loss_raw": None, "val_loss_ema": None, "attention_fraction": 0.5,
+                         "seq_len": 16384, "global_batch": 2, "sweep": "synthetic"})
+    return rows
+
+
+def test_report_multiplier_from_known_laws_and_with_few_points(tmp_path):
+    full = lambda c: 0.1 + 40.0 * c ** -0.1
+    vsa = lambda c: full(2.5 * c)  # (VSA needs 2.5x less compute for the same loss)
+    budgets = [1e15 * 2 ** i for i in range(6)]
+    summary = summarize(_rows("full", full, budgets) + _rows("vsa", vsa, budgets), n_bootstrap=200)
+    m = summary["multipliers"]["vsa"]
+    assert not m["extrapolated"] and abs(m["multiplier"] / 2.5 - 1) < 0.05
+    assert abs(m["from_fits"] / 2.5 - 1) < 0.05 and m["bootstrap"]["low"] <= m["multiplier"] <= m["bootstrap"]["high"]
+    assert summary["groups"]["full"]["fit"]["status"] == "ok"
+
+    # 2 budgets: fits underdetermined, still a finite multiplier from the envelopes, and the report says so
+    few = _rows("full", full, budgets[:2]) + _rows("vsa", vsa, budgets[:2])
+    summary = summarize(few, n_bootstrap=100)
+    m = summary["multipliers"]["vsa"]
+    assert math.isfinite(m["multiplier"]) and m["multiplier"] > 1 and m["from_fits"] is None
+    assert any("underdetermined" in n for n in summary["notes"])
+    # frontiers whose loss ranges do not overlap: extrapolated, still finite, flagged
+    apart = _rows("full", full, budgets[:2]) + _rows("vsa", vsa, budgets[4:])
+    summary = summarize(apart, n_bootstrap=50)
+    m = summary["multipliers"]["vsa"]
+    assert math.isfinite(m["multiplier"]) and m["extrapolated"] and not m["loss_ranges_overlap"]
+    assert any("do not overlap" in n for n in summary["notes"])
+
+    folder = tmp_path / "sweep" / "run"
+    folder.mkdir(parents=True)
+    for i, row in enumerate(few):
+        (folder / f"{i}").mkdir()
+        (folder / f"{i}" / "result.json").write_text(json.dumps(row))
+    write_report(tmp_path / "sweep", tmp_path / "out", n_bootstrap=50)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "underdetermined" in text and (tmp_path / "out" / "multiplier.png").is_file()

@@ -1,0 +1,272 @@
+"""The result row of one scaling-sweep run: `<run folder>/result.json`.
+
+`vsa.training.train` calls `write_result_row` after `trainer.fit` when the config has a `scaling`
+section (configs/sweep/). The row holds what the report needs (docs/scaling.md lists every
+field): model size, FLOPs actually spent, tokens, the final validation loss of the raw and of the
+EMA weights under the fixed protocol, wall-clock and throughput.
+
+Which weights are which: Lightning's `EMAWeightAveraging` swaps the EMA weights in for validation
+(so the logged `val/loss` is the EMA one) and copies them into the model when training ends. So
+after `fit` the model holds the EMA weights; `RunRecorder` keeps a CPU copy of the raw weights of
+the final step (or, for a run that was already finished when relaunched, they come from
+`last.ckpt`'s "current_model_state").
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import move_data_to_device
+from omegaconf import DictConfig
+
+from vsa.diffusion import validation_loss
+from vsa.scaling.budget import run_spec
+from vsa.scaling.rows import RESULT_FILE
+
+SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class RunRecorder(Callback):
+    """Measures a run for its result row and keeps the raw weights of its final step.
+
+    - wall_clock_s: time inside `fit` (training, validation, checkpointing), summed over all
+      launches of the run: the total is saved in checkpoints, so a resumed or requeued run adds
+      to it (time lost since the last checkpoint of a killed launch counts again when redone).
+    - train_time_s / launch tokens: training batches only (data loading included, validation
+      excluded), for tokens/s.
+    - raw_state: a CPU copy of the model's own (non-EMA) weights after the final step, taken on
+      global rank 0 only, and only when a weight-averaging callback (EMA) is attached.
+    """
+
+    def __init__(self) -> None:
+        self.previous_wall_clock = 0.0
+        self.previous_train_time = 0.0
+        self.launches = 0
+        self.raw_state: dict[str, torch.Tensor] | None = None
+        self._fit_start: float | None = None
+        self._fit_end: float | None = None
+        self.launch_train_time = 0.0
+        self.launch_steps = 0
+        self._last: float | None = None
+        self._first_step = 0
+
+    def state_dict(self) -> dict:
+        return {"wall_clock_s": self.wall_clock_s, "train_time_s": self.train_time_s,
+                "launches": self.launches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.previous_wall_clock = float(state_dict.get("wall_clock_s", 0.0))
+        self.previous_train_time = float(state_dict.get("train_time_s", 0.0))
+        self.launches = int(state_dict.get("launches", 0))
+
+    @property
+    def wall_clock_s(self) -> float:
+        if self._fit_start is None:
+            return self.previous_wall_clock
+        end = self._fit_end if self._fit_end is not None else time.perf_counter()
+        return self.previous_wall_clock + end - self._fit_start
+
+    @property
+    def train_time_s(self) -> float:
+        return self.previous_train_time + self.launch_train_time
+
+    @staticmethod
+    def _now(trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start, self._fit_end = time.perf_counter(), None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.launches += 1  # after the checkpoint (and its launch count) was restored
+        self._first_step = trainer.global_step
+        self._last = self._now(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        now = self._now(trainer)
+        self.launch_train_time += now - self._last
+        self._last = now
+        self.launch_steps = trainer.global_step - self._first_step
+        final = 0 < trainer.max_steps <= trainer.global_step
+        ema = any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)
+        if final and ema and trainer.is_global_zero:
+            self.raw_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last is not None and not trainer.sanity_checking:
+            self._last = self._now(trainer)  # validation is not training time
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_end = time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+@torch.no_grad()
+def fixed_protocol_loss(module, loader, precision_plugin) -> float:
+    """The validation loss `module.validation_step` logs (fixed protocol, batch-size weighted mean),
+    computed for the weights the module holds now."""
+    total, count = 0.0, 0
+    for batch_idx, batch in enumerate(loader):
+        batch = move_data_to_device(batch, module.device)
+        with precision_plugin.forward_context():
+            x0 = module.encode(batch)
+            loss = validation_loss(module.model, x0, module.condition(batch),
+                                   seed=module.validation["seed"] + batch_idx, n_t=module.validation["n_t"])
+        total += loss * x0.shape[0]
+        count += x0.shape[0]
+    if count == 0:
+        raise ValueError("the validation set is empty; a scaling run needs data.datamodule.val_size > 0")
+    return total / count
+
+
+def _raw_weights_from_checkpoint(run_dir: Path, step: int) -> dict | None:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if ckpt.get("global_step") != step or "current_model_state" not in ckpt:
+        return None
+    return ckpt["current_model_state"]
+
+
+def validation_losses(trainer: L.Trainer, module, datamodule, run_dir: Path,
+                      recorder: RunRecorder | None) -> tuple[float | None, float | None, str]:
+    """(raw, ema, note): final fixed-protocol validation losses of the raw and the EMA weights."""
+    loader = datamodule.val_dataloader()
+    ema = any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)
+    if not ema:
+        return fixed_protocol_loss(module, loader, trainer.precision_plugin), None, "no EMA callback"
+    ema_loss = fixed_protocol_loss(module, loader, trainer.precision_plugin)  # fit ended: EMA weights
+    raw_state = recorder.raw_state if recorder is not None else None
+    note = "raw weights: final-step copy"
+    if raw_state is None:
+        raw_state = _raw_weights_from_checkpoint(run_dir, trainer.global_step)
+        note = "raw weights: last.ckpt current_model_state"
+    if raw_state is None:
+        return None, ema_loss, "raw weights unavailable (no final-step copy, no matching last.ckpt)"
+    ema_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    module.load_state_dict(raw_state)
+    try:
+        raw_loss = fixed_protocol_loss(module, loader, trainer.precision_plugin)
+    finally:
+        module.load_state_dict(ema_state)
+    return raw_loss, ema_loss, note
+
+
+def _write_json(path: Path, row: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) -> dict | None:
+    """Evaluate the finished run and write `<run folder>/result.json` (global rank 0). Returns the
+    row, or None when training did not reach max_steps (stopped early: the row comes later)."""
+    if not trainer.is_global_zero:
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    if trainer.global_step < trainer.max_steps:
+        log.warning(f"run stopped at step {trainer.global_step} of {trainer.max_steps}: no result row yet "
+                    "(relaunch to resume and finish it)")
+        return None
+    if "FSDP" in type(trainer.strategy).__name__:
+        raise ValueError("result rows evaluate the model on rank 0, which FSDP's sharded weights "
+                                  "do not allow; run scaling sweeps with trainer=ddp or single-device")
+    scaling = cfg.scaling
+    spec = run_spec(cfg)
+    recorder = next((cb for cb in trainer.callbacks if isinstance(cb, RunRecorder)), None)
+    raw, ema, note = validation_losses(trainer, module, datamodule, run_dir, recorder)
+    wanted = str(scaling.get("loss") or "ema")
+    if wanted not in ("ema", "raw"):
+        raise ValueError(f"scaling.loss must be 'ema' or 'raw', got {wanted!r}")
+    source = wanted if (ema if wanted == "ema" else raw) is not None else ("raw" if wanted == "ema" else "ema")
+    chosen = ema if source == "ema" else raw
+
+    steps = int(trainer.global_step)
+    final_sparsity = module.model.sparsity if spec.dit.attention == "vsa" else None
+    count = spec.sample_flops(final_sparsity)
+    seq_len = count.tokens
+    train_loss = trainer.callback_metrics.get("train/loss")
+    tokens_per_s = None
+    if recorder is not None and recorder.launch_train_time > 0:
+        tokens_per_s = recorder.launch_steps * spec.global_batch * seq_len / recorder.launch_train_time
+    overrides = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main (e.g. train(cfg) called directly)
+        pass
+    row = {
+        "schema": SCHEMA_VERSION,
+        "sweep": str(scaling.get("sweep") or cfg.get("experiment_name")),
+        "run_dir": str(run_dir),
+        "overrides": overrides,
+        "preset": cfg.model.name,
+        "params": int(sum(p.numel() for p in module.model.parameters())),
+        "attention": spec.dit.attention,
+        "sparsity": final_sparsity,
+        "topk": module.model.topk if spec.dit.attention == "vsa" else None,
+        "kept_fraction": count.kv_tokens / seq_len,
+        "sparsity_schedule": (None if spec.schedule is None else
+                              dict(zip(("target", "increment", "interval", "start"), spec.schedule))),
+        "budget": float(scaling.budget),
+        "flops": spec.flops_for_steps(steps),
+        "flops_per_sample": count.training,
+        "attention_flops_per_sample": 3.0 * count.self_attention,
+        "attention_fraction": count.self_attention / count.forward,
+        "steps": steps,
+        "global_batch": spec.global_batch,
+        "batch_size": int(cfg.data.datamodule.batch_size),
+        "world_size": int(trainer.world_size),
+        "seq_len": seq_len,
+        "latent_shape": list(spec.latent_shape),
+        "samples": steps * spec.global_batch,
+        "tokens": steps * spec.global_batch * seq_len,
+        "val_loss": chosen,
+        "val_loss_source": source,
+        "val_loss_raw": raw,
+        "val_loss_ema": ema,
+        "val_note": note,
+        "val_samples": len(datamodule.val_set) if hasattr(datamodule, "val_set") else None,
+        "val_n_t": int(module.validation["n_t"]),
+        "train_loss": None if train_loss is None else float(train_loss),
+        "wall_clock_s": None if recorder is None else recorder.wall_clock_s,
+        "train_time_s": None if recorder is None else recorder.train_time_s,
+        "tokens_per_s": tokens_per_s,
+        "launches": None if recorder is None else recorder.launches,
+        "device": _device_name(module.device),
+        "precision": str(trainer.precision),
+        "seed": int(cfg.seed),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(run_dir / RESULT_FILE, row)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(
+                {f"result/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+    log.info(f"result row {run_dir / RESULT_FILE}: {row['preset']} {row['attention']} budget "
+             f"{row['budget']:.3g} -> {steps} steps, {row['flops']:.3g} FLOPs, val_loss {chosen}")
+    return row
