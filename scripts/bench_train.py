@@ -69,12 +69,13 @@ class Stepper:
     """The training step on fixed random latents (a fresh timestep/noise draw each step)."""
 
     def __init__(self, arch: dict, latent_shape, batch: int, attention: str, sparsity: float,
-                 compile_blocks: bool):
+                 compile_blocks: bool, dense_kernel: str = "cudnn", compile_mode: str | None = None):
+        options = {"kernel": dense_kernel} if attention == "full" else {}
         cfg = DiTConfig(**arch, in_channels=latent_shape[0], num_classes=10, attention=attention,
-                        sparsity=sparsity if attention == "vsa" else 0.875)
+                        attention_options=options, sparsity=sparsity if attention == "vsa" else 0.875)
         self.model = VideoDiT(cfg).cuda()
         if compile_blocks:
-            self.model.compile_blocks()
+            self.model.compile_blocks(mode=compile_mode)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=True)
         self.x0 = torch.randn(batch, *latent_shape, device="cuda")
@@ -82,6 +83,7 @@ class Stepper:
         self.seq_len = math.prod(cfg.token_grid(latent_shape[1:]))
         self.shift = timestep_shift(self.seq_len)
         self.batch = batch
+        self.cuda_graphs = compile_blocks and compile_mode in ("reduce-overhead", "max-autotune")
         fc = forward_flops(cfg, latent_shape[1:])
         self.flops = batch * fc.training  # analytic, recomputation not counted
         self.forward_per_block = batch * (fc.forward - fc.conditioning) / cfg.depth
@@ -91,6 +93,8 @@ class Stepper:
         self.model.cfg = dataclasses.replace(self.model.cfg, activation_checkpointing=int(n_blocks))
 
     def step(self) -> None:
+        if self.cuda_graphs:  # a new training iteration for CUDA-graph trees
+            torch.compiler.cudagraph_mark_step_begin()
         t = sample_timesteps(self.batch, shift=self.shift, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = flow_matching_loss(self.model, self.x0, t, labels=self.labels)
@@ -175,6 +179,9 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.875)
     ap.add_argument("--ckpt1b", default="8,16,24,33", help="recomputed blocks to try for 1b32k, fewest first")
     ap.add_argument("--no-compile", action="store_true", help="eager blocks")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    ap.add_argument("--dense-kernel", default="cudnn", choices=["cudnn", "auto"],
+                    help="full attention's SDPA kernel: cudnn (pinned) or auto (SDPA's own choice)")
     ap.add_argument("--workers", type=int, default=8, help="data loader workers for the data-rate row")
     args = ap.parse_args()
 
@@ -187,13 +194,15 @@ def main():
         ckpts = [0] if case.startswith("400m") else [int(n) for n in args.ckpt1b.split(",")]
         for attention in attentions:
             torch._dynamo.reset()  # a fresh compile cache per model
-            stepper = Stepper(arch, shape, batch, attention, args.sparsity, not args.no_compile)
+            stepper = Stepper(arch, shape, batch, attention, args.sparsity, not args.no_compile,
+                              args.dense_kernel, args.compile_mode)
             best = None
             for n_ckpt in ckpts:
                 stepper.set_checkpointing(n_ckpt)
                 row = dict(case=case, attention=attention, params=stepper.params, tokens=stepper.seq_len,
                            batch=batch, latent_shape=list(shape), recomputed_blocks=n_ckpt,
-                           compiled=not args.no_compile,
+                           compiled=not args.no_compile, compile_mode=args.compile_mode,
+                           dense_kernel=args.dense_kernel,
                            sparsity=args.sparsity if attention == "vsa" else 0.0)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -15,11 +15,12 @@ gives rank r of N every N-th index of the epoch's permutation, so N ranks with B
 exactly the B samples one process with B reads (tests/test_ddp.py checks it). DDP averages the
 gradients of the per-rank mean losses, i.e. the gradient of the mean loss over the global batch.
 
-What is and is not comparable: the noise and timesteps of a step are drawn from a seed of (seed,
-step, rank) (vsa.training.module), so one GPU draws other noise for the same samples than two
-ranks do, and the logged `train/loss` is rank 0's mean over its B/2 samples. One GPU vs two GPUs
-therefore agree only statistically (compare the window means); DDP vs FSDP draw the same noise on
-the same ranks and should agree closely step by step (bf16 rounding apart).
+What is comparable: the noise, timesteps and CFG dropout of a training sample are drawn from a
+seed of (seed, step, the sample's position in the global batch) (VideoDiffusionModule.sample_draws),
+and rank r holds positions r, r + 2, ... So the three runs see the same samples with the same noise
+at every step, and `train/loss` is logged as the global-batch mean (sync_dist). Their loss curves
+should agree step by step up to bf16 rounding and the order of the gradient sums
+(tests/test_ddp.py checks 1 process vs 2 ranks to 1e-4 in fp32 on the CPU).
 
 Reads `train/loss`, `perf/tokens_per_sec` (per device), `perf/global_tokens_per_sec` (all devices,
 multi-device runs), `perf/step_time`, `perf/peak_memory_gb` from each run's CSV logs; writes

@@ -66,3 +66,25 @@ def test_sharded_stream_reads_the_global_batches_of_one_process(world_size):
     for step in range(steps):
         together = sorted(i for s in shards for i in s[step * per_rank:(step + 1) * per_rank])
         assert together == sorted(single[step * global_batch:(step + 1) * global_batch]), step
+
+
+def _train(tmp_path: Path, name: str, *overrides: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    command = [sys.executable, str(REPO / "train.py"), "experiment=tiny", f"run_name={name}",
+               "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=3",
+               "data.datamodule.val_size=0", "callbacks.sample_videos=null", "callbacks.ema=null",
+               "logger=csv", "trainer.enable_progress_bar=false", *overrides]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    path = tmp_path / "logs" / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path):
+    """Per-sample noise/timestep/dropout seeds (by position in the global batch) + the sampler's
+    sharding: 2 ranks x batch 2 reach the weights of 1 process x batch 4, up to summation order."""
+    single = _train(tmp_path, "single", "data.datamodule.batch_size=4")
+    ddp = _train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "data.datamodule.batch_size=2")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)

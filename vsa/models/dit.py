@@ -144,7 +144,8 @@ class VideoDiT(nn.Module):
     """Video Diffusion Transformer predicting the flow-matching velocity (see module docstring).
 
     forward(x [B, C, T, H, W], t [B] in [0, 1], labels [B] | None, text [B, L, text_dim] | None,
-            text_mask [B, L] bool (True = attend) | None) -> [B, C_out, T, H, W]
+            text_mask [B, L] bool (True = attend) | None,
+            cond_drop [B] bool (CFG dropout; None = drawn in training) | None) -> [B, C_out, T, H, W]
 
     `sparsity` / `topk` are plain mutable attributes put into every attention context, so a
     training schedule can anneal them; `set_attention` swaps the backend (e.g. for sampling).
@@ -313,12 +314,13 @@ class VideoDiT(nn.Module):
             raise ValueError("text given but the model has no cross-attention (text_dim=0); "
                              "build it with text_dim = the embedding width")
 
-    def _condition(self, t, labels, text, text_mask):
-        """Per-sample embedding c [B, W] and projected text tokens, with CFG dropout in training."""
+    def _condition(self, t, labels, text, text_mask, cond_drop=None):
+        """Per-sample embedding c [B, W] and projected text tokens, with CFG dropout: `cond_drop`
+        when given, else drawn in training."""
         B = t.shape[0]
         c = self.t_embed(t)
-        drop = None
-        if self.training and self.cfg.cond_dropout > 0:
+        drop = cond_drop
+        if drop is None and self.training and self.cfg.cond_dropout > 0:
             drop = torch.rand(B, device=t.device) < self.cfg.cond_dropout
         if self.label_embed is not None:
             if labels is None:
@@ -354,15 +356,18 @@ class VideoDiT(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                cond_drop: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, t, labels, text, text_mask)
+        if cond_drop is not None and (cond_drop.shape != t.shape or cond_drop.dtype != torch.bool):
+            raise ValueError(f"cond_drop must be a bool tensor [B] = {tuple(t.shape)} (True = drop the "
+                             f"sample's condition), got {cond_drop.dtype} {tuple(cond_drop.shape)}")
         grid = self.cfg.token_grid(x.shape[2:])
         layout, cos, sin = self.geometry(grid, x.device)
 
         tokens = layout.to_tiles(self.patchify(x), dim=1)  # the one permutation into tile order
         h = self.patch_embed(tokens)
-        c, text, text_mask = self._condition(t, labels, text, text_mask)
+        c, text, text_mask = self._condition(t, labels, text, text_mask, cond_drop)
         c6 = self.t_block(c).unflatten(1, (6, self.cfg.width))
         ctx = AttentionContext(layout=layout, sparsity=self.sparsity, topk=self.topk)
         recompute = self.cfg.checkpointed_blocks if self.training and torch.is_grad_enabled() else 0

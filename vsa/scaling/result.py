@@ -197,6 +197,8 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
     scaling = cfg.scaling
     spec = run_spec(cfg)
     recorder = next((cb for cb in trainer.callbacks if isinstance(cb, RunRecorder)), None)
+    # The trainer's teardown moved the module to the CPU: evaluate where it trained.
+    module.to(trainer.strategy.root_device)
     raw, ema, note = validation_losses(trainer, module, datamodule, run_dir, recorder)
     wanted = str(scaling.get("loss") or "ema")
     if wanted not in ("ema", "raw"):

@@ -201,19 +201,39 @@ class VideoDiffusionModule(L.LightningModule):
         micro = batch_idx % self.trainer.accumulate_grad_batches
         torch.manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
 
+    def sample_draws(self, x0: torch.Tensor, batch_idx: int):
+        """Timesteps [B], noise (x0's shape) and CFG-dropout mask [B] of a training batch, drawn
+        per sample from a seed of (seed, step, micro-batch, the sample's position in the global
+        batch). Rank r of N holds the global batch's positions r, r + N, r + 2N, ... (the sampler
+        shards the data so), so one GPU with batch B and N ranks with batch B/N draw the same noise
+        for the same samples: their loss curves agree up to the order of the gradient sums."""
+        B, device = x0.shape[0], x0.device
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        ts = self.timesteps
+        shift = self.time_shift(self.seq_len(x0))
+        t, noise, drop = [], [], []
+        for j in range(B):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(step_seed(self.seed, self.global_step, micro, rank + world * j))
+            t.append(sample_timesteps(1, ts["mean"], ts["std"], shift, device=device, generator=gen))
+            noise.append(torch.randn(x0.shape[1:], generator=gen, device=device))
+            drop.append(torch.rand(1, generator=gen, device=device) < self.model.cfg.cond_dropout)
+        return torch.cat(t), torch.stack(noise), torch.cat(drop)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self.encode(batch)
         cond = self.condition(batch)
         B, L_tokens = x0.shape[0], self.seq_len(x0)
-        ts = self.timesteps
-        t = sample_timesteps(B, ts["mean"], ts["std"], self.time_shift(L_tokens), device=x0.device)
-        loss = flow_matching_loss(self.model, x0, t, **cond)
+        t, noise, drop = self.sample_draws(x0, batch_idx)
+        loss = flow_matching_loss(self.model, x0, t, noise, cond_drop=drop, **cond)
 
         text_len = cond["text"].shape[1] if "text" in cond else 0
         self.flops_per_batch = B * training_flops(self.model.cfg, x0.shape[2:], text_len,
                                                   sparsity=self.model.sparsity, topk=self.model.topk)
         self.tokens_per_batch, self.samples_per_batch = B * L_tokens, B
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        # The global batch's mean (ranks hold equal shares): comparable across GPU counts.
+        self.log("train/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         if self.model.cfg.attention == "vsa" and self.model.sparsity is not None:
             self.log("train/sparsity", self.model.sparsity, batch_size=B)
         return loss
