@@ -245,6 +245,19 @@ class VideoDiffusionModule(L.LightningModule):
                                n_t=self.validation["n_t"])
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        # FSDP shards the gradients: Lightning's precision plugin refuses norm clipping there, and
+        # FSDP's own clip_grad_norm_ computes the norm over all shards.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.strategy.model
+        if (isinstance(model, FullyShardedDataParallel) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for module in self.model.modules():
