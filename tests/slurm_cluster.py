@@ -21,11 +21,13 @@ Choices (see /work/shared/TOOLCHAIN.md and docs/slurm.md):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,17 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
 
 
+def _apt_install(timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]  # wait for another apt run, do not fail
+    command = [*apt, "install", "-y", "--no-install-recommends", *PACKAGES]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:  # stale package lists on a fresh machine: update once, retry
+        subprocess.run([*apt, "update"], env=env, capture_output=True, timeout=timeout)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
 def ensure_slurm(install_timeout: float = 600) -> str | None:
     """Make sure the SLURM daemons and clients are installed. Returns None when they are, else
     the reason they are not (the caller skips with it)."""
@@ -50,14 +63,14 @@ def ensure_slurm(install_timeout: float = 600) -> str | None:
                 f"`apt-get install -y {' '.join(PACKAGES)}`")
     if not _which("apt-get"):
         return "SLURM is not installed and there is no apt-get to install it"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=install_timeout)
-    if result.returncode != 0:  # stale package lists on a fresh machine: update once, retry
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=install_timeout)
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=install_timeout)
+    # pytest-xdist workers may get here together: one installs, the others wait for it.
+    with open(Path(tempfile.gettempdir()) / "vsa_slurm_install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(_which(b) for b in BINARIES):
+            return None
+        result = _apt_install(install_timeout)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"`{' '.join(result.args)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     missing = [b for b in BINARIES if not _which(b)]
     if missing:
         raise RuntimeError(f"installed {PACKAGES} but {missing} are still missing")

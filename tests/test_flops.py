@@ -113,3 +113,14 @@ def test_static_pattern_flops_use_the_maps_kept_fraction():
     assert 0 < kept < 1
     assert grat.self_attention == pytest.approx(full.self_attention * kept)
     assert grat.linear == full.linear  # static patterns add no weights
+
+
+def test_vsa_flops_count_the_groups_of_the_tile_order():
+    """The ragged Wan-480p grid: 624 ragged 4x4x4 cubes, 512 Z-order groups; K follows the count."""
+    from vsa.models import DiTConfig
+
+    for order, n_tiles in (("cubes", 624), ("curve", 512)):
+        cfg = DiTConfig(depth=1, width=128, head_dim=64, in_channels=4, patch=(1, 1, 1),
+                        attention="vsa", sparsity=0.875, tile_order=order)
+        count = forward_flops(cfg, (21, 30, 52))
+        assert count.kv_tokens == math.ceil(0.125 * n_tiles) * 64

@@ -74,3 +74,31 @@ def test_wrong_length_tensor():
     layout = TileLayout((4, 4, 4))
     with pytest.raises(ValueError, match="65 tokens"):
         layout.to_tiles(torch.randn(1, 65, 2))
+
+
+@pytest.mark.parametrize("grid", [(21, 30, 52), (5, 6, 7), (3, 9, 4), (1, 1, 1), (2, 3, 100)])
+def test_curve_order_groups_are_full_but_the_last(grid):
+    layout = TileLayout(grid, order="curve")
+    S = layout.seq_len
+    assert sorted(layout.perm.tolist()) == list(range(S))
+    assert layout.n_tiles == -(-S // 64) and layout.tile_grid is None
+    sizes = layout.sizes.tolist()
+    assert all(s == 64 for s in sizes[:-1]) and sizes[-1] == S - 64 * (len(sizes) - 1)
+    assert layout.is_ragged == (S % 64 != 0) and layout.max_tile_size == min(64, S)
+    x = torch.randn(2, S, 3)
+    torch.testing.assert_close(layout.from_tiles(layout.to_tiles(x)), x)
+    assert layout.tile_ids.tolist() == [i for i, s in enumerate(sizes) for _ in range(s)]
+
+
+def test_curve_order_on_an_aligned_grid_gives_the_cubes():
+    """Z-order groups of 64 on a grid that 4x4x4 divides are exactly the 4x4x4 cubes."""
+    def groups(layout):
+        return {frozenset(layout.perm[a:b].tolist())
+                for a, b in zip(layout.offsets[:-1].tolist(), layout.offsets[1:].tolist())}
+    for grid in [(8, 8, 8), (4, 12, 8), (16, 4, 20)]:
+        assert groups(TileLayout(grid, order="curve")) == groups(TileLayout(grid))
+    ragged = TileLayout((21, 30, 52), order="curve")
+    assert ragged.n_tiles == 512 and TileLayout((21, 30, 52)).n_tiles == 624
+    assert TileLayout((8, 8, 8), order="curve") != TileLayout((8, 8, 8))
+    with pytest.raises(ValueError, match="tile order"):
+        TileLayout((8, 8, 8), order="hilbert")

@@ -311,3 +311,22 @@ def test_compiled_blocks_compute_the_same_function():
 def test_full_attention_rejects_unknown_kernels():
     with pytest.raises(ValueError, match="kernel"):
         build_model("0.6M", attention="full", attention_options={"kernel": "fa9"})
+
+
+def test_curve_tile_order_keeps_full_attention_and_trains_vsa():
+    """Token order does not change dense attention; VSA runs on Z-order groups (ragged grid)."""
+    torch.manual_seed(0)
+    cubes = build_model("0.6M", in_channels=4, attention="full")
+    with torch.no_grad():
+        for p in cubes.parameters():
+            p.normal_(0, 0.1)
+    curve = build_model("0.6M", in_channels=4, attention="full", tile_order="curve")
+    curve.load_state_dict(cubes.state_dict())
+    x, t = torch.randn(2, 4, 5, 14, 18), torch.rand(2)
+    torch.testing.assert_close(curve(x, t), cubes(x, t), rtol=1e-4, atol=1e-5)
+    vsa = build_model("0.6M", in_channels=4, attention="vsa", sparsity=0.5, tile_order="curve")
+    layout = vsa.geometry(vsa.cfg.token_grid(x.shape[2:]), x.device)[0]
+    assert layout.order == "curve" and layout.n_tiles == 5  # 5x7x9 = 315 tokens
+    vsa(x, t).square().mean().backward()
+    with pytest.raises(ValueError, match="tile_order"):
+        build_model("0.6M", tile_order="zigzag")

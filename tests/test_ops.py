@@ -122,21 +122,25 @@ def test_block_sparse_low_precision(dtype, kernel_device):
         (q, k, v), grad_out, dtype, kernel_device, "qkv")
 
 
-# grid, B, H, D, topk or sparsity, scale, gates
+# grid, B, H, D, topk or sparsity, scale, gates, tile order
 VSA_CASES = [
-    ((5, 6, 7), 2, 3, 64, dict(topk=3), 1.0, "both"),
-    ((3, 9, 4), 1, 2, 128, dict(sparsity=0.5), 16.0, "fine_only"),
-    ((8, 8, 8), 2, 1, 64, dict(topk=1), 0.01, "none"),
-    ((5, 6, 7), 1, 3, 128, dict(sparsity=0.0), 30.0, "both"),
+    ((5, 6, 7), 2, 3, 64, dict(topk=3), 1.0, "both", "cubes"),
+    ((3, 9, 4), 1, 2, 128, dict(sparsity=0.5), 16.0, "fine_only", "cubes"),
+    ((8, 8, 8), 2, 1, 64, dict(topk=1), 0.01, "none", "cubes"),
+    ((5, 6, 7), 1, 3, 128, dict(sparsity=0.0), 30.0, "both", "cubes"),
+    # Z-order groups: all full but the last (210 tokens = 3 x 64 + 18; 108 = 64 + 44)
+    ((5, 6, 7), 2, 2, 64, dict(topk=2), 4.0, "both", "curve"),
+    ((3, 9, 4), 1, 3, 128, dict(sparsity=0.5), 0.5, "fine_only", "curve"),
 ]
 
 
-@pytest.mark.parametrize("case", VSA_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}D{c[3]}-{c[4]}-s{c[5]}-{c[6]}")
+@pytest.mark.parametrize("case", VSA_CASES,
+                         ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}D{c[3]}-{c[4]}-s{c[5]}-{c[6]}-{c[7]}")
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_video_sparse_attention_matches_reference(case, impl, kernel_device):
-    grid, B, H, D, sel, scale, gates = case
+    grid, B, H, D, sel, scale, gates, order = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-    layout = TileLayout(grid)
+    layout = TileLayout(grid, order=order)
     S = layout.seq_len
     q, k, v = make_qkv(B, S, S, H, D, scale, gen)
     g_c = torch.randn(B, S, H, D, generator=gen, dtype=torch.float64)

@@ -9,7 +9,14 @@ smaller (ragged edge tiles): tokens stay densely packed, nothing is padded.
     x_tiles = layout.to_tiles(x, dim=1)     # [B, S, ...] raster -> tile-major
     x = layout.from_tiles(x_tiles, dim=1)   # and back
 
-All index tensors are built once per (grid, tile, device) and cached.
+`order="curve"` is the alternative for grids the tile does not divide: tokens follow a 3D Z-order
+(Morton) curve over the grid and are cut into groups of `tile` volume, so every group but the
+last is full (ragged 4x4x4 cubes leave partial tiles at every edge: 21x30x52 = 32,760 tokens is 624
+cubes but 512 curve groups). On a grid that the (power-of-two, cubic) tile divides, the curve's
+groups are exactly the cubes. Groups are compact but not boxes: the static patterns (GRAT, STA),
+which are defined on the tile grid, need `order="cubes"`.
+
+All index tensors are built once per (grid, tile, order, device) and cached.
 """
 
 from __future__ import annotations
@@ -40,9 +47,36 @@ def _normalize(device) -> torch.device:
     return device
 
 
+ORDERS = ("cubes", "curve")
+
+
+def morton_codes(grid: Grid) -> torch.Tensor:
+    """Z-order (Morton) code of every token of a (T, H, W) grid, raster order: the bits of t, h, w
+    interleaved (w lowest), so each aligned 2^k x 2^k x 2^k block is a run of 8^k codes."""
+    T, H, W = grid
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    code = torch.zeros(T, H, W, dtype=torch.int64)
+    for bit in range(max(T, H, W).bit_length()):
+        for shift, axis in ((2, t), (1, h), (0, w)):
+            code |= ((axis >> bit) & 1) << (3 * bit + shift)
+    return code.reshape(-1)
+
+
+def _build_curve(grid: Grid, volume: int) -> dict[str, torch.Tensor]:
+    """Groups of `volume` consecutive tokens along the Z-order curve (the last may be smaller)."""
+    seq = math.prod(grid)
+    n = math.ceil(seq / volume)
+    sizes = torch.full((n,), volume, dtype=torch.int64)
+    sizes[-1] = seq - (n - 1) * volume
+    perm = torch.sort(morton_codes(grid), stable=True).indices
+    return {"sizes": sizes, "perm": perm}
+
+
 @functools.lru_cache(maxsize=256)
-def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
+def _build(grid: Grid, tile: Grid, order: str, device: str) -> dict[str, torch.Tensor]:
     """All index tensors of one layout, computed on the CPU and moved to `device` once."""
+    if order == "curve":
+        return _finish(**_build_curve(grid, math.prod(tile)), device=device)
     T, H, W = grid
     tt, th, tw = tile
     nt, nh, nw = (math.ceil(g / t) for g, t in zip(grid, tile))
@@ -50,14 +84,19 @@ def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
     ext = [torch.clamp(torch.tensor([t] * n), max=g - torch.arange(n) * t)
            for g, t, n in zip(grid, tile, (nt, nh, nw))]
     sizes = (ext[0][:, None, None] * ext[1][None, :, None] * ext[2][None, None, :]).reshape(-1)
-    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(sizes, 0)
     # Tile index of every token in raster order; a stable sort by it keeps raster order inside tiles.
     t_idx = torch.arange(T) // tt
     h_idx = torch.arange(H) // th
     w_idx = torch.arange(W) // tw
     tile_of_raster = (t_idx[:, None, None] * nh + h_idx[None, :, None]) * nw + w_idx[None, None, :]
     perm = torch.sort(tile_of_raster.reshape(-1), stable=True).indices
+    return _finish(sizes, perm, device)
+
+
+def _finish(sizes: torch.Tensor, perm: torch.Tensor, device: str) -> dict[str, torch.Tensor]:
+    """Offsets, inverse permutation and per-token group ids from group sizes and the permutation."""
+    offsets = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes, 0)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel())
     tile_ids = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
@@ -72,7 +111,8 @@ def _build(grid: Grid, tile: Grid, device: str) -> dict[str, torch.Tensor]:
 
 
 class TileLayout:
-    """Tile-major order of a (T, H, W) token grid with ragged edge tiles.
+    """Tile-major order of a (T, H, W) token grid with ragged edge tiles (order "cubes"), or
+    groups of the tile's volume along a Z-order curve (order "curve"; see the module docstring).
 
     Attributes (tensors on `device`):
         sizes     int32 [n_tiles]      tokens in each tile
@@ -82,17 +122,25 @@ class TileLayout:
         tile_ids  int64 [S]            tile of the token at each tile-major position
     """
 
-    def __init__(self, grid, tile=(4, 4, 4), device: torch.device | str = "cpu"):
+    def __init__(self, grid, tile=(4, 4, 4), device: torch.device | str = "cpu", order: str = "cubes"):
         self.grid = _as_triple("grid", grid)
         self.tile = _as_triple("tile", tile)
         self.device = _normalize(device)
-        self.tile_grid: Grid = tuple(math.ceil(g / t) for g, t in zip(self.grid, self.tile))
-        self.n_tiles = math.prod(self.tile_grid)
+        if order not in ORDERS:
+            raise ValueError(f"unknown tile order {order!r}; choose one of {ORDERS}")
+        self.order = order
         self.seq_len = math.prod(self.grid)
         self.tile_volume = math.prod(self.tile)
-        # Largest tile: a full tile unless the grid is smaller than the tile along some axis.
-        self.max_tile_size = math.prod(min(g, t) for g, t in zip(self.grid, self.tile))
-        self._t = _build(self.grid, self.tile, str(self.device))
+        if order == "curve":
+            self.tile_grid = None  # groups are not boxes
+            self.n_tiles = math.ceil(self.seq_len / self.tile_volume)
+            self.max_tile_size = min(self.tile_volume, self.seq_len)
+        else:
+            self.tile_grid: Grid | None = tuple(math.ceil(g / t) for g, t in zip(self.grid, self.tile))
+            self.n_tiles = math.prod(self.tile_grid)
+            # Largest tile: a full tile unless the grid is smaller than the tile along some axis.
+            self.max_tile_size = math.prod(min(g, t) for g, t in zip(self.grid, self.tile))
+        self._t = _build(self.grid, self.tile, order, str(self.device))
 
     sizes = property(lambda self: self._t["sizes"])
     offsets = property(lambda self: self._t["offsets"])
@@ -102,13 +150,16 @@ class TileLayout:
 
     @property
     def is_ragged(self) -> bool:
+        """Whether some tile (group) holds fewer tokens than the tile's volume."""
+        if self.order == "curve":
+            return self.seq_len % self.tile_volume != 0
         return any(g % t for g, t in zip(self.grid, self.tile))
 
     def to(self, device: torch.device | str) -> TileLayout:
         """The same layout with its index tensors on `device` (cached)."""
         if _normalize(device) == self.device:
             return self
-        return TileLayout(self.grid, self.tile, device)
+        return TileLayout(self.grid, self.tile, device, self.order)
 
     def _check(self, x: torch.Tensor, dim: int) -> int:
         dim = dim % x.dim()
@@ -130,11 +181,12 @@ class TileLayout:
         return x.index_select(dim, self.to(x.device).inv_perm)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, TileLayout) and (self.grid, self.tile) == (other.grid, other.tile)
+        return isinstance(other, TileLayout) and ((self.grid, self.tile, self.order)
+                                                  == (other.grid, other.tile, other.order))
 
     def __hash__(self) -> int:
-        return hash((self.grid, self.tile))
+        return hash((self.grid, self.tile, self.order))
 
     def __repr__(self) -> str:
-        return (f"TileLayout(grid={self.grid}, tile={self.tile}, n_tiles={self.n_tiles}, "
-                f"device={self.device})")
+        return (f"TileLayout(grid={self.grid}, tile={self.tile}, order={self.order}, "
+                f"n_tiles={self.n_tiles}, device={self.device})")

@@ -64,6 +64,7 @@ class StaticPatternAttention(AttentionBackend):
             raise TypeError(f"q, k, v must share one of the dtypes {SUPPORTED_DTYPES}; got {q.dtype}, "
                             f"{k.dtype}, {v.dtype}")
         layout = ctx.layout.to(q.device)
+        patterns.check_layout(layout)
         batch, heads = q.shape[0], q.shape[2]
         idx, cnt = _batched_map(self.pattern, self.options, layout.grid, layout.tile, str(layout.device),
                                 batch, heads)

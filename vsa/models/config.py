@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vsa.layout import ORDERS
 from vsa.ops import SUPPORTED_HEAD_DIMS
 
 
@@ -37,6 +38,9 @@ class DiTConfig:
     out_channels: int | None = None  # None: same as in_channels
     patch: tuple[int, int, int] = (1, 2, 2)
     tile: tuple[int, int, int] = (4, 4, 4)
+    # "cubes": tiles are boxes of `tile` (ragged at the edges); "curve": groups of the tile's volume
+    # along a Z-order curve, all full but the last (vsa.layout; VSA and full attention only).
+    tile_order: str = "cubes"
     num_classes: int = 0
     text_dim: int = 0
     cond_dropout: float = 0.1
@@ -77,6 +81,8 @@ class DiTConfig:
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         check_sparsity(self.sparsity, self.topk)
+        if self.tile_order not in ORDERS:
+            raise ValueError(f"unknown tile_order {self.tile_order!r}; choose one of {ORDERS}")
         ac = self.activation_checkpointing
         if not isinstance(ac, (bool, int)) or ac < 0:
             raise ValueError(f"activation_checkpointing must be true/false or a number of blocks >= 0, "

@@ -265,7 +265,7 @@ class VideoDiT(nn.Module):
         """Tile layout and RoPE (cos, sin) in tile-major order for a token grid (cached)."""
         key = (grid, str(device))
         if key not in self._geometry:
-            layout = TileLayout(grid, self.cfg.tile, device=device)
+            layout = TileLayout(grid, self.cfg.tile, device=device, order=self.cfg.tile_order)
             angles = layout.to_tiles(rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta), dim=0)
             self._geometry[key] = (layout, angles.cos().to(device), angles.sin().to(device))
         return self._geometry[key]

@@ -59,10 +59,14 @@ def _int_triple(name: str, value, minimum: int) -> Triple:
     return triple  # type: ignore[return-value]
 
 
-def _check_layout(layout) -> None:
+def check_layout(layout) -> None:
+    """Raise unless `layout` is a TileLayout of box tiles (the grid the patterns are built on)."""
     if not isinstance(layout, TileLayout):
         raise TypeError(f"expected a vsa.TileLayout (the tile grid the map is built on), got "
                         f"{type(layout).__name__}")
+    if layout.order != "cubes":
+        raise ValueError(f"static patterns are defined on a grid of box tiles; this layout's tile "
+                         f"order is {layout.order!r}: use order 'cubes' (model.tile_order=cubes)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def grat_b(layout: TileLayout, radius=(1, 1, 1)) -> tuple[torch.Tensor, torch.Te
 
     Radius 1 is the paper's 3x3x3 neighbourhood. Clipped at the borders. Returns (q2k_idx int32
     [n_tiles, K_max], q2k_cnt int32 [n_tiles]) on the layout's device (cached, shared)."""
-    _check_layout(layout)
+    check_layout(layout)
     r = pattern_options("grat_b", radius=radius)["radius"]
     return _build("grat_b", layout.tile_grid, r, str(layout.device))
 
@@ -200,7 +204,7 @@ def grat_x(layout: TileLayout, lines: bool = False) -> tuple[torch.Tensor, torch
     """GRAT-X criss-cross: key tiles sharing the query tile's time index, tile-row or tile-column
     (`lines=False`), or only the three axis-aligned lines of tiles through it (`lines=True`).
     Axes with one tile are left out (see the module docstring). Returns (q2k_idx, q2k_cnt)."""
-    _check_layout(layout)
+    check_layout(layout)
     lines = pattern_options("grat_x", lines=lines)["lines"]
     return _build("grat_x", layout.tile_grid, lines, str(layout.device))
 
@@ -209,7 +213,7 @@ def sta(layout: TileLayout, window=(3, 3, 3)) -> tuple[torch.Tensor, torch.Tenso
     """Sliding tile attention: a window of `window` tiles (int, or per axis (t, h, w)) centred on
     the query tile and shifted inward at the borders, so every query tile keeps the full window
     (cut to the grid where the window is larger). Returns (q2k_idx, q2k_cnt)."""
-    _check_layout(layout)
+    check_layout(layout)
     w = pattern_options("sta", window=window)["window"]
     return _build("sta", layout.tile_grid, w, str(layout.device))
 
@@ -252,7 +256,7 @@ def kept_fraction(idx: torch.Tensor, cnt: torch.Tensor, n_tiles: int) -> float:
 def kept_token_fraction(layout: TileLayout, idx: torch.Tensor, cnt: torch.Tensor) -> float:
     """Fraction of (query token, key token) pairs a map [n_tiles, K] keeps on `layout`: the same
     as `kept_fraction` for full tiles, exact for ragged edge tiles (for FLOP accounting)."""
-    _check_layout(layout)
+    check_layout(layout)
     _check_map(idx, cnt)
     if idx.dim() != 2 or idx.shape[0] != layout.n_tiles:
         raise ValueError(f"expected a map [n_tiles={layout.n_tiles}, K], got {tuple(idx.shape)}")

@@ -96,14 +96,14 @@ def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: floa
         sparsity = cfg.sparsity if sparsity is None else sparsity
         check_sparsity(sparsity, topk)
         tile_volume = math.prod(cfg.tile)
-        n_tiles = math.prod(math.ceil(g / t) for g, t in zip(grid, cfg.tile, strict=True))
+        n_tiles = TileLayout(grid, cfg.tile, order=cfg.tile_order).n_tiles
         k = resolve_topk(n_tiles, topk=topk) if topk is not None else resolve_topk(
             n_tiles, sparsity=sparsity)
         kv_tokens = k * tile_volume
         coarse = 4 * (L / tile_volume) ** 2 * w
     elif cfg.attention in STATIC_PATTERNS:
         # Static maps: the kept fraction of real (query, key) token pairs of the tile map.
-        layout = TileLayout(grid, cfg.tile)
+        layout = TileLayout(grid, cfg.tile, order=cfg.tile_order)
         options = {k: v for k, v in cfg.attention_options.items() if k != "impl"}
         kept = patterns.kept_token_fraction(layout, *patterns.build_map(cfg.attention, layout, **options))
         kv_tokens, coarse = kept * L, 0.0
