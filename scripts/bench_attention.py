@@ -29,11 +29,13 @@ from vsa.ops import coarse_stage, transpose_block_lists
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 SHAPES = [
-    # name, B, H, grid (T, H, W), D
-    ("1x12x32768x128", 1, 12, (8, 64, 64), 128),
-    ("1x24x65536x128", 1, 24, (16, 64, 64), 128),
-    ("2x16x16384x64", 2, 16, (16, 32, 32), 64),
-    ("ragged 21x30x52 (32760) H12 D128", 1, 12, (21, 30, 52), 128),
+    # name, B, H, grid (T, H, W), D, tile order
+    ("1x12x32768x128", 1, 12, (8, 64, 64), 128, "cubes"),
+    ("1x24x65536x128", 1, 24, (16, 64, 64), 128, "cubes"),
+    ("2x16x16384x64", 2, 16, (16, 32, 32), 64, "cubes"),
+    ("ragged 21x30x52 (32760) H12 D128", 1, 12, (21, 30, 52), 128, "cubes"),
+    # the same grid in full 64-token Z-order groups (512 instead of 624 tiles; vsa.layout)
+    ("ragged 21x30x52, Z-order groups", 1, 12, (21, 30, 52), 128, "curve"),
 ]
 
 
@@ -73,10 +75,10 @@ def flex_runner(idx_pairs, S, B, H):
     return run
 
 
-def accuracy_row(name, grid, D, sparsity, dev) -> dict:
+def accuracy_row(name, grid, D, sparsity, dev, order="cubes") -> dict:
     """bf16 fine stage (with VSA's own selection) vs the float64 reference at a benchmark shape,
     B=1, H=1: forward and all gradients, outputs poisoned with NaN before the launch."""
-    layout = TileLayout(grid, device=dev)
+    layout = TileLayout(grid, device=dev, order=order)
     n = layout.n_tiles
     K = max(1, min(n, math.ceil((1 - sparsity) * n)))
     q, k, v = (torch.randn(1, layout.seq_len, 1, D, device=dev).bfloat16() for _ in range(3))
@@ -96,11 +98,11 @@ def accuracy_row(name, grid, D, sparsity, dev) -> dict:
     return row
 
 
-def profile_vsa(B, H, grid, D, sparsity, dev) -> None:
+def profile_vsa(B, H, grid, D, order, sparsity, dev) -> None:
     """Kernel-level breakdown of one VSA forward+backward (after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    layout = TileLayout(grid, device=dev)
+    layout = TileLayout(grid, device=dev, order=order)
     q, k, v = (torch.randn(B, layout.seq_len, H, D, device=dev, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
     g = torch.randn_like(q)
@@ -170,11 +172,11 @@ def main():
     rows = []
     if args.profile:
         profile_vsa(*shapes[0][1:], args.sparsity, dev)
-    for name, B, H, grid, D in shapes:
+    for name, B, H, grid, D, order in shapes:
         if not args.no_check:
-            rows.append(accuracy_row(name, grid, D, args.sparsity, dev))
+            rows.append(accuracy_row(name, grid, D, args.sparsity, dev, order))
             torch.cuda.empty_cache()
-        layout = TileLayout(grid, device=dev)
+        layout = TileLayout(grid, device=dev, order=order)
         S, n = layout.seq_len, layout.n_tiles
         K = max(1, min(n, math.ceil((1 - args.sparsity) * n)))
         kept = K / n
@@ -200,7 +202,8 @@ def main():
             lambda q, k, v: video_sparse_attention(q, k, v, layout, topk=K), kept)
         base = {}
         for mname, (fn, frac) in methods.items():
-            row = dict(shape=name, B=B, H=H, S=S, D=D, grid=list(grid), n_tiles=n, topk=K, method=mname,
+            row = dict(shape=name, B=B, H=H, S=S, D=D, grid=list(grid), tile_order=order, n_tiles=n, topk=K,
+                       method=mname,
                        kept_fraction=frac)
             try:
                 with torch.no_grad():
