@@ -62,9 +62,10 @@ def test_fine_stage_bf16(grid, B, H, D, scale):
     assert max(errs) < BF16_TOL
 
 
-@pytest.mark.parametrize("grid,D,scale", [((8, 16, 16), 64, 1.0), ((5, 14, 18), 128, 8.0)])
-def test_vsa_bf16(grid, D, scale):
-    layout = TileLayout(grid, device="cuda")
+@pytest.mark.parametrize("grid,D,scale,order", [((8, 16, 16), 64, 1.0, "cubes"), ((5, 14, 18), 128, 8.0, "cubes"),
+                                                ((5, 14, 18), 64, 4.0, "curve")])
+def test_vsa_bf16(grid, D, scale, order):
+    layout = TileLayout(grid, device="cuda", order=order)
     q, k, v = inputs(2, layout.seq_len, 2, D, scale, seed=D)
     gates = [torch.randn_like(q) for _ in range(2)]
     do = torch.randn_like(q)

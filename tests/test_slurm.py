@@ -248,3 +248,28 @@ def test_sbatch_script_runs_ddp_through_srun_and_requeues_itself(slurm_cluster, 
     launches = csv_rows(run_dir, "train/loss")
     assert len(launches) == 2 and STEPS - 1 in launches[1] and math.isfinite(launches[1][STEPS - 1])
     assert final_state(run_dir)["global_step"] == STEPS
+
+
+def test_scaling_sweep_runs_as_a_slurm_job_array(slurm_cluster, tmp_path):
+    """`python train.py -m sweep=... hydra/launcher=slurm`: the scaling harness on SLURM, one job
+    per point (full and vsa here), each writing its result row; a relaunch skips both."""
+    env = job_env(slurm_cluster)
+    launcher = [a for a in LAUNCHER if not a.startswith("hydra.sweep.subdir")]
+    command = [sys.executable, str(REPO / "train.py"), "-m", "sweep=scaling_tiny", *launcher,
+               "scaling.presets=[0.6m]", "scaling.budgets=[2e10]"]
+    try:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except BaseException:
+        slurm_cluster.cancel_all()
+        raise
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    folder = tmp_path / "logs" / "train" / "multiruns" / "scaling_tiny"
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*/result.json"))]
+    assert sorted(r["attention"] for r in rows) == ["full", "vsa"]
+    for row in rows:
+        assert row["sweep"] == "scaling_tiny" and row["steps"] >= 1 and math.isfinite(row["val_loss"])
+    assert len(list((folder / ".submitit").glob("*_[01]"))) == 2  # one array, tasks 0 and 1
+    written = {p: p.read_text() for p in folder.glob("*/result.json")}
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    assert all(p.read_text() == text for p, text in written.items())  # finished points: skipped
