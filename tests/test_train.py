@@ -266,3 +266,15 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert "model: sparsity must lie in [0, 1) (0 = dense), got -0.1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_throughput_is_read_on_logged_steps_only(tmp_path):
+    """TrainingSpeed reads the clock (a CUDA sync on GPUs) only on the steps Lightning logs: with
+    log_every_n_steps=3 the perf metrics appear on exactly those steps, with positive rates."""
+    run_train(tmp_path, "speed", ["experiment=tiny", "trainer.max_steps=12", "trainer.log_every_n_steps=3",
+                                  "trainer.val_check_interval=12", "callbacks.sample_videos=null",
+                                  "trainer.enable_progress_bar=false"])
+    losses = csv_column(tmp_path / "speed", "train/loss")
+    tokens = csv_column(tmp_path / "speed", "perf/tokens_per_sec")
+    assert sorted(losses) == [2, 5, 8, 11]
+    assert tokens and set(tokens) <= set(losses) and all(v > 0 for v in tokens.values())

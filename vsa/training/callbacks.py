@@ -59,12 +59,24 @@ class SparsitySchedule(Callback):
         self._apply(trainer, pl_module)
 
 
+def _is_log_step(trainer: L.Trainer, batches: int) -> bool:
+    """Whether Lightning writes this training step's logged values (the rule it applies right
+    after on_train_batch_end; a private attribute, so fall back to counting batches)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "should_update_logs"):
+        return bool(connector.should_update_logs)
+    return trainer.log_every_n_steps > 0 and batches % trainer.log_every_n_steps == 0
+
+
 class TrainingSpeed(Callback):
     """Logs throughput and MFU of training steps, from Lightning's `Throughput` over a window.
 
     Reads `flops_per_batch`, `tokens_per_batch` and `samples_per_batch` from the LightningModule
-    (set in its training_step from the analytic FLOP counter). Time is wall-clock between the ends
-    of consecutive training batches (data loading included), validation and sampling excluded.
+    (set in its training_step from the analytic FLOP counter). Time is wall-clock over training
+    batches (data loading included), validation and sampling excluded. The clock is read (after a
+    CUDA synchronize) only on the steps Lightning logs (`log_every_n_steps`) and before
+    validation, so the callback adds no per-step host sync; rates cover the last `window_size`
+    such readings.
 
     Logged (per device; `perf/global_*` too when there is more than one device):
         perf/step_time, perf/samples_per_sec, perf/tokens_per_sec, perf/tflops_per_sec, perf/mfu,
@@ -73,7 +85,8 @@ class TrainingSpeed(Callback):
     Args:
         peak_flops: the device's peak FLOP/s for MFU; default H100 SXM dense bf16 (989.4e12).
             None: Lightning's table for the detected device and precision (None on CPU: no MFU).
-        window_size: number of steps the rates are averaged over (reported once the window is full).
+        window_size: number of clock readings the rates are averaged over (reported once the
+            window is full; a reading every `log_every_n_steps` steps).
     """
 
     def __init__(self, peak_flops: float | None = 989.4e12, window_size: int = 10) -> None:
@@ -94,6 +107,7 @@ class TrainingSpeed(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._throughput.reset()
         self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
+        self._pending, self._flops = 0, 0.0  # batches and FLOPs since the last clock reading
         self._last = self._now(trainer)
 
     @staticmethod
@@ -102,16 +116,27 @@ class TrainingSpeed(Callback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def _read_clock(self, trainer: L.Trainer) -> bool:
+        """Account the batches since the last reading; False when there were none."""
+        if not self._pending:
+            return False
         now = self._now(trainer)
         self._elapsed += now - self._last
         self._last = now
+        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens, flops=self._flops if self._flops else None)
+        self._pending, self._flops = 0, 0.0
+        return True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
         self._batches += 1
+        self._pending += 1
         self._samples += pl_module.samples_per_batch
         self._tokens += pl_module.tokens_per_batch
-        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
-                                lengths=self._tokens, flops=pl_module.flops_per_batch)
+        self._flops += pl_module.flops_per_batch or 0.0
+        if not _is_log_step(trainer, self._batches) or not self._read_clock(trainer):
+            return
         metrics = self._throughput.compute()
         names = {"device/samples_per_sec": "perf/samples_per_sec",
                  "device/items_per_sec": "perf/tokens_per_sec",
@@ -127,6 +152,10 @@ class TrainingSpeed(Callback):
             logged["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if logged:
             pl_module.log_dict(logged, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._throughput is not None and hasattr(self, "_last"):
+            self._read_clock(trainer)  # the batches since the last reading end here
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._throughput is not None and hasattr(self, "_last"):
