@@ -7,9 +7,11 @@
 - Optimiser: AdamW; weight decay only on the weights of linear layers (not on biases, norms,
   embeddings or the adaLN offsets). Learning rate: linear warm-up, then constant or cosine decay
   (`WarmupSchedule`). Gradient clipping and mixed precision are the trainer's job.
-- Randomness: the global RNG is re-seeded before every training batch from (seed, step,
-  micro-batch, rank), so noise, timesteps and condition dropout of a step do not depend on what ran
-  before it: a resumed run draws exactly what an uninterrupted one would.
+- Randomness: noise, timesteps and condition dropout are drawn per sample from a seed of (seed,
+  step, micro-batch, the sample's position in the global batch) (`sample_draws`), so a step does
+  not depend on what ran before it (a resumed run draws exactly what an uninterrupted one would)
+  nor on the number of GPUs (1 GPU with batch B and N ranks with B/N draw the same). The global
+  RNG is also re-seeded before every batch from (seed, step, micro-batch, rank).
 - Validation: the fixed protocol of `vsa.diffusion.validation` (fixed t grid, seeded noise),
   logged as `val/loss`, weighted by batch size.
 - `flops_per_batch` / `tokens_per_batch` / `samples_per_batch` are updated every training step
