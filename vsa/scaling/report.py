@@ -382,6 +382,15 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> list[Path]:
     import matplotlib
 
@@ -412,10 +421,7 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
     ax.set_title("Loss vs compute, lower envelope per attention type")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    written.append(out / "loss_vs_flops.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, out / "loss_vs_flops.png"))
 
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, label in zip(axes[0], groups, strict=True):
@@ -434,10 +440,7 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
         ax.set_title(f"IsoFLOP: {label}")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    written.append(out / "isoflop.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, out / "isoflop.png"))
 
     if summary["multipliers"]:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -459,10 +462,7 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
         ax.set_title("Compute multiplier over full attention at equal loss")
         ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        written.append(out / "multiplier.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "multiplier.png"))
     return written
 
 
