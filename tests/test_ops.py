@@ -108,6 +108,28 @@ def test_block_sparse_matches_reference(case, impl, kernel_device):
         (q, k, v), grad_out, torch.float32, device, "qkv")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (on a GPU the autotuner picks)")
+@pytest.mark.parametrize("units", [1, 2])
+@pytest.mark.parametrize("case", [FINE_CASES[3], FINE_CASES[0], FINE_CASES[5]], ids=["even", "ragged", "chunked"])
+def test_units_per_step(case, units, monkeypatch):
+    """Both loop shapes of the kernels (one tile chunk per step, two per step with a partial last
+    step when the count is odd) against the reference."""
+    import vsa.ops.block_sparse as bs
+
+    monkeypatch.setattr(bs, "INTERPRETER_UNITS", units)
+    grid, _, tile, B, H, D, K, scale = case
+    gen = torch.Generator().manual_seed(units)
+    layout = TileLayout(grid, tile)
+    q, k, v = make_qkv(B, layout.seq_len, layout.seq_len, H, D, scale, gen)
+    K = min(K + 1, layout.n_tiles)  # random counts in [1, K]: odd and even
+    idx, cnt = random_lists(B, H, layout.n_tiles, layout.n_tiles, K, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    check_against_reference(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx, cnt, impl="triton"),
+        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
+        (q, k, v), grad_out, torch.float32, "cpu", "qkv")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_block_sparse_low_precision(dtype, kernel_device):
     layout = TileLayout((5, 6, 7))

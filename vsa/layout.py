@@ -155,6 +155,14 @@ class TileLayout:
             return self.seq_len % self.tile_volume != 0
         return any(g % t for g, t in zip(self.grid, self.tile))
 
+    @property
+    def fill(self) -> int:
+        """How tiles fill the kernels' blocks: 2 (FULL) every tile holds the tile's volume, 1
+        (FULL_BUT_LAST) all but the last (Z-order groups), 0 (RAGGED) anything else."""
+        if not self.is_ragged:
+            return 2
+        return 1 if self.order == "curve" else 0
+
     def to(self, device: torch.device | str) -> TileLayout:
         """The same layout with its index tensors on `device` (cached)."""
         if _normalize(device) == self.device:

@@ -59,7 +59,7 @@ class _KeySegments:
 
     offsets: torch.Tensor  # int32 [n_segments + 1]
     max_tile_size: int
-    is_ragged: bool
+    fill: int  # TileLayout.fill: 2 when every segment has max_tile_size tokens, else 0 (ragged)
 
 
 class SparseAttentionCore:
@@ -139,7 +139,7 @@ class SparseAttentionCore:
             offsets = torch.cat([text_off, n_text + layout.offsets[1:].cpu().long()]).to(torch.int32)
             sizes = offsets[1:] - offsets[:-1]
             segments = _KeySegments(offsets.to(layout.device), int(sizes.max()),
-                                    bool((sizes != sizes.max()).any()))
+                                    0 if bool((sizes != sizes.max()).any()) else 2)
             return segments, n_chunks
 
         return self._cached(("segments", n_text, layout.grid, str(layout.device)), build)

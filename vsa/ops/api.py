@@ -33,16 +33,16 @@ from vsa.ops.video_sparse import video_sparse_attention_triton
 @torch.library.custom_op("vsa::block_sparse_attention_fwd", mutates_args=())
 def _bsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
              kv_offsets: torch.Tensor, q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor,
-             max_q_tile: int, max_kv_tile: int, q_uniform: bool,
-             kv_uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             max_q_tile: int, max_kv_tile: int, q_fill: int,
+             kv_fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse, _ = bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                            max_kv_tile, q_uniform, kv_uniform)
+                            max_kv_tile, q_fill, kv_fill)
     return o, lse
 
 
 @_bsa_fwd.register_fake
-def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile, q_uniform,
-      kv_uniform):
+def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile, q_fill,
+      kv_fill):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -51,14 +51,14 @@ def _(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
 def _bsa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor,
              q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, max_q_tile: int, max_kv_tile: int,
-             q_uniform: bool, kv_uniform: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             q_fill: int, kv_fill: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                        max_kv_tile, q_uniform, kv_uniform)
+                        max_kv_tile, q_fill, kv_fill)
 
 
 @_bsa_bwd.register_fake
 def _(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
-      q_uniform, kv_uniform):
+      q_fill, kv_fill):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
@@ -155,7 +155,7 @@ def _fine(q, k, v, layout, kv_layout, q2k_idx, q2k_cnt, use_triton: bool):
     args = (layout.offsets, kv_layout.offsets, q2k_idx, q2k_cnt, layout.max_tile_size,
             kv_layout.max_tile_size)
     if use_triton:
-        return _bsa_fwd(q, k, v, *args, not layout.is_ragged, not kv_layout.is_ragged)[0]
+        return _bsa_fwd(q, k, v, *args, layout.fill, kv_layout.fill)[0]
     return block_sparse_attention_torch(q, k, v, *args)
 
 

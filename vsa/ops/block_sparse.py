@@ -45,14 +45,27 @@ def interpreting() -> bool:
 
 
 def _configs() -> list:
-    """Warps x pipeline depth to try on a GPU; the interpreter runs exactly one config."""
-    if interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
+    chosen by the launch wrapper)."""
+    return [triton.Config({"UNITS": u}, num_warps=w, num_stages=s)
+            for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)]  # UNITS: 1 or 2 (_unit_rows)
+
+
+def _tuned(kernel):
+    """Autotuned on a GPU; in the interpreter, launched directly with `_interpreter_options()`."""
+    return kernel if interpreting() else triton.autotune(configs=_configs(), key=_TUNE_KEY)(kernel)
+
+
+# Units (tile chunks) per loop step in the interpreter; tests set 1 or 2 to cover both paths.
+INTERPRETER_UNITS = 2
+
+
+def _interpreter_options() -> dict:
+    return dict(UNITS=INTERPRETER_UNITS, num_warps=4, num_stages=1) if interpreting() else {}
 
 
 # Tuned once per head dim, block shape and tile chunking (and, implicitly, dtype).
-_TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N"]
+_TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N", "TAIL_M", "TAIL_N"]
 
 
 @triton.jit
@@ -68,7 +81,69 @@ def _load_rows(base, offs, stride, offs_d, mask, EVEN: tl.constexpr, UPCAST: tl.
     return x
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.jit
+def _unit_rows(LIST, OFF, step, n_units, UNITS: tl.constexpr, BLOCK: tl.constexpr,
+               CHUNKS: tl.constexpr):
+    """Rows of loop step `step` over a tile list: UNITS (1 or 2) consecutive units, a unit being one
+    BLOCK-row chunk of a listed tile (unit u = chunk u % CHUNKS of tile LIST[u // CHUNKS]).
+    Returns the token rows [UNITS * BLOCK] and their mask (past the list, past a ragged tile).
+    Scalar loads per unit: a per-row gather of the list costs ~10% of the whole kernel."""
+    u0 = step * UNITS
+    t0 = tl.load(LIST + u0 // CHUNKS)
+    lo0 = tl.load(OFF + t0) + (u0 % CHUNKS) * BLOCK
+    hi0 = tl.load(OFF + t0 + 1)
+    if UNITS == 1:
+        rows = lo0 + tl.arange(0, BLOCK)
+        mask = rows < hi0
+    else:
+        u1 = u0 + 1
+        has_u1 = u1 < n_units
+        t1 = tl.load(LIST + u1 // CHUNKS, mask=has_u1, other=0)
+        lo1 = tl.load(OFF + t1) + (u1 % CHUNKS) * BLOCK
+        hi1 = tl.where(has_u1, tl.load(OFF + t1 + 1), lo1)  # no second unit: an empty one
+        r = tl.arange(0, 2 * BLOCK)
+        first = r < BLOCK
+        rows = tl.where(first, lo0 + r, lo1 + (r - BLOCK))
+        mask = rows < tl.where(first, hi0, hi1)
+    return rows, mask
+
+
+@triton.jit
+def _plain_units(LIST, OFF, n_sel, CHUNKS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
+                 TAIL: tl.constexpr):
+    """How many leading units of a list need no row mask: all of them when every tile fills its
+    chunks (EVEN); all but the last listed tile's when only the layout's last tile may be short
+    and the list ascends (TAIL: the short tile can only come last); none otherwise."""
+    if EVEN:
+        n_plain = n_sel * CHUNKS
+    elif TAIL:
+        last = tl.load(LIST + n_sel - 1, mask=n_sel > 0, other=0)
+        short = (tl.load(OFF + last + 1) - tl.load(OFF + last)) < CHUNKS * BLOCK
+        n_plain = n_sel * CHUNKS - tl.where(short & (n_sel > 0), CHUNKS, 0)
+    else:
+        n_plain = n_sel * 0
+    return n_plain
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+              EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over key rows `rows` (masked unless EVEN)."""
+    k = _load_rows(K, rows, sk_s, offs_d, mask, EVEN, UPCAST)
+    v = _load_rows(V, rows, sv_s, offs_d, mask, EVEN, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if not EVEN:
+        s = tl.where(mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A step with every key masked (past a ragged tile's end) must keep the arithmetic finite.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, OUT, OC, GC, GF,
@@ -77,8 +152,8 @@ def _fwd_kernel(
     H, NQ, SQ, KMAX, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr, UNITS: tl.constexpr,
 ):
     """O = softmax over the listed key tiles. With COMBINE (the whole VSA), also
     OUT = O * G_f + O_c[tile] * G_c, where O_c is the fp32 coarse output per tile [B, NQ, H, D]
@@ -95,32 +170,26 @@ def _fwd_kernel(
     m_mask = offs_m < q_hi
     offs_d = tl.arange(0, HEAD_D)
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    list_base = (pid_bh * NQ + qt) * KMAX
+    LIST = IDX + (pid_bh * NQ + qt) * KMAX
+    # Each step takes UNITS (selected key tile, BLOCK_N chunk) units: UNITS * BLOCK_N keys. Steps
+    # of full units run without masks; the rest (a short tile, a partial last step) with.
     n_sel = tl.load(CNT + pid_bh * NQ + qt)
-    # One step per (selected key tile, BLOCK_N chunk of it).
-    for j in range(0, n_sel * N_CHUNKS):
-        kt = tl.load(IDX + list_base + j // N_CHUNKS)
-        k_lo = tl.load(KV_OFF + kt) + (j % N_CHUNKS) * BLOCK_N
-        k_hi = tl.load(KV_OFF + kt + 1)
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_hi
-        k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
-        v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if not EVEN_N:
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A chunk past a ragged tile's end is fully masked; keep the arithmetic finite.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    n_units = n_sel * N_CHUNKS
+    n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
+    for step in range(0, n_plain):
+        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+                                  True, UPCAST, DOT_PREC)
+    for step in range(n_plain, tl.cdiv(n_units, UNITS)):
+        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+                                  False, UPCAST, DOT_PREC)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -138,7 +207,24 @@ def _fwd_kernel(
         tl.store(OUT + o_rows, (acc + o_c).to(OUT.dtype.element_ty), mask=m_mask[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+_fwd_kernel = _tuned(_fwd_kernel)
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+             EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ += dS K over key rows `rows` (masked unless EVEN)."""
+    k = _load_rows(K, rows, sk_s, offs_d, mask, EVEN, UPCAST)
+    v = _load_rows(V, rows, sv_s, offs_d, mask, EVEN, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if not EVEN:
+        p = tl.where(mask[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, BIAS,
@@ -147,7 +233,8 @@ def _dq_kernel(
     H, NQ, SQ, KMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UNITS: tl.constexpr,
 ):
     """dQ over the q->k lists. HAS_BIAS adds a per-tile vector BIAS[b, tile, h] (fp32, contiguous
     [B, NQ, H, D]) to every row of the tile: the gradient that reaches q through the tile means."""
@@ -166,25 +253,22 @@ def _dq_kernel(
     stat = pid_bh.to(tl.int64) * SQ + offs_m
     lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
 
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    list_base = (pid_bh * NQ + qt) * KMAX
+    LIST = IDX + (pid_bh * NQ + qt) * KMAX
     n_sel = tl.load(CNT + pid_bh * NQ + qt)
-    for j in range(0, n_sel * N_CHUNKS):
-        kt = tl.load(IDX + list_base + j // N_CHUNKS)
-        k_lo = tl.load(KV_OFF + kt) + (j % N_CHUNKS) * BLOCK_N
-        k_hi = tl.load(KV_OFF + kt + 1)
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_hi
-        k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
-        v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_mask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    n_units = n_sel * N_CHUNKS
+    n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
+    for step in range(0, n_plain):
+        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
+        dq = _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+                      True, UPCAST, DOT_PREC)
+    for step in range(n_plain, tl.cdiv(n_units, UNITS)):
+        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
+        dq = _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
+                      False, UPCAST, DOT_PREC)
     dq = dq * sm_scale
     if HAS_BIAS:
         dq += tl.load(BIAS + ((b * NQ + qt) * H + h) * HEAD_D + offs_d)[None, :]
@@ -193,7 +277,33 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+_dq_kernel = _tuned(_dq_kernel)
+
+
+@triton.jit
+def _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d, qk_scale,
+              EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK += dS^T Q and dV += P^T dO over query rows `rows` (masked unless EVEN); LSE and DELTA
+    point at this head's row statistics."""
+    q = _load_rows(Q, rows, sq_s, offs_d, mask, EVEN, UPCAST)
+    do = _load_rows(DO, rows, sd_s, offs_d, mask, EVEN, UPCAST)
+    if EVEN:
+        lse = tl.load(LSE + rows)
+        delta = tl.load(DELTA + rows)
+    else:
+        lse = tl.load(LSE + rows, mask=mask, other=0.0)
+        delta = tl.load(DELTA + rows, mask=mask, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, rows]
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if not EVEN:
+        p_t = tl.where(mask[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
 @triton.jit
 def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, BIAS_K, BIAS_V,
@@ -202,7 +312,8 @@ def _dkv_kernel(
     H, NK, SQ, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UNITS: tl.constexpr,
 ):
     """dK, dV over the transposed k->q lists; HAS_BIAS as in _dq_kernel (BIAS_K, BIAS_V: [B, NK, H, D])."""
     pid_n = tl.program_id(0)
@@ -218,32 +329,28 @@ def _dkv_kernel(
     offs_d = tl.arange(0, HEAD_D)
     k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
     v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
+    Q += b * sq_b + h * sq_h
+    DO += b * sd_b + h * sd_h
+    LSE += pid_bh.to(tl.int64) * SQ
+    DELTA += pid_bh.to(tl.int64) * SQ
 
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    # This key tile's list: KIDX[KSTART[g] : KSTART[g + 1]] with g = b*h*NK + kt (CSR layout).
+    # This key tile's list: KIDX[KSTART[g] : KSTART[g + 1]] with g = b*h*NK + kt (CSR layout),
+    # walked in q order (ascending), UNITS (query tile, BLOCK_M chunk) units per step.
     list_base = tl.load(KSTART + pid_bh * NK + kt)
+    LIST = KIDX + list_base
     n_sel = tl.load(KSTART + pid_bh * NK + kt + 1) - list_base
-    # One step per (query tile that selected this key tile, BLOCK_M chunk of it), in q order.
-    for j in range(0, n_sel * M_CHUNKS):
-        qt = tl.load(KIDX + list_base + j // M_CHUNKS)
-        q_lo = tl.load(Q_OFF + qt) + (j % M_CHUNKS) * BLOCK_M
-        q_hi = tl.load(Q_OFF + qt + 1)
-        offs_m = q_lo + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < q_hi
-        q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
-        do = _load_rows(DO + b * sd_b + h * sd_h, offs_m, sd_s, offs_d, m_mask, EVEN_M, UPCAST)
-        stat = pid_bh.to(tl.int64) * SQ + offs_m
-        lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        if not EVEN_M:
-            p_t = tl.where(m_mask[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    n_units = n_sel * M_CHUNKS
+    n_plain = _plain_units(LIST, Q_OFF, n_sel, M_CHUNKS, BLOCK_M, EVEN_M, TAIL_M) // UNITS
+    for step in range(0, n_plain):
+        rows, mask = _unit_rows(LIST, Q_OFF, step, n_units, UNITS, BLOCK_M, M_CHUNKS)
+        dk, dv = _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d,
+                           qk_scale, True, UPCAST, DOT_PREC)
+    for step in range(n_plain, tl.cdiv(n_units, UNITS)):
+        rows, mask = _unit_rows(LIST, Q_OFF, step, n_units, UNITS, BLOCK_M, M_CHUNKS)
+        dk, dv = _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d,
+                           qk_scale, False, UPCAST, DOT_PREC)
     dk = dk * sm_scale
     if HAS_BIAS:
         tile_row = ((b * NK + kt) * H + h) * HEAD_D + offs_d
@@ -253,6 +360,9 @@ def _dkv_kernel(
     g_ptr = b * sg_b + h * sg_h + offs_n[:, None] * sg_s + offs_d[None, :]
     tl.store(DK + g_ptr, dk.to(DK.dtype.element_ty), mask=n_mask[:, None])
     tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
+
+
+_dkv_kernel = _tuned(_dkv_kernel)
 
 
 @triton.jit
@@ -282,27 +392,38 @@ def _block(max_tile: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max_tile)))
 
 
-def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, q_uniform: bool,
-                kv_uniform: bool) -> dict:
+# How the tiles of a layout fill their blocks (`TileLayout.fill`).
+RAGGED, FULL_BUT_LAST, FULL = 0, 1, 2
+
+
+def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, q_fill: int, kv_fill: int,
+                kv_lists_sorted: bool) -> dict:
     """Compile-time options. The interpreter upcasts bf16 (its bf16 arithmetic is wrong); fp32
-    inputs get exact fp32 dots (not tf32); EVEN_* drop the row masks when every tile fills its
-    blocks exactly (no ragged tiles)."""
+    inputs get exact fp32 dots (not tf32). EVEN_* drop the row masks when every tile fills its
+    blocks exactly; TAIL_* drop them for all but the last tile when only the last tile may be short
+    (Z-order groups) and the walked lists ascend (the k->q lists always do; the q->k lists when
+    `kv_lists_sorted`), so the short tile can only come last."""
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
+    m_fits, n_fits = max_q_tile % block_m == 0, max_kv_tile % block_n == 0
     return dict(
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        EVEN_M=q_uniform and max_q_tile % block_m == 0,
-        EVEN_N=kv_uniform and max_kv_tile % block_n == 0,
+        EVEN_M=q_fill == FULL and m_fits,
+        EVEN_N=kv_fill == FULL and n_fits,
+        TAIL_M=q_fill == FULL_BUT_LAST and m_fits,
+        TAIL_N=kv_fill == FULL_BUT_LAST and n_fits and kv_lists_sorted,
     )
 
 
 
 
 def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
-                q_uniform=False, kv_uniform=False, o_c=None, gate_c=None, gate_f=None):
+                q_fill=RAGGED, kv_fill=RAGGED, lists_sorted=False, o_c=None, gate_c=None, gate_f=None):
     """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype), LSE2 [B, H, Sq] fp32 and
     OUT: O itself, or with `o_c` (fp32 [B, n_q_tiles, H, D]) the gated combine
-    O * gate_f + o_c[tile] * gate_c (gates None = 1, else contiguous [B, Sq, H, D])."""
+    O * gate_f + o_c[tile] * gate_c (gates None = 1, else contiguous [B, Sq, H, D]).
+    `q_fill`/`kv_fill`: RAGGED, FULL_BUT_LAST or FULL (`TileLayout.fill`); `lists_sorted`: every
+    q->k list ascends (lets FULL_BUT_LAST key layouts skip masks, see `_launch_cfg`)."""
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
@@ -321,7 +442,7 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
         N_CHUNKS=math.ceil(max_kv_tile / block_n),
         COMBINE=combine, HAS_GC=gate_c is not None, HAS_GF=gate_f is not None,
-        **_launch_cfg(q, max_q_tile, max_kv_tile, q_uniform, kv_uniform),
+        **_launch_cfg(q, max_q_tile, max_kv_tile, q_fill, kv_fill, lists_sorted), **_interpreter_options(),
     )
     return o, lse, out
 
@@ -369,24 +490,27 @@ def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_til
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                 max_kv_tile, q_uniform=False, kv_uniform=False, bias=None):
+                 max_kv_tile, q_fill=RAGGED, kv_fill=RAGGED, lists_sorted=False, bias=None, delta=None):
     """Launch the backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D].
 
+    `q_fill`, `kv_fill`, `lists_sorted`: as in `bsa_forward`.
     `bias`: None or per-tile fp32 gradients (for q, k, v; each contiguous [B, n_tiles, H, D]) added
-    to every token of the tile, e.g. what reaches q, k, v through VSA's tile means."""
+    to every token of the tile, e.g. what reaches q, k, v through VSA's tile means.
+    `delta`: None, or rowsum(dO * O) already computed by the caller (fp32 contiguous [B, H, Sq])."""
     B, Sq, H, D = q.shape
     Skv = k.shape[1]
     n_q, n_kv = q_offsets.numel() - 1, kv_offsets.numel() - 1
     do = do.contiguous()
-    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, Sq, HEAD_D=D, BLOCK=64,
-    )
+    if delta is None:
+        delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
+            o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+            do.stride(2), H, Sq, HEAD_D=D, BLOCK=64,
+        )
     block_m, block_n = _block(max_q_tile), _block(max_kv_tile)
     m_split, n_split = math.ceil(max_q_tile / block_m), math.ceil(max_kv_tile / block_n)
     scale = D ** -0.5
-    cfg = _launch_cfg(q, max_q_tile, max_kv_tile, q_uniform, kv_uniform)
+    cfg = _launch_cfg(q, max_q_tile, max_kv_tile, q_fill, kv_fill, lists_sorted)
     dq = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Skv, H, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Skv, H, D), device=q.device, dtype=v.dtype)
@@ -399,13 +523,13 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
         q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
         *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
-        HAS_BIAS=has_bias, **cfg,
+        HAS_BIAS=has_bias, **cfg, **_interpreter_options(),
     )
     k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     _dkv_kernel[(n_kv * n_split, B * H)](
         q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_start,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
-        HAS_BIAS=has_bias, **cfg,
+        HAS_BIAS=has_bias, **cfg, **_interpreter_options(),
     )
     return dq, dk, dv

@@ -4,13 +4,15 @@ Forward: tile means of q, k, v (Triton, fp32) -> coarse attention among them and
 tiles per query tile (small torch ops on [B, H, n_tiles, n_tiles]) -> the fine-stage kernel, whose
 epilogue also writes OUT = O_f * G_f + O_c[tile] * G_c (no separate broadcast or combine pass).
 
-Backward: dO_f = dO * G_f and the per-tile coarse gradient sum_tile(dO * G_c) -> the coarse
-attention's backward (small, fp32) gives the gradients of the tile means, which the fine-stage
-backward kernels add to every token of the tile while storing dQ, dK, dV. Gate gradients are
-dO * O_f and dO * O_c[tile]. Selection gets no gradient.
+Backward: one pass over dO (glue.py) gives dO_f = dO * G_f, the fine stage's row correction
+rowsum(dO_f * O_f), the per-tile coarse gradient sum_tile(dO * G_c) and the gate gradients
+dO * O_f and dO * O_c[tile] -> the coarse attention's backward (small, fp32) gives the gradients of
+the tile means, which the fine-stage backward kernels add to every token of the tile while storing
+dQ, dK, dV. Selection gets no gradient.
 
 Doing it in one op saves the full-size passes that autograd would add between the pieces (a
-broadcast, the combine, three casts and three gradient sums over [B, S, H, D]).
+broadcast, the combine, three casts and three gradient sums over [B, S, H, D]); fusing the
+backward's elementwise glue into one kernel saves ~6 more.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from vsa.ops.block_sparse import bsa_backward, bsa_forward
 from vsa.ops.coarse import tile_sum
+from vsa.ops.glue import vsa_backward_prep
 
 
 def _coarse_forward(qc, kc, vc, scale: float):
@@ -32,7 +35,7 @@ def _coarse_forward(qc, kc, vc, scale: float):
 @torch.library.custom_op("vsa::video_sparse_attention_fwd", mutates_args=())
 def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Tensor | None,
             gate_f: torch.Tensor | None, offsets: torch.Tensor, tile_ids: torch.Tensor,
-            sizes: torch.Tensor, max_tile: int, uniform: bool,
+            sizes: torch.Tensor, max_tile: int, fill: int,
             topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, the coarse
@@ -43,12 +46,13 @@ def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Ten
     q2k_idx = scores.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
     q2k_cnt = torch.full(q2k_idx.shape[:3], topk, dtype=torch.int32, device=q.device)
     o_f, lse, out = bsa_forward(q, k, v, offsets, offsets, q2k_idx, q2k_cnt, max_tile, max_tile,
-                                uniform, uniform, o_c=o_c.contiguous(), gate_c=gate_c, gate_f=gate_f)
+                                fill, fill, lists_sorted=True, o_c=o_c.contiguous(), gate_c=gate_c,
+                                gate_f=gate_f)
     return out, o_f, lse, qc, kc, vc, probs, q2k_idx
 
 
 @vsa_fwd.register_fake
-def _(q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, topk):
+def _(q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, fill, topk):
     B, S, H, D = q.shape
     n = offsets.shape[0] - 1
     means = [q.new_empty((B, n, H, D), dtype=torch.float32) for _ in range(3)]
@@ -63,20 +67,13 @@ def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             lse: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
             probs: torch.Tensor, q2k_idx: torch.Tensor, offsets: torch.Tensor, tile_ids: torch.Tensor,
             sizes: torch.Tensor, max_tile: int,
-            uniform: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            fill: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv, d gate_c, d gate_f (gate grads are empty tensors for absent gates)."""
-    dout = dout.contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1])
-    # Gated combine.
-    do_f = dout if gate_f is None else dout * gate_f
-    do_c_tok = dout if gate_c is None else dout * gate_c
-    d_oc = tile_sum(do_c_tok.contiguous(), offsets, tile_ids, max_tile, True)  # fp32 [B, n, H, D]
-    d_gate_f = (dout * o_f).to(gate_f.dtype) if gate_f is not None else dout.new_empty(0)
-    if gate_c is not None:
-        o_c = torch.einsum("bhqk,bkhd->bqhd", probs, vc)
-        d_gate_c = (dout * o_c.to(dout.dtype).index_select(1, tile_ids)).to(gate_c.dtype)
-    else:
-        d_gate_c = dout.new_empty(0)
+    # Gated combine, one pass over dO (d_oc: fp32 [B, n, H, D]).
+    o_c = torch.einsum("bhqk,bkhd->bqhd", probs, vc) if gate_c is not None else None
+    do_f, delta, d_oc, d_gate_c, d_gate_f = vsa_backward_prep(dout, o_f, o_c, gate_c, gate_f, offsets,
+                                                              max_tile)
     # Coarse attention backward: dV_c = P^T dO_c; dS = P * (dP - rowsum(dP * P)); dQ_c = dS K_c s.
     d_oc_h = d_oc.permute(0, 2, 1, 3)  # [B, H, n, D]
     d_vc = torch.einsum("bhqk,bhqd->bkhd", probs, d_oc_h)
@@ -88,23 +85,23 @@ def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
     bias = tuple((g * inv_size).contiguous() for g in (d_qc, d_kc, d_vc))
     cnt = torch.full(q2k_idx.shape[:3], q2k_idx.shape[-1], dtype=torch.int32, device=q.device)
-    dq, dk, dv = bsa_backward(do_f.contiguous(), q, k, v, o_f, lse, offsets, offsets, q2k_idx, cnt,
-                              max_tile, max_tile, uniform, uniform, bias=bias)
+    dq, dk, dv = bsa_backward(do_f, q, k, v, o_f, lse, offsets, offsets, q2k_idx, cnt, max_tile,
+                              max_tile, fill, fill, lists_sorted=True, bias=bias, delta=delta)
     return dq, dk, dv, d_gate_c, d_gate_f
 
 
 @vsa_bwd.register_fake
 def _(dout, q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx, offsets, tile_ids, sizes,
-      max_tile, uniform):
+      max_tile, fill):
     gc = gate_c.new_empty(gate_c.shape) if gate_c is not None else dout.new_empty(0)
     gf = gate_f.new_empty(gate_f.shape) if gate_f is not None else dout.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gc, gf
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, uniform, _ = inputs
+    q, k, v, gate_c, gate_f, offsets, tile_ids, sizes, max_tile, fill, _ = inputs
     _, o_f, lse, qc, kc, vc, probs, q2k_idx = output
-    ctx.static = (max_tile, uniform)
+    ctx.static = (max_tile, fill)
     ctx.has_gates = (gate_c is not None, gate_f is not None)
     ctx.save_for_backward(q, k, v, gate_c, gate_f, o_f, lse, qc, kc, vc, probs, q2k_idx, offsets,
                           tile_ids, sizes)
@@ -126,5 +123,5 @@ def video_sparse_attention_triton(q, k, v, layout, topk: int, gate_c=None, gate_
     """The fused op on the Triton path; gates are expanded to q's shape (contiguous) if given."""
     gates = [None if g is None else g.expand(q.shape).contiguous() for g in (gate_c, gate_f)]
     out = vsa_fwd(q, k, v, gates[0], gates[1], layout.offsets, layout.tile_ids, layout.sizes,
-                  layout.max_tile_size, not layout.is_ragged, topk)[0]
+                  layout.max_tile_size, layout.fill, topk)[0]
     return out
