@@ -23,7 +23,8 @@ from vsa.models.presets import PRESETS
 from vsa.sampling.generate import generate
 
 
-def build(attention: str, sparsity: float, in_channels: int, compile_blocks: bool) -> VideoDiT:
+def build(attention: str, sparsity: float, in_channels: int, compile_blocks: bool,
+          compile_mode: str | None = None) -> VideoDiT:
     cfg = DiTConfig(**PRESETS["1.4B"], in_channels=in_channels, num_classes=10, attention=attention,
                     sparsity=sparsity)
     model = VideoDiT(cfg)
@@ -33,7 +34,7 @@ def build(attention: str, sparsity: float, in_channels: int, compile_blocks: boo
                 p.normal_(0, 0.02)
     model = model.cuda().eval()
     if compile_blocks:
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
     return model
 
 
@@ -56,11 +57,12 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.875)
     ap.add_argument("--shape", default="12,32,64,64", help="latent C,T,H,W (32,768 tokens with patch 1x2x2)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     args = ap.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     rows = []
     for attention in ("full", "vsa"):
-        model = build(attention, args.sparsity, shape[0], not args.no_compile)
+        model = build(attention, args.sparsity, shape[0], not args.no_compile, args.compile_mode)
         torch.cuda.reset_peak_memory_stats()
         sec, out = time_sampling(model, shape, args.steps, args.cfg_scale)
         evals = args.steps * (2 if args.cfg_scale != 1.0 else 1)
@@ -76,7 +78,7 @@ def main():
         torch.cuda.empty_cache()
     speedup = rows[0]["seconds"] / rows[1]["seconds"]
     rows.append(dict(method="VSA speedup over full (whole sampling)", speedup=speedup))
-    meta = run_meta(dtype="bf16 autocast", compiled=not args.no_compile)
+    meta = run_meta(dtype="bf16 autocast", compiled=not args.no_compile, compile_mode=args.compile_mode)
     write_results(args.out, meta, rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n\n"
           "| attention | steps | s | ms / model evaluation | peak GB |\n|---|---|---|---|---|")

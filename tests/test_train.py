@@ -259,6 +259,8 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         run_train(tmp_path, "d", ["experiment=tiny", "model.name=7B"])
     with pytest.raises(ConfigError, match=r"missing mandatory value\(s\): init_from"):
         run_train(tmp_path, "e", ["experiment=vsa_finetune"])
+    with pytest.raises(ConfigError, match=r"compile_mode must be one of .*got 'fast'"):
+        run_train(tmp_path, "f", ["experiment=tiny", "module.compile_mode=fast"])
 
     result = subprocess.run([sys.executable, "train.py", "experiment=tiny", "attention.sparsity=-0.1",
                              f"paths.log_dir={tmp_path}"], cwd=REPO, env=SUBPROCESS_ENV,

@@ -168,6 +168,7 @@ class VideoDiT(nn.Module):
         self.sparsity, self.topk = cfg.sparsity, cfg.topk
         self._geometry: dict[tuple, tuple[TileLayout, torch.Tensor, torch.Tensor]] = {}
         self.blocks_compiled = False
+        self.blocks_graphed = False  # compiled with CUDA graphs (mode reduce-overhead / max-autotune)
         self.initialize_weights()
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -239,6 +240,7 @@ class VideoDiT(nn.Module):
         for block in self.blocks:
             block.compile(**options)
         self.blocks_compiled = True
+        self.blocks_graphed = options.get("mode") in ("reduce-overhead", "max-autotune")
 
     @property
     def sparsity(self) -> float | None:
@@ -376,6 +378,10 @@ class VideoDiT(nn.Module):
                 h = checkpoint(block, h, c6, (cos, sin), ctx, text, text_mask, use_reentrant=False)
             else:
                 h = block(h, c6, (cos, sin), ctx, text, text_mask)
+            if self.blocks_graphed and not torch.is_grad_enabled():
+                # All blocks replay one CUDA graph whose output buffer the next block overwrites
+                # while reading it (PyTorch: clone the outputs of a graphed call you keep).
+                h = h.clone()
 
         shift, scale = (self.final_modulation + c[:, None]).unbind(dim=1)
         out = self.final_linear(modulate(self.final_norm(h), shift, scale))

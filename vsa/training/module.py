@@ -41,6 +41,8 @@ from vsa.models import VideoDiT
 from vsa.training.flops import training_flops
 
 CHECKPOINT_KEY = "vsa"
+# torch.compile modes accepted for the blocks (None = torch's default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -104,16 +106,20 @@ class VideoDiffusionModule(L.LightningModule):
         seed: seed of the per-step training randomness.
         compile_blocks: torch.compile every DiT block (VideoDiT.compile_blocks) when the trainer
             starts fitting: fused norms/RoPE/modulation, one graph per block, ~first steps slow.
+        compile_mode: torch.compile mode for the blocks (None = default; "reduce-overhead" adds
+            CUDA graphs, which hide the per-op host time: 400M VSA step 178 -> 165 ms on an H100).
     """
 
     def __init__(self, model: VideoDiT, codec: dict | None = None, data_key: str = "video",
                  latent_shape: Sequence[int] | None = None, fps: int = 8,
                  optimizer: dict | None = None, lr_schedule: dict | None = None,
                  timesteps: dict | None = None, validation: dict | None = None, seed: int = 0,
-                 compile_blocks: bool = False) -> None:
+                 compile_blocks: bool = False, compile_mode: str | None = None) -> None:
         super().__init__()
         if data_key not in ("video", "latents"):
             raise ValueError(f"data_key must be 'video' or 'latents', got {data_key!r}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         self.save_hyperparameters(ignore=["model"], logger=False)
         self.model = model
         self.codec_spec = dict(codec or {"name": "identity"})
@@ -130,6 +136,7 @@ class VideoDiffusionModule(L.LightningModule):
         self.validation = {"n_t": 8, "seed": 0, **(validation or {})}
         self.seed = int(seed)
         self.compile_blocks = bool(compile_blocks)
+        self.compile_mode = compile_mode
         self.flops_per_batch: float | None = None
         self.tokens_per_batch = 0
         self.samples_per_batch = 0
@@ -195,7 +202,7 @@ class VideoDiffusionModule(L.LightningModule):
         # After the callbacks' setup, so the EMA copy (made there) is a plain module; not in
         # configure_model, which the EMA callback calls before copying. Compiles once per model.
         if self.compile_blocks and not self.model.blocks_compiled:
-            self.model.compile_blocks()
+            self.model.compile_blocks(**({"mode": self.compile_mode} if self.compile_mode else {}))
 
     # ---- training ----------------------------------------------------------------------------
 
