@@ -14,6 +14,11 @@ Three kernels, one job each:
                 backward is deterministic (no atomics).
 Scores are computed as (q . k) * (softmax_scale * log2(e)) in fp32 and exponentiated with exp2; K is
 never pre-scaled in low precision.
+
+Each loop step walks UNITS (1 or 2, autotuned) units of its list, a unit being one 64-row chunk of a
+listed tile (`_unit_rows`). Steps over full tiles run without row masks: all of them when every tile
+is full, all but the last tile's when only the layout's last tile is short (Z-order groups) and the
+list ascends (`_plain_units`), none for ragged cubes.
 """
 
 from __future__ import annotations
@@ -79,6 +84,15 @@ def _load_rows(base, offs, stride, offs_d, mask, EVEN: tl.constexpr, UPCAST: tl.
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _tile_program(OFF, H):
+    """For kernels with one program per (tile, b*h): the tile t, pid_bh, b (int64), h and the
+    tile's token range lo:hi."""
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    return t, pid_bh, (pid_bh // H).to(tl.int64), pid_bh % H, tl.load(OFF + t), tl.load(OFF + t + 1)
 
 
 @triton.jit

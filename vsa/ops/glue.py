@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vsa.ops.block_sparse import _load_rows
+from vsa.ops.block_sparse import _load_rows, _tile_program
 
 
 @triton.jit
@@ -33,12 +33,7 @@ def _bwd_prep_kernel(
     DGC = DO * OC[tile] and DOC[tile] = sum over rows of DO * GC. DO, OF, GC, GF, DOF, DGC, DGF are
     contiguous [B, S, H, D] (strides s_*); OC, DOC fp32 contiguous [B, NT, H, D]; DELTA fp32 [B, H, S].
     Products are taken in fp32 and rounded once; DELTA uses DOF as rounded to its stored dtype."""
-    t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    lo = tl.load(OFF + t)
-    hi = tl.load(OFF + t + 1)
+    t, pid_bh, b, h, lo, hi = _tile_program(OFF, H)
     offs_d = tl.arange(0, HEAD_D)
     tile_row = ((b * NT + t) * H + h) * HEAD_D + offs_d
     if HAS_GC:

@@ -1,8 +1,8 @@
 """The whole VSA on the GPU as one custom op with a hand-written backward.
 
-Forward: tile means of q, k, v (Triton, fp32) -> coarse attention among them and the top-K key
-tiles per query tile (small torch ops on [B, H, n_tiles, n_tiles]) -> the fine-stage kernel, whose
-epilogue also writes OUT = O_f * G_f + O_c[tile] * G_c (no separate broadcast or combine pass).
+Forward: tile means of q, k, v (one Triton launch, fp32) -> coarse attention among them and the
+top-K key tiles per query tile (one more launch, coarse.py) -> the fine-stage kernel, whose epilogue
+also writes OUT = O_f * G_f + O_c[tile] * G_c (no separate broadcast or combine pass).
 
 Backward: one pass over dO (glue.py) gives dO_f = dO * G_f, the fine stage's row correction
 rowsum(dO_f * O_f), the per-tile coarse gradient sum_tile(dO * G_c) and the gate gradients
@@ -22,14 +22,8 @@ import math
 import torch
 
 from vsa.ops.block_sparse import bsa_backward, bsa_forward
-from vsa.ops.coarse import tile_sum
+from vsa.ops.coarse import coarse_attention_topk, tile_means
 from vsa.ops.glue import vsa_backward_prep
-
-
-def _coarse_forward(qc, kc, vc, scale: float):
-    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
-    probs = torch.softmax(scores, dim=-1)
-    return scores, probs, torch.einsum("bhqk,bkhd->bqhd", probs, vc)
 
 
 @torch.library.custom_op("vsa::video_sparse_attention_fwd", mutates_args=())
@@ -40,13 +34,11 @@ def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Ten
                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, the coarse
     probabilities [B, H, n, n] (fp32) and q2k_idx."""
-    inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
-    qc, kc, vc = [tile_sum(x, offsets, tile_ids, max_tile, True) * inv_size for x in (q, k, v)]
-    scores, probs, o_c = _coarse_forward(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]))
-    q2k_idx = scores.topk(topk, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    qc, kc, vc = tile_means(q, k, v, offsets, max_tile)
+    probs, o_c, q2k_idx = coarse_attention_topk(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]), topk)
     q2k_cnt = torch.full(q2k_idx.shape[:3], topk, dtype=torch.int32, device=q.device)
     o_f, lse, out = bsa_forward(q, k, v, offsets, offsets, q2k_idx, q2k_cnt, max_tile, max_tile,
-                                fill, fill, lists_sorted=True, o_c=o_c.contiguous(), gate_c=gate_c,
+                                fill, fill, lists_sorted=True, o_c=o_c, gate_c=gate_c,
                                 gate_f=gate_f)
     return out, o_f, lse, qc, kc, vc, probs, q2k_idx
 
