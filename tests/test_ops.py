@@ -221,6 +221,10 @@ def test_transposed_lists():
                 g = (b * 3 + h) * 9 + j
                 expect = torch.nonzero(mask[b, h, :, j]).flatten().tolist()
                 assert k2q_idx[k2q_start[g]:k2q_start[g + 1]].tolist() == expect  # ascending
+    # No count tensor: every list full, the same as counts of K.
+    idx, cnt = random_lists(2, 3, 7, 9, 4, gen, full=True)
+    (a_idx, a_start), (b_idx, b_start) = (transpose_block_lists(idx, c, 9) for c in (None, cnt))
+    assert torch.equal(a_start, b_start) and torch.equal(a_idx, b_idx)
 
 
 def test_torch_path_chunks_agree(monkeypatch):

@@ -123,6 +123,17 @@ def _unit_rows(LIST, OFF, step, n_units, UNITS: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
+def _list_len(CNT, row, KMAX, HAS_CNT: tl.constexpr):
+    """Entries in list `row` of a q->k list tensor: CNT[row], or KMAX when every list is full (no
+    count tensor)."""
+    if HAS_CNT:
+        n = tl.load(CNT + row)
+    else:
+        n = KMAX + row * 0
+    return n
+
+
+@triton.jit
 def _plain_units(LIST, OFF, n_sel, CHUNKS: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
                  TAIL: tl.constexpr):
     """How many leading units of a list need no row mask: all of them when every tile fills its
@@ -167,7 +178,8 @@ def _fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr, UNITS: tl.constexpr,
+    COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr, HAS_CNT: tl.constexpr,
+    UNITS: tl.constexpr,
 ):
     """O = softmax over the listed key tiles. With COMBINE (the whole VSA), also
     OUT = O * G_f + O_c[tile] * G_c, where O_c is the fp32 coarse output per tile [B, NQ, H, D]
@@ -193,7 +205,7 @@ def _fwd_kernel(
     LIST = IDX + (pid_bh * NQ + qt) * KMAX
     # Each step takes UNITS (selected key tile, BLOCK_N chunk) units: UNITS * BLOCK_N keys. Steps
     # of full units run without masks; the rest (a short tile, a partial last step) with.
-    n_sel = tl.load(CNT + pid_bh * NQ + qt)
+    n_sel = _list_len(CNT, pid_bh * NQ + qt, KMAX, HAS_CNT)
     n_units = n_sel * N_CHUNKS
     n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
     for step in range(0, n_plain):
@@ -248,7 +260,7 @@ def _dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UNITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CNT: tl.constexpr, UNITS: tl.constexpr,
 ):
     """dQ over the q->k lists. HAS_BIAS adds a per-tile vector BIAS[b, tile, h] (fp32, contiguous
     [B, NQ, H, D]) to every row of the tile: the gradient that reaches q through the tile means."""
@@ -272,7 +284,7 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     LIST = IDX + (pid_bh * NQ + qt) * KMAX
-    n_sel = tl.load(CNT + pid_bh * NQ + qt)
+    n_sel = _list_len(CNT, pid_bh * NQ + qt, KMAX, HAS_CNT)
     n_units = n_sel * N_CHUNKS
     n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
     for step in range(0, n_plain):
@@ -441,7 +453,8 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     OUT: O itself, or with `o_c` (fp32 [B, n_q_tiles, H, D]) the gated combine
     O * gate_f + o_c[tile] * gate_c (gates None = 1, else contiguous [B, Sq, H, D]).
     `q_fill`/`kv_fill`: RAGGED, FULL_BUT_LAST or FULL (`TileLayout.fill`); `lists_sorted`: every
-    q->k list ascends (lets FULL_BUT_LAST key layouts skip masks, see `_launch_cfg`)."""
+    q->k list ascends (lets FULL_BUT_LAST key layouts skip masks, see `_launch_cfg`).
+    `q2k_cnt` None: every list holds all `q2k_idx.shape[-1]` entries (no count tensor needed)."""
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
     block_m, block_n = _blocks(max_q_tile, max_kv_tile, forward=True)
@@ -453,13 +466,15 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     grid = (n_q * m_split, B * H)
     _fwd_kernel[grid](
         q, k, v, o, lse, out, o_c if combine else o, q if gate_c is None else gate_c,
-        q if gate_f is None else gate_f, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        q if gate_f is None else gate_f, q_offsets, kv_offsets, q2k_idx,
+        q2k_idx if q2k_cnt is None else q2k_cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, n_q, Sq, q2k_idx.shape[-1], D ** -0.5 * LOG2E,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
         N_CHUNKS=math.ceil(max_kv_tile / block_n),
         COMBINE=combine, HAS_GC=gate_c is not None, HAS_GF=gate_f is not None,
+        HAS_CNT=q2k_cnt is not None,
         **_launch_cfg(q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted),
         **_interpreter_options(),
     )
@@ -482,19 +497,21 @@ def _transpose_lists_kernel(SEL, K2Q, START, NQ, NK, BLOCK: tl.constexpr):
         pos += hit.to(tl.int32)
 
 
-def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, n_kv_tiles: int):
+def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor | None, n_kv_tiles: int):
     """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
 
-    Returned in CSR form, sized by the true number of entries with no host sync: `k2q_start` int32
+    `q2k_cnt` None: every list is full. Returned in CSR form, sized by the true number of entries with no host sync: `k2q_start` int32
     [B * H * Nk + 1]; the list of key tile j of (b, h) is
     `k2q_idx[k2q_start[g]:k2q_start[g + 1]]` with g = (b * H + h) * Nk + j. Deterministic: each list
     is written by one program walking the query tiles in order (no atomics).
     """
     B, H, n_q, kmax = q2k_idx.shape
     dev = q2k_idx.device
-    listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
-    # Unused list slots scatter into an extra column that is dropped.
-    target = torch.where(listed, q2k_idx.long(), n_kv_tiles)
+    if q2k_cnt is None:  # every list full
+        target = q2k_idx.long()
+    else:  # unused list slots scatter into an extra column that is dropped
+        listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
+        target = torch.where(listed, q2k_idx.long(), n_kv_tiles)
     sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=dev)
     sel.scatter_(3, target, 1)
     sel = sel[..., :n_kv_tiles].contiguous()
@@ -512,7 +529,7 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
                  max_kv_tile, q_fill=RAGGED, kv_fill=RAGGED, lists_sorted=False, bias=None, delta=None):
     """Launch the backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D].
 
-    `q_fill`, `kv_fill`, `lists_sorted`: as in `bsa_forward`.
+    `q_fill`, `kv_fill`, `lists_sorted`, `q2k_cnt` (None: full lists): as in `bsa_forward`.
     `bias`: None or per-tile fp32 gradients (for q, k, v; each contiguous [B, n_tiles, H, D]) added
     to every token of the tile, e.g. what reaches q, k, v through VSA's tile means.
     `delta`: None, or rowsum(dO * O) already computed by the caller (fp32 contiguous [B, H, Sq])."""
@@ -539,10 +556,11 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     has_bias = bias is not None
     bias_q, bias_k, bias_v = bias if has_bias else (lse, lse, lse)
     _dq_kernel[(n_q * m_split, B * H)](
-        q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx, q2k_cnt,
+        q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx,
+        q2k_idx if q2k_cnt is None else q2k_cnt,
         *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
-        HAS_BIAS=has_bias, **cfg, **_interpreter_options(),
+        HAS_BIAS=has_bias, HAS_CNT=q2k_cnt is not None, **cfg, **_interpreter_options(),
     )
     k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     _dkv_kernel[(n_kv * n_split, B * H)](
