@@ -130,6 +130,36 @@ def test_units_per_step(case, units, monkeypatch):
         (q, k, v), grad_out, torch.float32, "cpu", "qkv")
 
 
+# (dQ rows per program, key rows per unit), (dK/dV key rows per program, query rows per unit)
+BWD_BLOCKS = [((128, 64), (64, 64)), ((64, 64), (128, 32)), ((128, 32), (128, 16))]
+
+
+@pytest.mark.parametrize("blocks", BWD_BLOCKS, ids=lambda b: "{}x{}-{}x{}".format(*b[0], *b[1]))
+@pytest.mark.parametrize("case", [
+    ((8, 8, 16), None, (4, 8, 8), 1, 2, 64, 3, 1.0),  # 256-token tiles, all full
+    ((5, 10, 13), (6, 9, 11), (4, 8, 8), 2, 1, 128, 4, 8.0),  # ragged, q and kv of different grids
+], ids=["full", "ragged"])
+def test_backward_block_shapes(case, blocks, monkeypatch, kernel_device):
+    """Backward kernels with row caps other than the default (more rows per program than per unit
+    and the reverse) against the reference: several programs and units per tile."""
+    import vsa.ops.block_sparse as bs
+
+    monkeypatch.setattr(bs, "DQ_BLOCKS", blocks[0])
+    monkeypatch.setattr(bs, "DKV_BLOCKS", blocks[1])
+    grid, kv_grid, tile, B, H, D, K, scale = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((case, blocks)).encode()))
+    layout, kv_layout = TileLayout(grid, tile), TileLayout(kv_grid or grid, tile)
+    q, k, v = make_qkv(B, layout.seq_len, kv_layout.seq_len, H, D, scale, gen)
+    idx, cnt = random_lists(B, H, layout.n_tiles, kv_layout.n_tiles, K, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    dev = kernel_device
+    check_against_reference(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(dev), cnt.to(dev), kv_layout,
+                                               impl="triton"),
+        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
+        (q, k, v), grad_out, torch.float32, dev, "qkv")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_block_sparse_low_precision(dtype, kernel_device):
     layout = TileLayout((5, 6, 7))
@@ -209,21 +239,22 @@ def test_backward_is_deterministic(impl, kernel_device):
         assert torch.equal(a, b)
 
 
-def test_transposed_lists():
+@pytest.mark.parametrize("n_q,n_kv,K", [(7, 9, 4), (70, 150, 40)])  # one block; several q and k blocks
+def test_transposed_lists(n_q, n_kv, K):
     gen = torch.Generator().manual_seed(5)
-    idx, cnt = random_lists(2, 3, 7, 9, 4, gen)
-    k2q_idx, k2q_start = transpose_block_lists(idx, cnt, 9)
-    mask = selection_mask(idx, cnt, 9)  # [B, H, Nq, Nk]
+    idx, cnt = random_lists(2, 3, n_q, n_kv, K, gen)
+    k2q_idx, k2q_start = transpose_block_lists(idx, cnt, n_kv)
+    mask = selection_mask(idx, cnt, n_kv)  # [B, H, Nq, Nk]
     assert int(k2q_start[-1]) == int(cnt.sum())  # CSR: exactly the listed entries
     for b in range(2):
         for h in range(3):
-            for j in range(9):
-                g = (b * 3 + h) * 9 + j
+            for j in range(n_kv):
+                g = (b * 3 + h) * n_kv + j
                 expect = torch.nonzero(mask[b, h, :, j]).flatten().tolist()
                 assert k2q_idx[k2q_start[g]:k2q_start[g + 1]].tolist() == expect  # ascending
     # No count tensor: every list full, the same as counts of K.
-    idx, cnt = random_lists(2, 3, 7, 9, 4, gen, full=True)
-    (a_idx, a_start), (b_idx, b_start) = (transpose_block_lists(idx, c, 9) for c in (None, cnt))
+    idx, cnt = random_lists(2, 3, n_q, n_kv, K, gen, full=True)
+    (a_idx, a_start), (b_idx, b_start) = (transpose_block_lists(idx, c, n_kv) for c in (None, cnt))
     assert torch.equal(a_start, b_start) and torch.equal(a_idx, b_idx)
 
 

@@ -413,14 +413,32 @@ def _delta_kernel(O, DO, DELTA, so_b, so_s, so_h, sd_b, sd_s, sd_h, H, S,
 # --------------------------------------------------------------------------------------------------
 
 
-def _blocks(max_q_tile: int, max_kv_tile: int, forward: bool) -> tuple[int, int]:
-    """Rows per block (BLOCK_M query rows, BLOCK_N key rows): the tile rounded up to a power of two,
-    at least 16 (tl.dot), at most 64; the forward takes up to 128 query rows (a tile of >= 128
-    tokens shares one key list, so 128 rows per program halve the K/V loads per FLOP, as
-    FlexAttention's 128-row blocks do: GRAT-B forward 18.8 -> 15.5 ms on an H100). The backward
-    kernels keep 64 (128 spilled registers: GRAT-B forward+backward 75 -> 99 ms)."""
-    block = lambda t, cap: max(16, min(cap, triton.next_power_of_2(t)))
-    return block(max_q_tile, 128 if forward else 64), block(max_kv_tile, 64)
+# Row caps of the backward kernels' blocks: (rows per program, rows per walked unit), for dQ
+# (query rows, key unit) and dK/dV (key rows, query unit). `scripts/bench_blocks.py` measures the
+# choices on a GPU.
+DQ_BLOCKS = (64, 64)
+DKV_BLOCKS = (64, 64)
+
+
+def _block(tile: int, cap: int) -> int:
+    """Rows of a block over tiles of up to `tile` tokens: the tile rounded up to a power of two,
+    at least 16 (tl.dot), at most `cap`."""
+    return max(16, min(cap, triton.next_power_of_2(tile)))
+
+
+def _blocks(max_q_tile: int, max_kv_tile: int, kernel: str) -> tuple[int, int]:
+    """(BLOCK_M query rows, BLOCK_N key rows) of `kernel` ("fwd", "dq" or "dkv"). The forward takes
+    up to 128 query rows (a tile of >= 128 tokens shares one key list, so 128 rows per program halve
+    the K/V loads per FLOP, as FlexAttention's 128-row blocks do: GRAT-B forward 18.8 -> 15.5 ms on
+    an H100) and 64-key units; the backward kernels take DQ_BLOCKS / DKV_BLOCKS (128 rows per
+    program AND per unit spilled registers: GRAT-B forward+backward 75 -> 99 ms)."""
+    if kernel == "fwd":
+        return _block(max_q_tile, 128), _block(max_kv_tile, 64)
+    if kernel == "dq":
+        return _block(max_q_tile, DQ_BLOCKS[0]), _block(max_kv_tile, DQ_BLOCKS[1])
+    if kernel == "dkv":
+        return _block(max_q_tile, DKV_BLOCKS[1]), _block(max_kv_tile, DKV_BLOCKS[0])
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 # How the tiles of a layout fill their blocks (`TileLayout.fill`).
@@ -457,7 +475,7 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     `q2k_cnt` None: every list holds all `q2k_idx.shape[-1]` entries (no count tensor needed)."""
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
-    block_m, block_n = _blocks(max_q_tile, max_kv_tile, forward=True)
+    block_m, block_n = _blocks(max_q_tile, max_kv_tile, "fwd")
     m_split = math.ceil(max_q_tile / block_m)
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
@@ -482,19 +500,26 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
 
 
 @triton.jit
-def _transpose_lists_kernel(SEL, K2Q, START, NQ, NK, BLOCK: tl.constexpr):
-    """For BLOCK key tiles of one (b, h): walk the query tiles in order and append each one that
-    selected the key tile to the key tile's list. SEL: uint8 [BH, NQ, NK]; K2Q: int32 flat lists;
-    START: int32 [BH * NK + 1] list starts."""
+def _transpose_lists_kernel(SEL, K2Q, START, NQ, NK, s_sel, BLOCK_Q: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """For BLOCK_K key tiles of one (b, h): walk the query tiles in order, BLOCK_Q at a time, and
+    append each one that selected the key tile to the key tile's list (its place: the list start
+    plus the hits before it). SEL: uint8 [BH, NQ, s_sel] (columns < NK used); K2Q: int32 flat
+    lists; START: int32 [BH * NK + 1] list starts."""
     pid_k = tl.program_id(0)
     bh = tl.program_id(1)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < NK
     pos = tl.load(START + bh * NK + offs_k, mask=k_mask, other=0)
-    for qt in range(NQ):
-        hit = tl.load(SEL + (bh.to(tl.int64) * NQ + qt) * NK + offs_k, mask=k_mask, other=0) != 0
-        tl.store(K2Q + pos, tl.full([BLOCK], qt, tl.int32), mask=hit)
-        pos += hit.to(tl.int32)
+    SEL += bh.to(tl.int64) * NQ * s_sel
+    for q0 in range(0, NQ, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        ok = (offs_q < NQ)[:, None] & k_mask[None, :]
+        hit = tl.load(SEL + offs_q[:, None] * s_sel + offs_k[None, :], mask=ok, other=0).to(tl.int32)
+        before = tl.cumsum(hit, 0) - hit  # hits above in this block, per key tile
+        tl.store(K2Q + pos[None, :] + before, tl.broadcast_to(offs_q[:, None], [BLOCK_Q, BLOCK_K]),
+                 mask=hit != 0)
+        pos += tl.sum(hit, 0)
 
 
 def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor | None, n_kv_tiles: int):
@@ -513,15 +538,14 @@ def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor | None, n
         listed = torch.arange(kmax, device=dev) < q2k_cnt[..., None]
         target = torch.where(listed, q2k_idx.long(), n_kv_tiles)
     sel = torch.zeros((B, H, n_q, n_kv_tiles + 1), dtype=torch.uint8, device=dev)
-    sel.scatter_(3, target, 1)
-    sel = sel[..., :n_kv_tiles].contiguous()
+    sel.scatter_(3, target, 1)  # the extra column is skipped by the kernel (no copy without it)
     k2q_start = torch.zeros(B * H * n_kv_tiles + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(sel.sum(2, dtype=torch.int32).flatten(), 0, out=k2q_start[1:])
+    torch.cumsum(sel[..., :n_kv_tiles].sum(2, dtype=torch.int32).flatten(), 0, out=k2q_start[1:])
     # Room for every listed entry (the exact total would need a host sync; unused slack is small).
     k2q_idx = torch.empty(B * H * n_q * kmax, dtype=torch.int32, device=dev)
-    block = 128
-    _transpose_lists_kernel[(triton.cdiv(n_kv_tiles, block), B * H)](
-        sel, k2q_idx, k2q_start, n_q, n_kv_tiles, BLOCK=block)
+    block_k = 128
+    _transpose_lists_kernel[(triton.cdiv(n_kv_tiles, block_k), B * H)](
+        sel, k2q_idx, k2q_start, n_q, n_kv_tiles, n_kv_tiles + 1, BLOCK_Q=32, BLOCK_K=block_k)
     return k2q_idx, k2q_start
 
 
@@ -543,10 +567,7 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
             do.stride(2), H, Sq, HEAD_D=D, BLOCK=64,
         )
-    block_m, block_n = _blocks(max_q_tile, max_kv_tile, forward=False)
-    m_split, n_split = math.ceil(max_q_tile / block_m), math.ceil(max_kv_tile / block_n)
     scale = D ** -0.5
-    cfg = _launch_cfg(q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted)
     dq = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Skv, H, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, Skv, H, D), device=q.device, dtype=v.dtype)
@@ -555,18 +576,28 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     # dQ, dK, dV are contiguous; the kernels store dQ with dO's strides and dK/dV with dK's.
     has_bias = bias is not None
     bias_q, bias_k, bias_v = bias if has_bias else (lse, lse, lse)
+
+    def cfg(kernel):
+        block_m, block_n = _blocks(max_q_tile, max_kv_tile, kernel)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, **_launch_cfg(
+            q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted))
+
+    c = cfg("dq")
+    m_split, n_chunks = math.ceil(max_q_tile / c["BLOCK_M"]), math.ceil(max_kv_tile / c["BLOCK_N"])
     _dq_kernel[(n_q * m_split, B * H)](
         q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx,
         q2k_idx if q2k_cnt is None else q2k_cnt,
         *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
-        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split, N_CHUNKS=n_split,
-        HAS_BIAS=has_bias, HAS_CNT=q2k_cnt is not None, **cfg, **_interpreter_options(),
+        HEAD_D=D, M_SPLIT=m_split, N_CHUNKS=n_chunks, HAS_BIAS=has_bias,
+        HAS_CNT=q2k_cnt is not None, **c, **_interpreter_options(),
     )
     k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
+    c = cfg("dkv")
+    n_split, m_chunks = math.ceil(max_kv_tile / c["BLOCK_N"]), math.ceil(max_q_tile / c["BLOCK_M"])
     _dkv_kernel[(n_kv * n_split, B * H)](
         q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_start,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, scale * LOG2E, scale,
-        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLIT=n_split, M_CHUNKS=m_split,
-        HAS_BIAS=has_bias, **cfg, **_interpreter_options(),
+        HEAD_D=D, N_SPLIT=n_split, M_CHUNKS=m_chunks, HAS_BIAS=has_bias, **c,
+        **_interpreter_options(),
     )
     return dq, dk, dv

@@ -1,0 +1,132 @@
+"""Backward block shapes on a GPU: time the fine stage's backward kernels for several (rows per
+program, rows per walked unit) caps of the dQ and dK/dV kernels (`DQ_BLOCKS`, `DKV_BLOCKS` in
+vsa/ops/block_sparse.py), then check each choice's bf16 gradients against the float64 reference.
+
+    python scripts/bench_blocks.py --out docs/results/blocks_h100.json
+    python scripts/bench_blocks.py --variants 64x64/64x64,128x64/128x32 --shapes grat_b
+
+A variant "AxB/CxD" sets DQ_BLOCKS = (A, B) (query rows per program, key rows per unit) and
+DKV_BLOCKS = (C, D) (key rows per program, query rows per unit); caps above a tile's size (rounded
+up to a power of two) have no effect. Timings first (the autotuner's key has no sequence length,
+so the first call of a key picks its config: it must be the benchmark shape), then accuracy. Times
+are CUDA-event medians of forward+backward (triton.testing.do_bench); the forward is the same in
+every variant, so differences are the backward's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vsa import TileLayout, block_sparse_attention
+from vsa.benchmark import bench, rel_err, run_meta, write_results
+from vsa.ops import block_sparse as bs
+from vsa.ops import patterns
+from vsa.ops.reference import block_sparse_attention_reference_grads
+
+# name -> (B, H, grid, tile, D, pattern or sparsity)
+SHAPES = {
+    "grat_b": (1, 24, (32, 48, 80), (4, 8, 8), 128, "grat_b"),
+    "vsa_d128": (1, 12, (8, 64, 64), (4, 4, 4), 128, 0.875),
+    "vsa_d64": (2, 16, (16, 32, 32), (4, 4, 4), 64, 0.875),
+}
+# Small layouts with the same tile shape for the accuracy check, in full tiles: their kernels share
+# the benchmark's autotuner keys (ragged grids would tune every variant again; the CPU tests in
+# tests/test_ops.py cover ragged tiles with these block caps).
+CHECK_GRIDS = {(4, 8, 8): [(8, 16, 16)], (4, 4, 4): [(8, 16, 16)]}
+
+
+def parse_variant(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    try:
+        dq, dkv = text.split("/")
+        return tuple(int(x) for x in dq.split("x")), tuple(int(x) for x in dkv.split("x"))
+    except ValueError:
+        raise SystemExit(f"bad variant {text!r}: expected e.g. 128x64/64x32") from None
+
+
+def selection(layout, H, B, how, gen):
+    n = layout.n_tiles
+    if isinstance(how, str):
+        idx, cnt = patterns.build_map(how, layout)
+        return (idx.expand(B, H, *idx.shape).contiguous(), cnt.expand(B, H, n).contiguous())
+    K = max(1, round(n * (1 - how)))
+    idx = torch.rand(B, H, n, n, generator=gen, device=layout.device).topk(K, dim=-1).indices
+    return idx.sort(-1).values.int(), torch.full((B, H, n), K, dtype=torch.int32, device=layout.device)
+
+
+def time_shape(name, variants) -> list[dict]:
+    B, H, grid, tile, D, how = SHAPES[name]
+    layout = TileLayout(grid, tile, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", generator=gen).bfloat16()
+               .requires_grad_() for _ in range(3))
+    idx, cnt = selection(layout, H, B, how, gen)
+    rows = []
+    for text, (dq_blocks, dkv_blocks) in variants:
+        bs.DQ_BLOCKS, bs.DKV_BLOCKS = dq_blocks, dkv_blocks
+        fn = lambda: block_sparse_attention(q, k, v, layout, idx, cnt)
+        fwd = bench(fn)
+        fb = bench(fn, grad_inputs=[q, k, v])
+        rows.append(dict(shape=name, variant=text, fwd_ms=fwd, fwd_bwd_ms=fb, bwd_ms=fb - fwd))
+        print(f"{name:9s} {text:14s} fwd {fwd:7.3f} ms  fwd+bwd {fb:7.3f} ms  bwd {fb - fwd:7.3f} ms",
+              flush=True)
+    return rows
+
+
+def check_shape(name, variants) -> list[dict]:
+    _, _, _, tile, D, how = SHAPES[name]
+    rows = []
+    for grid in CHECK_GRIDS[tile]:
+        layout = TileLayout(grid, tile, device="cuda")
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        B, H = 2, 2
+        q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", generator=gen) * s
+                   for s in (8.0, 8.0, 1.0))
+        q, k, v = (x.bfloat16() for x in (q, k, v))
+        do = torch.randn_like(q)
+        idx, cnt = selection(layout, H, B, how if isinstance(how, str) else 0.75, gen)
+        ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx,
+                                                     cnt, do.double())
+        for text, (dq_blocks, dkv_blocks) in variants:
+            bs.DQ_BLOCKS, bs.DKV_BLOCKS = dq_blocks, dkv_blocks
+            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+            out = block_sparse_attention(qg, kg, vg, layout, idx, cnt)
+            out.backward(do)
+            errs = [rel_err(x, r) for x, r in zip((out, qg.grad, kg.grad, vg.grad), ref)]
+            rows.append(dict(shape=name, grid=list(grid), variant=text,
+                             **{f"rel_err_{n}": e for n, e in zip(("out", "dq", "dk", "dv"), errs)}))
+            print(f"check {name:9s} {str(grid):14s} {text:14s} rel err o/dq/dk/dv "
+                  + " / ".join(f"{e:.2e}" for e in errs), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="64x64/64x64,128x64/64x64,64x64/128x64,"
+                                               "128x64/128x64,128x32/128x32,64x32/64x32")
+    parser.add_argument("--shapes", default="grat_b,vsa_d128")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    variants = [(t, parse_variant(t)) for t in args.variants.split(",")]
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    rows = [r for n in names for r in time_shape(n, variants)]
+    tuned = {name: {str(key): str(cfg) for key, cfg in getattr(bs, name).cache.items()}
+             for name in ("_dq_kernel", "_dkv_kernel")}
+    rows += [r for n in names for r in check_shape(n, variants)]
+    write_results(args.out, run_meta(dtype="bfloat16", autotuned=tuned), rows)
+    print("\n| shape | variant (dQ rows x unit / dKV rows x unit) | fwd ms | fwd+bwd ms | bwd ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "bwd_ms" in r:
+            print(f"| {r['shape']} | {r['variant']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                  f"{r['bwd_ms']:.2f} |")
+    worst = max(max(r[f"rel_err_{n}"] for n in ("out", "dq", "dk", "dv")) for r in rows if "grid" in r)
+    print(f"\nworst bf16 relative error over all checks: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
