@@ -525,8 +525,8 @@ def _transpose_lists_kernel(SEL, K2Q, START, NQ, NK, s_sel, BLOCK_Q: tl.constexp
 def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor | None, n_kv_tiles: int):
     """k->q lists from q->k lists: for each key tile, the query tiles that selected it, ascending.
 
-    `q2k_cnt` None: every list is full. Returned in CSR form, sized by the true number of entries with no host sync: `k2q_start` int32
-    [B * H * Nk + 1]; the list of key tile j of (b, h) is
+    `q2k_cnt` None: every list is full. Returned in CSR form, sized by the true number of entries
+    with no host sync: `k2q_start` int32 [B * H * Nk + 1]; the list of key tile j of (b, h) is
     `k2q_idx[k2q_start[g]:k2q_start[g + 1]]` with g = (b * H + h) * Nk + j. Deterministic: each list
     is written by one program walking the query tiles in order (no atomics).
     """

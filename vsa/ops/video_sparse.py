@@ -29,8 +29,9 @@ from vsa.ops.glue import vsa_backward_prep
 @torch.library.custom_op("vsa::video_sparse_attention_fwd", mutates_args=())
 def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Tensor | None,
             gate_f: torch.Tensor | None, offsets: torch.Tensor, sizes: torch.Tensor, max_tile: int,
-            fill: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            fill: int, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
     """Returns OUT and what the backward needs: O_f, LSE2, the tile means qc, kc, vc, the coarse
     probabilities [B, H, n, n] and output O_c [B, n, H, D] (fp32), and q2k_idx (every list holds
     `topk` tiles, so the kernels need no count tensor)."""
