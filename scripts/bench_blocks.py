@@ -4,6 +4,7 @@ vsa/ops/block_sparse.py), then check each choice's bf16 gradients against the fl
 
     python scripts/bench_blocks.py --out docs/results/blocks_h100.json
     python scripts/bench_blocks.py --variants 64x64/64x64,128x64/128x32 --shapes grat_b
+    python scripts/bench_blocks.py --per-config fwd,dkv --shapes grat_b --out configs.json
 
 A variant "AxB/CxD" sets DQ_BLOCKS = (A, B) (query rows per program, key rows per unit) and
 DKV_BLOCKS = (C, D) (key rows per program, query rows per unit); caps above a tile's size (rounded
@@ -11,6 +12,11 @@ up to a power of two) have no effect. Timings first (the autotuner's key has no 
 so the first call of a key picks its config: it must be the benchmark shape), then accuracy. Times
 are CUDA-event medians of forward+backward (triton.testing.do_bench); the forward is the same in
 every variant, so differences are the backward's.
+
+--per-config KERNELS times every autotuner configuration (UNITS x warps x stages) of the named
+kernels (fwd, dq, dkv) one at a time at the default block caps, the other kernels keeping the
+autotuner's pick: the forward alone for fwd, forward+backward for dq and dkv. It shows how far the
+autotuner's pick is from the best configuration and what the others cost.
 """
 
 from __future__ import annotations
@@ -101,18 +107,63 @@ def check_shape(name, variants) -> list[dict]:
     return rows
 
 
+KERNELS = {"fwd": "_fwd_kernel", "dq": "_dq_kernel", "dkv": "_dkv_kernel"}
+
+
+def per_config(name, kernels) -> list[dict]:
+    """Every configuration of each kernel in `kernels`, pinned one at a time (see the docstring)."""
+    B, H, grid, tile, D, how = SHAPES[name]
+    layout = TileLayout(grid, tile, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", generator=gen).bfloat16()
+               .requires_grad_() for _ in range(3))
+    idx, cnt = selection(layout, H, B, how, gen)
+    fn = lambda: block_sparse_attention(q, k, v, layout, idx, cnt)
+    fn().backward(torch.randn_like(q))  # every kernel autotunes at this shape
+    rows = []
+    for kname in kernels:
+        kernel = getattr(bs, KERNELS[kname])
+        configs, cache = kernel.configs, dict(kernel.cache)
+        picked = {str(c) for c in cache.values()}
+        for cfg in configs:
+            kernel.configs, kernel.cache = [cfg], {}
+            row = dict(shape=name, kernel=kname, config=str(cfg), autotuned=str(cfg) in picked)
+            try:
+                row["ms"] = bench(fn) if kname == "fwd" else bench(fn, grad_inputs=[q, k, v])
+            except Exception as e:  # out of shared memory or registers: reported, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(f"{name:9s} {kname:4s} {str(cfg):70s} {row.get('ms', float('nan')):8.3f} ms"
+                  + ("  <- autotuned" if row["autotuned"] else ""), flush=True)
+        kernel.configs, kernel.cache = configs, cache
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="64x64/64x64,128x64/64x64,64x64/128x64,"
                                                "128x64/128x64,128x32/128x32,64x32/64x32")
     parser.add_argument("--shapes", default="grat_b,vsa_d128")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--per-config", default=None,
+                        help="comma-separated kernels (fwd, dq, dkv): time each autotuner config")
     args = parser.parse_args()
     variants = [(t, parse_variant(t)) for t in args.variants.split(",")]
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    if args.per_config:
+        kernels = args.per_config.split(",")
+        if any(kn not in KERNELS for kn in kernels):
+            raise SystemExit(f"--per-config takes kernels from {list(KERNELS)}, got {kernels}")
+        rows = [r for n in names for r in per_config(n, kernels)]
+        write_results(args.out, run_meta(dtype="bfloat16", kind="per-config"), rows)
+        print("\n| shape | kernel | config | ms (fwd: forward; dq/dkv: forward+backward) |\n|---|---|---|---|")
+        for r in rows:
+            mark = " (autotuned)" if r["autotuned"] else ""
+            print(f"| {r['shape']} | {r['kernel']} | {r['config']}{mark} | {r.get('ms', float('nan')):.3f} |")
+        return
     rows = [r for n in names for r in time_shape(n, variants)]
     tuned = {name: {str(key): str(cfg) for key, cfg in getattr(bs, name).cache.items()}
              for name in ("_dq_kernel", "_dkv_kernel")}
