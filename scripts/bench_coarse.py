@@ -4,8 +4,9 @@ softmax, topk, sort) for comparison.
 
     python scripts/bench_coarse.py --out docs/results/coarse_h100.json
 
-A variant "precision/block_q/warps/d_chunk" sets the knobs of `_coarse_select_kernel`
-(vsa/ops/coarse.py: SELECT_PRECISION, _BLOCK_Q, _SELECT_WARPS, _D_CHUNK). Each variant's output is
+A variant "precision/block_q/warps/d_chunk[/block_k]" sets the knobs of `_coarse_select_kernel`
+(vsa/ops/coarse.py: SELECT_PRECISION, _BLOCK_Q, _SELECT_WARPS, _D_CHUNK, _BLOCK_K); a means variant
+"warps/block" those of `_tile_means_kernel` (_MEANS_WARPS, _MEANS_BLOCK). Each variant's output is
 checked against the default's: probabilities and O_c (max relative difference) and the selection
 (fraction of listed tiles that differ; close scores may swap places at a different rounding).
 Times are CUDA-event medians (triton.testing.do_bench).
@@ -30,16 +31,34 @@ SHAPES = {
     "1x12x131072x128": (1, 12, (32, 64, 64), 128),
 }
 DEFAULT_VARIANTS = ("ieee/32/8/32,tf32x3/32/8/32,tf32x3/32/4/32,tf32x3/16/4/32,tf32x3/8/4/32,"
-                    "tf32x3/32/8/64,ieee/16/4/32,ieee/8/4/32")
+                    "tf32x3/32/8/64,ieee/16/4/32,ieee/8/4/32")  # the first session's set (coarse_h100.json)
 
 
 def parse_variant(text: str) -> dict:
     try:
-        prec, block_q, warps, d_chunk = text.split("/")
+        prec, block_q, warps, d_chunk, *block_k = text.split("/")
+        if len(block_k) > 1:
+            raise ValueError
         return dict(SELECT_PRECISION=prec, _BLOCK_Q=int(block_q), _SELECT_WARPS=int(warps),
-                    _D_CHUNK=int(d_chunk))
+                    _D_CHUNK=int(d_chunk), _BLOCK_K=int(block_k[0]) if block_k else 32)
     except ValueError:
-        raise SystemExit(f"bad variant {text!r}: expected precision/block_q/warps/d_chunk") from None
+        raise SystemExit(f"bad variant {text!r}: expected precision/block_q/warps/d_chunk[/block_k]") from None
+
+
+def parse_means_variant(text: str) -> dict:
+    try:
+        warps, block = text.split("/")
+        return dict(_MEANS_WARPS=int(warps), _MEANS_BLOCK=int(block))
+    except ValueError:
+        raise SystemExit(f"bad means variant {text!r}: expected warps/block") from None
+
+
+def set_knobs(knobs: dict) -> dict:
+    """Set module knobs of vsa.ops.coarse; returns their previous values."""
+    saved = {key: getattr(coarse, key) for key in knobs}
+    for key, value in knobs.items():
+        setattr(coarse, key, value)
+    return saved
 
 
 def do_bench(fn) -> float:
@@ -57,7 +76,7 @@ def torch_coarse(qc, kc, vc, scale, K):
     return p, o_c, idx
 
 
-def run_shape(name, variants) -> list[dict]:
+def run_shape(name, variants, means_variants) -> list[dict]:
     B, H, grid, D = SHAPES[name]
     layout = TileLayout(grid, device="cuda")
     n = layout.n_tiles
@@ -68,21 +87,27 @@ def run_shape(name, variants) -> list[dict]:
                for _ in range(3))
     rows = []
     means = lambda: coarse.tile_means(q, k, v, layout.offsets, layout.max_tile_size)
-    qc, kc, vc = means()
-    t = do_bench(means)
-    rows.append(dict(shape=name, piece="tile means (q, k, v)", ms=t, n_tiles=n, topk=K))
-    print(f"{name:16s} tile means                 {t:7.3f} ms", flush=True)
+    ref_means = None
+    for text in means_variants:
+        saved = set_knobs(parse_means_variant(text))
+        got = means()
+        t = do_bench(means)
+        set_knobs(saved)
+        ref_means = ref_means or got
+        diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref_means))
+        rows.append(dict(shape=name, piece="tile means (q, k, v)", variant=text, ms=t, n_tiles=n,
+                         topk=K, max_rel_diff=diff))
+        print(f"{name:16s} tile means {text:8s}        {t:7.3f} ms  vs first: {diff:.1e}", flush=True)
+    qc, kc, vc = ref_means
 
     torch.backends.cuda.matmul.allow_tf32 = False
     t = do_bench(lambda: torch_coarse(qc, kc, vc, scale, K))
     rows.append(dict(shape=name, piece="torch: fp32 GEMMs + softmax + topk + sort", ms=t))
     print(f"{name:16s} torch coarse (cuBLAS fp32) {t:7.3f} ms", flush=True)
 
-    saved = {key: getattr(coarse, key) for key in parse_variant(variants[0])}
     ref = None
     for text in variants:
-        for key, value in parse_variant(text).items():
-            setattr(coarse, key, value)
+        saved = set_knobs(parse_variant(text))
         fn = lambda: coarse.coarse_attention_topk(qc, kc, vc, scale, K)
         try:
             probs, o_c, idx = fn()
@@ -91,6 +116,7 @@ def run_shape(name, variants) -> list[dict]:
             rows.append(dict(shape=name, piece="select kernel", variant=text,
                              error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(f"{name:16s} select {text:18s} failed: {type(e).__name__}", flush=True)
+            set_knobs(saved)
             continue
         if ref is None:
             ref = (probs, o_c, idx)
@@ -101,8 +127,7 @@ def run_shape(name, variants) -> list[dict]:
         rows.append(row)
         print(f"{name:16s} select {text:18s} {t:7.3f} ms  vs first: probs {row['max_rel_diff_probs']:.1e}"
               f" o_c {row['max_rel_diff_oc']:.1e} selection {row['selection_diff']:.1e}", flush=True)
-    for key, value in saved.items():
-        setattr(coarse, key, value)
+        set_knobs(saved)
 
     idx = ref[2]
     t = do_bench(lambda: transpose_block_lists(idx, None, n))
@@ -116,14 +141,19 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help="comma-separated precision/block_q/warps/d_chunk (the first is the reference)")
+                    help="comma-separated precision/block_q/warps/d_chunk[/block_k] (the first is "
+                         "the reference)")
+    ap.add_argument("--means-variants", default="4/64",
+                    help="comma-separated warps/block of the tile-means kernel (the first is the reference)")
     args = ap.parse_args()
-    variants = args.variants.split(",")
+    variants, means_variants = args.variants.split(","), args.means_variants.split(",")
     for text in variants:
         parse_variant(text)
+    for text in means_variants:
+        parse_means_variant(text)
     rows = []
     for name in args.shapes.split(","):
-        rows += run_shape(name, variants)
+        rows += run_shape(name, variants, means_variants)
     write_results(args.out, run_meta(kind="coarse stage pieces"), rows)
     print("\n| shape | piece | variant | ms |\n|---|---|---|---|")
     for r in rows:
