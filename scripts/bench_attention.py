@@ -17,7 +17,6 @@ at 87.5% sparsity and over sparsities 50-95% at 32K tokens (H12, D128, B1).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import triton
@@ -25,7 +24,7 @@ from torch.nn.attention import SDPBackend
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
 from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
-from vsa.ops import coarse_stage, transpose_block_lists
+from vsa.ops import coarse_stage, resolve_topk, transpose_block_lists
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 SHAPES = [
@@ -80,7 +79,7 @@ def accuracy_row(name, grid, D, sparsity, dev, order="cubes") -> dict:
     B=1, H=1: forward and all gradients, outputs poisoned with NaN before the launch."""
     layout = TileLayout(grid, device=dev, order=order)
     n = layout.n_tiles
-    K = max(1, min(n, math.ceil((1 - sparsity) * n)))
+    K = resolve_topk(n, sparsity=sparsity)
     q, k, v = (torch.randn(1, layout.seq_len, 1, D, device=dev).bfloat16() for _ in range(3))
     _, idx = coarse_stage(q, k, v, layout, K, True)
     cnt = torch.full(idx.shape[:3], K, dtype=torch.int32, device=dev)
@@ -128,7 +127,7 @@ def sweep_rows(dev, gen, B=1, H=12, D=128) -> list[dict]:
     for axis, grid, sparsity in points:
         layout = TileLayout(grid, device=dev)
         S, n = layout.seq_len, layout.n_tiles
-        K = max(1, min(n, math.ceil((1 - sparsity) * n)))
+        K = resolve_topk(n, sparsity=sparsity)
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         if S not in dense_cache:  # dense time does not depend on the sparsity
             dense_cache[S] = (bench(lambda: cudnn(q, k, v)), bench(lambda: cudnn(q, k, v), grad_inputs=[q, k, v]))
@@ -178,7 +177,7 @@ def main():
             torch.cuda.empty_cache()
         layout = TileLayout(grid, device=dev, order=order)
         S, n = layout.seq_len, layout.n_tiles
-        K = max(1, min(n, math.ceil((1 - args.sparsity) * n)))
+        K = resolve_topk(n, sparsity=args.sparsity)
         kept = K / n
         q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         dense_fwd = 4 * B * H * S * S * D

@@ -28,7 +28,7 @@ import torch
 from vsa import TileLayout, block_sparse_attention
 from vsa.benchmark import bench, rel_err, run_meta, write_results
 from vsa.ops import block_sparse as bs
-from vsa.ops import patterns
+from vsa.ops import patterns, resolve_topk
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 # name -> (B, H, grid, tile, D, pattern or sparsity)
@@ -56,7 +56,7 @@ def selection(layout, H, B, how, gen):
     if isinstance(how, str):
         idx, cnt = patterns.build_map(how, layout)
         return (idx.expand(B, H, *idx.shape).contiguous(), cnt.expand(B, H, n).contiguous())
-    K = max(1, round(n * (1 - how)))
+    K = resolve_topk(n, sparsity=how)  # as the VSA op and bench_attention.py: ceil((1 - s) * n)
     idx = torch.rand(B, H, n, n, generator=gen, device=layout.device).topk(K, dim=-1).indices
     return idx.sort(-1).values.int(), torch.full((B, H, n), K, dtype=torch.int32, device=layout.device)
 

@@ -21,8 +21,7 @@ import torch
 
 from vsa import TileLayout
 from vsa.benchmark import run_meta, write_results
-from vsa.ops import coarse
-from vsa.ops import transpose_block_lists
+from vsa.ops import coarse, transpose_block_lists
 
 # name -> (B, H, grid, D); 87.5% sparse (K = n / 8)
 SHAPES = {

@@ -46,8 +46,8 @@ CASES = {
 }
 # Kernel name -> category, first match wins (inductor's fused kernels are named triton_*).
 CATEGORIES = [
-    ("attention (ours: VSA kernels)", r"_fwd_kernel|_dq_kernel|_dkv_kernel|_delta_kernel|_bwd_prep|_tile_sum|_tile_means|_coarse_select|"
-                                      r"_transpose_lists|bitonic|topk|radix|sort"),
+    ("attention (ours: VSA kernels)", r"_fwd_kernel|_dq_kernel|_dkv_kernel|_delta_kernel|_bwd_prep|_tile_sum|"
+                                      r"_tile_means|_coarse_select|_transpose_lists|bitonic|topk|radix|sort"),
     ("attention (cuDNN / flash SDPA)", r"sdpa|fmha|flash|cudnn|attn"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|sm90|wgmma|matmul"),
     ("optimizer + grad clip", r"multi_tensor|adam|foreach|norm_kernel|_amp_"),
