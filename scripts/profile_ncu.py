@@ -4,7 +4,9 @@ run outside the profiled range).
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \\
-        --section LaunchStats -k regex:"_kernel" python scripts/profile_ncu.py > ncu.txt
+        --section LaunchStats --section MemoryWorkloadAnalysis \\
+        -k regex:"^_(fwd|dq|dkv|coarse|tile|transpose|bwd|delta)" \\
+        python3 scripts/profile_ncu.py > docs/results/ncu_h100.txt
 
 Without ncu it runs the same calls (and does nothing else): the profiled range is marked with
 cudaProfilerStart/Stop.
