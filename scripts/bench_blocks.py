@@ -61,17 +61,22 @@ def selection(layout, H, B, how, gen):
     return idx.sort(-1).values.int(), torch.full((B, H, n), K, dtype=torch.int32, device=layout.device)
 
 
-def time_shape(name, variants) -> list[dict]:
+def shape_call(name):
+    """The fine stage at benchmark shape `name` on fresh bf16 inputs: (fn, [q, k, v]), fn() -> O."""
     B, H, grid, tile, D, how = SHAPES[name]
     layout = TileLayout(grid, tile, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", generator=gen).bfloat16()
                .requires_grad_() for _ in range(3))
     idx, cnt = selection(layout, H, B, how, gen)
+    return (lambda: block_sparse_attention(q, k, v, layout, idx, cnt)), [q, k, v]
+
+
+def time_shape(name, variants) -> list[dict]:
+    fn, (q, k, v) = shape_call(name)
     rows = []
     for text, (dq_blocks, dkv_blocks) in variants:
         bs.DQ_BLOCKS, bs.DKV_BLOCKS = dq_blocks, dkv_blocks
-        fn = lambda: block_sparse_attention(q, k, v, layout, idx, cnt)
         fwd = bench(fn)
         fb = bench(fn, grad_inputs=[q, k, v])
         rows.append(dict(shape=name, variant=text, fwd_ms=fwd, fwd_bwd_ms=fb, bwd_ms=fb - fwd))
@@ -112,13 +117,7 @@ KERNELS = {"fwd": "_fwd_kernel", "dq": "_dq_kernel", "dkv": "_dkv_kernel"}
 
 def per_config(name, kernels) -> list[dict]:
     """Every configuration of each kernel in `kernels`, pinned one at a time (see the docstring)."""
-    B, H, grid, tile, D, how = SHAPES[name]
-    layout = TileLayout(grid, tile, device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", generator=gen).bfloat16()
-               .requires_grad_() for _ in range(3))
-    idx, cnt = selection(layout, H, B, how, gen)
-    fn = lambda: block_sparse_attention(q, k, v, layout, idx, cnt)
+    fn, (q, k, v) = shape_call(name)
     fn().backward(torch.randn_like(q))  # every kernel autotunes at this shape
     rows = []
     for kname in kernels:
