@@ -5,13 +5,16 @@ vsa/ops/block_sparse.py), then check each choice's bf16 gradients against the fl
     python scripts/bench_blocks.py --out docs/results/blocks_h100.json
     python scripts/bench_blocks.py --variants 64x64/64x64,128x64/128x32 --shapes grat_b
     python scripts/bench_blocks.py --per-config fwd,dkv --shapes grat_b --out configs.json
+    python scripts/bench_blocks.py --variants 64x64/64x64 --loads tma,pointer --out loads.json
 
 A variant "AxB/CxD" sets DQ_BLOCKS = (A, B) (query rows per program, key rows per unit) and
-DKV_BLOCKS = (C, D) (key rows per program, query rows per unit); caps above a tile's size (rounded
-up to a power of two) have no effect. Timings first (the autotuner's key has no sequence length,
-so the first call of a key picks its config: it must be the benchmark shape), then accuracy. Times
-are CUDA-event medians of forward+backward (triton.testing.do_bench); the forward is the same in
-every variant, so differences are the backward's.
+DKV_BLOCKS = (C, D) (key rows per program, query rows per unit); "AxB/CxD/ExF" also FWD_BLOCKS =
+(E, F) (the forward's query rows per program, key rows per unit); caps above a tile's size (rounded
+up to a power of two) have no effect. `--loads` runs every variant with each way of loading the
+walked tiles (`USE_TMA` in block_sparse.py: tma, pointer, or auto). Timings first (the autotuner's
+key has no sequence length, so the first call of a key picks its config: it must be the benchmark
+shape), then accuracy. Times are CUDA-event medians of forward+backward (triton.testing.do_bench);
+with one load mode and forward cap the forward is the same in every variant.
 
 --per-config KERNELS times every autotuner configuration (UNITS x warps x stages) of the named
 kernels (fwd, dq, dkv) one at a time at the default block caps, the other kernels keeping the
@@ -43,12 +46,16 @@ SHAPES = {
 CHECK_GRIDS = {(4, 8, 8): [(8, 16, 16)], (4, 4, 4): [(8, 16, 16)]}
 
 
-def parse_variant(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
+def parse_variant(text: str) -> tuple[tuple[int, int], ...]:
+    """'AxB/CxD[/ExF]' -> (DQ_BLOCKS, DKV_BLOCKS, FWD_BLOCKS); without /ExF the forward keeps its
+    default caps."""
     try:
-        dq, dkv = text.split("/")
-        return tuple(int(x) for x in dq.split("x")), tuple(int(x) for x in dkv.split("x"))
+        parts = [tuple(int(x) for x in part.split("x")) for part in text.split("/")]
+        if len(parts) not in (2, 3) or any(len(p) != 2 for p in parts):
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"bad variant {text!r}: expected e.g. 128x64/64x32") from None
+        raise SystemExit(f"bad variant {text!r}: expected e.g. 128x64/64x32 or 64x64/64x64/128x128") from None
+    return (*parts, bs.FWD_BLOCKS) if len(parts) == 2 else tuple(parts)
 
 
 def selection(layout, H, B, how, gen):
@@ -72,11 +79,19 @@ def shape_call(name):
     return (lambda: block_sparse_attention(q, k, v, layout, idx, cnt)), [q, k, v]
 
 
+LOADS = {"auto": None, "tma": True, "pointer": False}
+
+
+def set_variant(variant) -> None:
+    (bs.DQ_BLOCKS, bs.DKV_BLOCKS, bs.FWD_BLOCKS), load = variant
+    bs.USE_TMA = LOADS[load]
+
+
 def time_shape(name, variants) -> list[dict]:
     fn, (q, k, v) = shape_call(name)
     rows = []
-    for text, (dq_blocks, dkv_blocks) in variants:
-        bs.DQ_BLOCKS, bs.DKV_BLOCKS = dq_blocks, dkv_blocks
+    for text, variant in variants:
+        set_variant(variant)
         fwd = bench(fn)
         fb = bench(fn, grad_inputs=[q, k, v])
         rows.append(dict(shape=name, variant=text, fwd_ms=fwd, fwd_bwd_ms=fb, bwd_ms=fb - fwd))
@@ -99,8 +114,8 @@ def check_shape(name, variants) -> list[dict]:
         idx, cnt = selection(layout, H, B, how if isinstance(how, str) else 0.75, gen)
         ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx,
                                                      cnt, do.double())
-        for text, (dq_blocks, dkv_blocks) in variants:
-            bs.DQ_BLOCKS, bs.DKV_BLOCKS = dq_blocks, dkv_blocks
+        for text, variant in variants:
+            set_variant(variant)
             qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
             out = block_sparse_attention(qg, kg, vg, layout, idx, cnt)
             out.backward(do)
@@ -146,8 +161,13 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--per-config", default=None,
                         help="comma-separated kernels (fwd, dq, dkv): time each autotuner config")
+    parser.add_argument("--loads", default="auto", help=f"comma-separated, from {list(LOADS)}")
     args = parser.parse_args()
-    variants = [(t, parse_variant(t)) for t in args.variants.split(",")]
+    loads = args.loads.split(",")
+    if any(load not in LOADS for load in loads):
+        raise SystemExit(f"--loads takes {list(LOADS)}, got {loads}")
+    variants = [(f"{t}/{load}" if len(loads) > 1 else t, (parse_variant(t), load))
+                for load in loads for t in args.variants.split(",")]
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -165,10 +185,10 @@ def main() -> None:
         return
     rows = [r for n in names for r in time_shape(n, variants)]
     tuned = {name: {str(key): str(cfg) for key, cfg in getattr(bs, name).cache.items()}
-             for name in ("_dq_kernel", "_dkv_kernel")}
+             for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
     rows += [r for n in names for r in check_shape(n, variants)]
     write_results(args.out, run_meta(dtype="bfloat16", autotuned=tuned), rows)
-    print("\n| shape | variant (dQ rows x unit / dKV rows x unit) | fwd ms | fwd+bwd ms | bwd ms |")
+    print("\n| shape | variant (dQ rows x unit / dKV rows x unit[/loads]) | fwd ms | fwd+bwd ms | bwd ms |")
     print("|---|---|---|---|---|")
     for r in rows:
         if "bwd_ms" in r:

@@ -79,6 +79,22 @@ def run(fn, inputs, dtype, device, grad_out):
     return out.detach(), [x.grad for x in xs]
 
 
+def check_fine_case(case, seed_text, device):
+    """The Triton fine stage on `device` vs the float64 reference for a FINE_CASES-style case, with
+    random lists (counts in [1, K]), fp32 inputs; seeded from `seed_text`."""
+    grid, kv_grid, tile, B, H, D, K, scale = case
+    gen = torch.Generator().manual_seed(zlib.crc32(seed_text.encode()))
+    layout, kv_layout = TileLayout(grid, tile), TileLayout(kv_grid or grid, tile)
+    q, k, v = make_qkv(B, layout.seq_len, kv_layout.seq_len, H, D, scale, gen)
+    idx, cnt = random_lists(B, H, layout.n_tiles, kv_layout.n_tiles, K, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    check_against_reference(
+        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(device), cnt.to(device), kv_layout,
+                                               impl="triton"),
+        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
+        (q, k, v), grad_out, torch.float32, device, "qkv")
+
+
 # grid, kv grid (None = same), tile, B, H, D, K, input scale
 FINE_CASES = [
     ((5, 6, 7), None, (4, 4, 4), 2, 3, 64, 3, 1.0),
@@ -106,6 +122,57 @@ def test_block_sparse_matches_reference(case, impl, kernel_device):
         lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(device), cnt.to(device), kv_layout, impl=impl),
         lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
         (q, k, v), grad_out, torch.float32, device, "qkv")
+
+
+@pytest.mark.parametrize("load", ["tma", "pointer"])
+@pytest.mark.parametrize("case", [FINE_CASES[0], FINE_CASES[4], FINE_CASES[5]], ids=["ragged-B2", "q-kv-differ", "256"])
+def test_tile_loads_match_reference(case, load, monkeypatch, kernel_device):
+    """Both ways of loading the walked tiles (`USE_TMA`): TMA tensor descriptors (the default on
+    Hopper; forced here, also in the interpreter) and per-row pointer loads (the default elsewhere).
+    With TMA the rows past a ragged tile's end hold the next tile's tokens (or zeros past the
+    tensor, or the next batch's tokens) and must be masked out, in the forward and in both backward
+    kernels."""
+    import vsa.ops.block_sparse as bs
+
+    if kernel_device == "cpu" and load == "pointer":
+        pytest.skip("the interpreter's default: every other test here covers it")
+    if kernel_device != "cpu" and load == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    monkeypatch.setattr(bs, "USE_TMA", load == "tma")
+    check_fine_case(case, repr((case, load)), kernel_device)
+
+
+def test_tma_descriptors_need_mergeable_batch_and_token_strides(monkeypatch):
+    """TMA sees [B, S, H, D] as [B * S, H, D]: contiguous tensors and views of a packed qkv qualify;
+    a batch stride that is not S token strides (e.g. [S, B, H, D] transposed) falls back to pointer
+    loads, and the op still matches the reference."""
+    import vsa.ops.block_sparse as bs
+
+    monkeypatch.setattr(bs, "USE_TMA", True)
+    B, S, H, D = 2, 128, 2, 64
+    x = torch.randn(B, S, H, D)
+    assert bs._tma_pair(x, x, 64) is not None
+    packed = torch.randn(B, S, 3, H, D).unbind(2)
+    assert bs._tma_pair(packed[1], packed[2], 64) is not None
+    seq_first = torch.randn(S, B, H, D).transpose(0, 1)
+    assert bs._tma_pair(x, seq_first, 64) is None and bs._tma_pair(seq_first, x, 64) is None
+    monkeypatch.setattr(bs, "USE_TMA", False)
+    assert bs._tma_pair(x, x, 64) is None
+
+    monkeypatch.setattr(bs, "USE_TMA", True)
+    layout = TileLayout((2, 4, 8))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(B, layout.seq_len, layout.seq_len, H, D, 2.0, gen)
+    idx, cnt = random_lists(B, H, layout.n_tiles, layout.n_tiles, 2, gen)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+
+    def seq_first_kv(q, k, v):  # same values, [S, B, H, D] memory for k and v
+        k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
+        return block_sparse_attention(q, k, v, layout, idx, cnt, impl="triton")
+
+    check_against_reference(
+        seq_first_kv, lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
+        (q, k, v), grad_out, torch.float32, "cpu", "qkv")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (on a GPU the autotuner picks)")
@@ -146,18 +213,7 @@ def test_backward_block_shapes(case, blocks, monkeypatch, kernel_device):
 
     monkeypatch.setattr(bs, "DQ_BLOCKS", blocks[0])
     monkeypatch.setattr(bs, "DKV_BLOCKS", blocks[1])
-    grid, kv_grid, tile, B, H, D, K, scale = case
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((case, blocks)).encode()))
-    layout, kv_layout = TileLayout(grid, tile), TileLayout(kv_grid or grid, tile)
-    q, k, v = make_qkv(B, layout.seq_len, kv_layout.seq_len, H, D, scale, gen)
-    idx, cnt = random_lists(B, H, layout.n_tiles, kv_layout.n_tiles, K, gen)
-    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    dev = kernel_device
-    check_against_reference(
-        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx.to(dev), cnt.to(dev), kv_layout,
-                                               impl="triton"),
-        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt, kv_layout),
-        (q, k, v), grad_out, torch.float32, dev, "qkv")
+    check_fine_case(case, repr((case, blocks)), kernel_device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

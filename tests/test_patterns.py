@@ -688,7 +688,31 @@ def test_bench_markdown_table_lists_every_row():
                  fwd_bwd_ms=60.0, fwd_tflops=500, fwd_bwd_tflops=450, speedup_fwd=20.0, speedup_fwd_bwd=18.3,
                  vs_flex_fwd=1.2, vs_flex_fwd_bwd=1.1),
             dict(pattern="GRAT-B 3x3x3", method="check: ours vs FlexAttention output (bf16)", rel_diff=1e-3),
+            dict(pattern="GRAT-B 3x3x3", method="ours / FlexAttention, 3 alternating rounds",
+                 ratio_fwd_median=1.3, ratio_fwd_min=1.25, ratio_fwd_max=1.31, ratio_fwd_bwd_median=1.1,
+                 ratio_fwd_bwd_min=1.05, ratio_fwd_bwd_max=1.12),
             dict(pattern="GRAT-X planes", method="FlexAttention", kept_fraction=0.34, error="Boom: no kernel")]
     table = bench.markdown_table(rows, meta).splitlines()
     assert len(table) == 4 + len(rows) and table[-1].startswith("| GRAT-X planes")
     assert "20.00x / 18.30x" in table[6] and "1.20x / 1.10x" in table[6] and "error: Boom" in table[-1]
+    assert "1.30x (range 1.25-1.31) / 1.10x (range 1.05-1.12)" in table[-2]
+
+
+def test_bench_alternate_reports_median_round_ratio(monkeypatch):
+    """Alternating rounds: ours and FlexAttention timed in turn, forward then forward+backward; the
+    ratio is the median of the per-round ratios FlexAttention / ours."""
+    bench = load_bench()
+    calls, times = [], iter([10.0, 13.0, 40.0, 44.0,  # round 1: fwd ours, flex; fwd+bwd ours, flex
+                             10.0, 12.0, 40.0, 48.0,
+                             10.0, 14.0, 40.0, 42.0])
+
+    def fake_bench(fn, grad_inputs=None):
+        calls.append((fn(), grad_inputs is not None))
+        return next(times)
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    row = bench.alternate(lambda *x: "ours", lambda *x: "flex", (1, 2, 3), rounds=3)
+    assert calls[:4] == [("ours", False), ("flex", False), ("ours", True), ("flex", True)]
+    assert row["ratio_fwd_median"] == pytest.approx(1.3) and row["ratio_fwd_min"] == pytest.approx(1.2)
+    assert row["ratio_fwd_bwd_median"] == pytest.approx(1.1) and row["ratio_fwd_bwd_max"] == pytest.approx(1.2)
+    assert row["rounds_fwd_ms"] == [[10.0, 13.0], [10.0, 12.0], [10.0, 14.0]]

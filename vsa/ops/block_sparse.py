@@ -19,6 +19,11 @@ Each loop step walks UNITS (1 or 2, autotuned) units of its list, a unit being o
 listed tile (`_unit_rows`). Steps over full tiles run without row masks: all of them when every tile
 is full, all but the last tile's when only the layout's last tile is short (Z-order groups) and the
 list ascends (`_plain_units`), none for ragged cubes.
+
+On Hopper GPUs the walked tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV) are loaded
+through TMA tensor descriptors (`USE_TMA`, `_unit_load`): one copy per tile, no per-thread address
+arithmetic; the forward and dQ kernels keep everything else. Elsewhere, and for layouts TMA cannot
+describe, per-row pointer loads.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -56,21 +62,32 @@ def _configs() -> list:
             for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)]  # UNITS: 1 or 2 (_unit_rows)
 
 
+def _prune(configs, named_args, **kwargs):
+    """TMA loads walk one unit per step (UNITS 1). Constexpr launch options come in kwargs."""
+    tma = kwargs.get("TMA", named_args.get("TMA"))
+    return [c for c in configs if not tma or c.kwargs["UNITS"] == 1]
+
+
 def _tuned(kernel):
     """Autotuned on a GPU; in the interpreter, launched directly with `_interpreter_options()`."""
-    return kernel if interpreting() else triton.autotune(configs=_configs(), key=_TUNE_KEY)(kernel)
+    if interpreting():
+        return kernel
+    return triton.autotune(configs=_configs(), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 # Units (tile chunks) per loop step in the interpreter; tests set 1 or 2 to cover both paths.
 INTERPRETER_UNITS = 2
 
 
-def _interpreter_options() -> dict:
-    return dict(UNITS=INTERPRETER_UNITS, num_warps=4, num_stages=1) if interpreting() else {}
+def _interpreter_options(tma: bool = False) -> dict:
+    if not interpreting():
+        return {}
+    return dict(UNITS=1 if tma else INTERPRETER_UNITS, num_warps=4, num_stages=1)
 
 
-# Tuned once per head dim, block shape and tile chunking (and, implicitly, dtype).
-_TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N", "TAIL_M", "TAIL_N"]
+# Tuned once per head dim, block shape, tile chunking and load path (and, implicitly, dtype).
+_TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N", "TAIL_M", "TAIL_N", "TMA"]
 
 
 @triton.jit
@@ -151,21 +168,49 @@ def _plain_units(LIST, OFF, n_sel, CHUNKS: tl.constexpr, BLOCK: tl.constexpr, EV
 
 
 @triton.jit
-def _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-              EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over key rows `rows` (masked unless EVEN)."""
-    k = _load_rows(K, rows, sk_s, offs_d, mask, EVEN, UPCAST)
-    v = _load_rows(V, rows, sv_s, offs_d, mask, EVEN, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+def _unit_load(A, B, LIST, OFF, step, n_units, base, h, s_a, s_b, offs_d, UNITS: tl.constexpr,
+               BLOCK: tl.constexpr, CHUNKS: tl.constexpr, HEAD_D: tl.constexpr, EVEN: tl.constexpr,
+               UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Loop step `step` over a tile list: its rows and mask (`_unit_rows`) and those rows of two
+    [S, D] slices (K and V, or Q and dO). Pointer path: A and B point at this (b, h)'s slices with
+    row strides s_a, s_b; rows past a ragged tile's end read as 0 unless EVEN. TMA path (one unit
+    per step): A and B are tensor descriptors over [B * S, H, D] with [BLOCK, 1, HEAD_D] blocks,
+    `base` = b * S; rows past a tile's end hold the next tile's tokens (or 0 past the tensor) and
+    are masked by the caller, so the loads never need masks."""
+    if TMA:
+        tl.static_assert(UNITS == 1, "TMA loads walk one unit per step")
+        t = tl.load(LIST + step // CHUNKS)
+        lo = tl.load(OFF + t) + (step % CHUNKS) * BLOCK
+        rows = lo + tl.arange(0, BLOCK)
+        mask = rows < tl.load(OFF + t + 1)
+        r0 = (base + lo).to(tl.int32)
+        a = A.load([r0, h, 0]).reshape(BLOCK, HEAD_D)
+        b = B.load([r0, h, 0]).reshape(BLOCK, HEAD_D)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    else:
+        rows, mask = _unit_rows(LIST, OFF, step, n_units, UNITS, BLOCK, CHUNKS)
+        a = _load_rows(A, rows, s_a, offs_d, mask, EVEN, UPCAST)
+        b = _load_rows(B, rows, s_b, offs_d, mask, EVEN, UPCAST)
+    return rows, mask, a, b
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, k, v, mask, qk_scale, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys k and values v (columns masked unless EVEN). Scores are
+    scaled inside the exponent (one FMA per score) and P @ V accumulates into acc."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if not EVEN:
         s = tl.where(mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A step with every key masked (past a ragged tile's end) must keep the arithmetic finite.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_use = m_new
+    if not EVEN:  # a step with every key masked (past a ragged tile's end) must stay finite
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -174,16 +219,17 @@ def _fwd_kernel(
     Q, K, V, O, LSE, OUT, OC, GC, GF,
     Q_OFF, KV_OFF, IDX, CNT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
-    H, NQ, SQ, KMAX, qk_scale,
+    H, NQ, SQ, SKV, KMAX, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     COMBINE: tl.constexpr, HAS_GC: tl.constexpr, HAS_GF: tl.constexpr, HAS_CNT: tl.constexpr,
-    UNITS: tl.constexpr,
+    TMA: tl.constexpr, UNITS: tl.constexpr,
 ):
     """O = softmax over the listed key tiles. With COMBINE (the whole VSA), also
     OUT = O * G_f + O_c[tile] * G_c, where O_c is the fp32 coarse output per tile [B, NQ, H, D]
-    and OUT, O, G_c, G_f are contiguous [B, S, H, D] (strides so_*)."""
+    and OUT, O, G_c, G_f are contiguous [B, S, H, D] (strides so_*). TMA: K and V are tensor
+    descriptors (`_unit_load`), SKV their tokens per batch."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -196,8 +242,9 @@ def _fwd_kernel(
     m_mask = offs_m < q_hi
     offs_d = tl.arange(0, HEAD_D)
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, sq_s, offs_d, m_mask, EVEN_M, UPCAST)
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    if not TMA:
+        K += b * sk_b + h * sk_h
+        V += b * sv_b + h * sv_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -209,13 +256,13 @@ def _fwd_kernel(
     n_units = n_sel * N_CHUNKS
     n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
     for step in range(0, n_plain):
-        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
-        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-                                  True, UPCAST, DOT_PREC)
+        _, mask, k, v = _unit_load(K, V, LIST, KV_OFF, step, n_units, b * SKV, h, sk_s, sv_s, offs_d,
+                                   UNITS, BLOCK_N, N_CHUNKS, HEAD_D, True, UPCAST, TMA)
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k, v, mask, qk_scale, True, DOT_PREC)
     for step in range(n_plain, tl.cdiv(n_units, UNITS)):
-        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
-        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-                                  False, UPCAST, DOT_PREC)
+        _, mask, k, v = _unit_load(K, V, LIST, KV_OFF, step, n_units, b * SKV, h, sk_s, sv_s, offs_d,
+                                   UNITS, BLOCK_N, N_CHUNKS, HEAD_D, False, UPCAST, TMA)
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, k, v, mask, qk_scale, False, DOT_PREC)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -237,11 +284,9 @@ _fwd_kernel = _tuned(_fwd_kernel)
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-             EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dQ += dS K over key rows `rows` (masked unless EVEN)."""
-    k = _load_rows(K, rows, sk_s, offs_d, mask, EVEN, UPCAST)
-    v = _load_rows(V, rows, sv_s, offs_d, mask, EVEN, UPCAST)
+def _dq_step(q, do, lse, delta, dq, k, v, mask, qk_scale, EVEN: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """dQ += dS K over keys k and values v (columns masked unless EVEN)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if not EVEN:
@@ -256,14 +301,15 @@ def _dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, BIAS,
     Q_OFF, KV_OFF, IDX, CNT,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sd_b, sd_s, sd_h,
-    H, NQ, SQ, KMAX, qk_scale, sm_scale,
+    H, NQ, SQ, SKV, KMAX, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     M_SPLIT: tl.constexpr, N_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_CNT: tl.constexpr, UNITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CNT: tl.constexpr, TMA: tl.constexpr, UNITS: tl.constexpr,
 ):
     """dQ over the q->k lists. HAS_BIAS adds a per-tile vector BIAS[b, tile, h] (fp32, contiguous
-    [B, NQ, H, D]) to every row of the tile: the gradient that reaches q through the tile means."""
+    [B, NQ, H, D]) to every row of the tile: the gradient that reaches q through the tile means.
+    TMA as in _fwd_kernel."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -279,8 +325,9 @@ def _dq_kernel(
     stat = pid_bh.to(tl.int64) * SQ + offs_m
     lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
-    K += b * sk_b + h * sk_h
-    V += b * sv_b + h * sv_h
+    if not TMA:
+        K += b * sk_b + h * sk_h
+        V += b * sv_b + h * sv_h
 
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     LIST = IDX + (pid_bh * NQ + qt) * KMAX
@@ -288,13 +335,13 @@ def _dq_kernel(
     n_units = n_sel * N_CHUNKS
     n_plain = _plain_units(LIST, KV_OFF, n_sel, N_CHUNKS, BLOCK_N, EVEN_N, TAIL_N) // UNITS
     for step in range(0, n_plain):
-        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
-        dq = _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-                      True, UPCAST, DOT_PREC)
+        _, mask, k, v = _unit_load(K, V, LIST, KV_OFF, step, n_units, b * SKV, h, sk_s, sv_s, offs_d,
+                                   UNITS, BLOCK_N, N_CHUNKS, HEAD_D, True, UPCAST, TMA)
+        dq = _dq_step(q, do, lse, delta, dq, k, v, mask, qk_scale, True, DOT_PREC)
     for step in range(n_plain, tl.cdiv(n_units, UNITS)):
-        rows, mask = _unit_rows(LIST, KV_OFF, step, n_units, UNITS, BLOCK_N, N_CHUNKS)
-        dq = _dq_step(q, do, lse, delta, dq, K, V, rows, mask, sk_s, sv_s, offs_d, qk_scale,
-                      False, UPCAST, DOT_PREC)
+        _, mask, k, v = _unit_load(K, V, LIST, KV_OFF, step, n_units, b * SKV, h, sk_s, sv_s, offs_d,
+                                   UNITS, BLOCK_N, N_CHUNKS, HEAD_D, False, UPCAST, TMA)
+        dq = _dq_step(q, do, lse, delta, dq, k, v, mask, qk_scale, False, DOT_PREC)
     dq = dq * sm_scale
     if HAS_BIAS:
         dq += tl.load(BIAS + ((b * NQ + qt) * H + h) * HEAD_D + offs_d)[None, :]
@@ -307,12 +354,10 @@ _dq_kernel = _tuned(_dq_kernel)
 
 
 @triton.jit
-def _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d, qk_scale,
-              EVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dK += dS^T Q and dV += P^T dO over query rows `rows` (masked unless EVEN); LSE and DELTA
-    point at this head's row statistics."""
-    q = _load_rows(Q, rows, sq_s, offs_d, mask, EVEN, UPCAST)
-    do = _load_rows(DO, rows, sd_s, offs_d, mask, EVEN, UPCAST)
+def _dkv_step(k, v, dk, dv, q, do, LSE, DELTA, rows, mask, qk_scale, EVEN: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """dK += dS^T Q and dV += P^T dO over query rows `rows` holding q and do (masked unless EVEN);
+    LSE and DELTA point at this head's row statistics."""
     if EVEN:
         lse = tl.load(LSE + rows)
         delta = tl.load(DELTA + rows)
@@ -339,9 +384,10 @@ def _dkv_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_SPLIT: tl.constexpr, M_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UNITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TMA: tl.constexpr, UNITS: tl.constexpr,
 ):
-    """dK, dV over the transposed k->q lists; HAS_BIAS as in _dq_kernel (BIAS_K, BIAS_V: [B, NK, H, D])."""
+    """dK, dV over the transposed k->q lists; HAS_BIAS as in _dq_kernel (BIAS_K, BIAS_V: [B, NK, H, D]).
+    TMA: Q and DO are tensor descriptors (`_unit_load`)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -355,8 +401,9 @@ def _dkv_kernel(
     offs_d = tl.arange(0, HEAD_D)
     k = _load_rows(K + b * sk_b + h * sk_h, offs_n, sk_s, offs_d, n_mask, EVEN_N, UPCAST)
     v = _load_rows(V + b * sv_b + h * sv_h, offs_n, sv_s, offs_d, n_mask, EVEN_N, UPCAST)
-    Q += b * sq_b + h * sq_h
-    DO += b * sd_b + h * sd_h
+    if not TMA:
+        Q += b * sq_b + h * sq_h
+        DO += b * sd_b + h * sd_h
     LSE += pid_bh.to(tl.int64) * SQ
     DELTA += pid_bh.to(tl.int64) * SQ
 
@@ -370,13 +417,13 @@ def _dkv_kernel(
     n_units = n_sel * M_CHUNKS
     n_plain = _plain_units(LIST, Q_OFF, n_sel, M_CHUNKS, BLOCK_M, EVEN_M, TAIL_M) // UNITS
     for step in range(0, n_plain):
-        rows, mask = _unit_rows(LIST, Q_OFF, step, n_units, UNITS, BLOCK_M, M_CHUNKS)
-        dk, dv = _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d,
-                           qk_scale, True, UPCAST, DOT_PREC)
+        rows, mask, q, do = _unit_load(Q, DO, LIST, Q_OFF, step, n_units, b * SQ, h, sq_s, sd_s,
+                                       offs_d, UNITS, BLOCK_M, M_CHUNKS, HEAD_D, True, UPCAST, TMA)
+        dk, dv = _dkv_step(k, v, dk, dv, q, do, LSE, DELTA, rows, mask, qk_scale, True, DOT_PREC)
     for step in range(n_plain, tl.cdiv(n_units, UNITS)):
-        rows, mask = _unit_rows(LIST, Q_OFF, step, n_units, UNITS, BLOCK_M, M_CHUNKS)
-        dk, dv = _dkv_step(k, v, dk, dv, Q, DO, LSE, DELTA, rows, mask, sq_s, sd_s, offs_d,
-                           qk_scale, False, UPCAST, DOT_PREC)
+        rows, mask, q, do = _unit_load(Q, DO, LIST, Q_OFF, step, n_units, b * SQ, h, sq_s, sd_s,
+                                       offs_d, UNITS, BLOCK_M, M_CHUNKS, HEAD_D, False, UPCAST, TMA)
+        dk, dv = _dkv_step(k, v, dk, dv, q, do, LSE, DELTA, rows, mask, qk_scale, False, DOT_PREC)
     dk = dk * sm_scale
     if HAS_BIAS:
         tile_row = ((b * NK + kt) * H + h) * HEAD_D + offs_d
@@ -413,9 +460,10 @@ def _delta_kernel(O, DO, DELTA, so_b, so_s, so_h, sd_b, sd_s, sd_h, H, S,
 # --------------------------------------------------------------------------------------------------
 
 
-# Row caps of the backward kernels' blocks: (rows per program, rows per walked unit), for dQ
-# (query rows, key unit) and dK/dV (key rows, query unit). `scripts/bench_blocks.py` measures the
+# Row caps of the kernels' blocks: (rows per program, rows per walked unit), for the forward and
+# dQ (query rows, key unit) and dK/dV (key rows, query unit). `scripts/bench_blocks.py` measures the
 # choices on a GPU.
+FWD_BLOCKS = (128, 64)
 DQ_BLOCKS = (64, 64)
 DKV_BLOCKS = (64, 64)
 
@@ -428,17 +476,50 @@ def _block(tile: int, cap: int) -> int:
 
 def _blocks(max_q_tile: int, max_kv_tile: int, kernel: str) -> tuple[int, int]:
     """(BLOCK_M query rows, BLOCK_N key rows) of `kernel` ("fwd", "dq" or "dkv"). The forward takes
-    up to 128 query rows (a tile of >= 128 tokens shares one key list, so 128 rows per program halve
+    FWD_BLOCKS: up to 128 query rows (a tile of >= 128 tokens shares one key list, so 128 rows per program halve
     the K/V loads per FLOP, as FlexAttention's 128-row blocks do: GRAT-B forward 18.8 -> 15.5 ms on
     an H100) and 64-key units; the backward kernels take DQ_BLOCKS / DKV_BLOCKS (128 rows per
     program AND per unit spilled registers: GRAT-B forward+backward 75 -> 99 ms)."""
     if kernel == "fwd":
-        return _block(max_q_tile, 128), _block(max_kv_tile, 64)
+        return _block(max_q_tile, FWD_BLOCKS[0]), _block(max_kv_tile, FWD_BLOCKS[1])
     if kernel == "dq":
         return _block(max_q_tile, DQ_BLOCKS[0]), _block(max_kv_tile, DQ_BLOCKS[1])
     if kernel == "dkv":
         return _block(max_q_tile, DKV_BLOCKS[1]), _block(max_kv_tile, DKV_BLOCKS[0])
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+# Walked tiles (K/V in the forward and dQ, Q/dO in dK/dV) are loaded through TMA tensor
+# descriptors: one copy instruction per tile instead of per-thread address arithmetic and cp.async
+# (ncu showed the shared-memory/LSU pipe as the busiest unit of the GRAT kernels). None: on GPUs of
+# compute capability >= 9 (Hopper), off in the interpreter; True / False force it (tests force it on
+# in the interpreter, which runs the same kernel code).
+USE_TMA: bool | None = None
+
+
+def _use_tma(x: torch.Tensor) -> bool:
+    if USE_TMA is not None:
+        return USE_TMA
+    return not interpreting() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _tma_pair(a: torch.Tensor, b: torch.Tensor, block_rows: int):
+    """Tensor descriptors over a and b [B, S, H, D], each seen as [B * S, H, D] with
+    [block_rows, 1, D] blocks, or None (use pointer loads) when TMA is off or a layout does not
+    allow it: the batch stride must be S times the token stride (contiguous, or views of a packed
+    qkv), the last stride 1, the other strides and the base 16-byte aligned."""
+    if not _use_tma(a):
+        return None
+    descs = []
+    for x in (a, b):
+        B, S, H, D = x.shape
+        size = x.element_size()
+        if (x.stride(3) != 1 or (B > 1 and x.stride(0) != S * x.stride(1)) or x.data_ptr() % 16
+                or (x.stride(1) * size) % 16 or (x.stride(2) * size) % 16 or B * S >= 2 ** 31):
+            return None
+        descs.append(TensorDescriptor(x, shape=[B * S, H, D], strides=[x.stride(1), x.stride(2), 1],
+                                      block_shape=[block_rows, 1, D]))
+    return descs
 
 
 # How the tiles of a layout fill their blocks (`TileLayout.fill`).
@@ -482,19 +563,21 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     combine = o_c is not None
     out = torch.empty_like(o) if combine else o
     grid = (n_q * m_split, B * H)
+    descs = _tma_pair(k, v, block_n)
+    k_in, v_in = descs or (k, v)
     _fwd_kernel[grid](
-        q, k, v, o, lse, out, o_c if combine else o, q if gate_c is None else gate_c,
+        q, k_in, v_in, o, lse, out, o_c if combine else o, q if gate_c is None else gate_c,
         q if gate_f is None else gate_f, q_offsets, kv_offsets, q2k_idx,
         q2k_idx if q2k_cnt is None else q2k_cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, n_q, Sq, q2k_idx.shape[-1], D ** -0.5 * LOG2E,
+        H, n_q, Sq, k.shape[1], q2k_idx.shape[-1], D ** -0.5 * LOG2E,
         HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, M_SPLIT=m_split,
         N_CHUNKS=math.ceil(max_kv_tile / block_n),
         COMBINE=combine, HAS_GC=gate_c is not None, HAS_GF=gate_f is not None,
-        HAS_CNT=q2k_cnt is not None,
+        HAS_CNT=q2k_cnt is not None, TMA=descs is not None,
         **_launch_cfg(q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted),
-        **_interpreter_options(),
+        **_interpreter_options(descs is not None),
     )
     return o, lse, out
 
@@ -584,20 +667,26 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
 
     c = cfg("dq")
     m_split, n_chunks = math.ceil(max_q_tile / c["BLOCK_M"]), math.ceil(max_kv_tile / c["BLOCK_N"])
+    descs = _tma_pair(k, v, c["BLOCK_N"])
+    k_in, v_in = descs or (k, v)
     _dq_kernel[(n_q * m_split, B * H)](
-        q, k, v, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx,
+        q, k_in, v_in, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx,
         q2k_idx if q2k_cnt is None else q2k_cnt,
-        *strides, H, n_q, Sq, q2k_idx.shape[-1], scale * LOG2E, scale,
+        *strides, H, n_q, Sq, Skv, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, M_SPLIT=m_split, N_CHUNKS=n_chunks, HAS_BIAS=has_bias,
-        HAS_CNT=q2k_cnt is not None, **c, **_interpreter_options(),
+        HAS_CNT=q2k_cnt is not None, TMA=descs is not None, **c,
+        **_interpreter_options(descs is not None),
     )
     k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     c = cfg("dkv")
     n_split, m_chunks = math.ceil(max_kv_tile / c["BLOCK_N"]), math.ceil(max_q_tile / c["BLOCK_M"])
+    descs = _tma_pair(q, do, c["BLOCK_M"])
+    q_in, do_in = descs or (q, do)
     _dkv_kernel[(n_kv * n_split, B * H)](
-        q, k, v, do, dk, dv, lse, delta, bias_k, bias_v, q_offsets, kv_offsets, k2q_idx, k2q_start,
+        q_in, k, v, do_in, dk, dv, lse, delta, bias_k, bias_v,
+        q_offsets, kv_offsets, k2q_idx, k2q_start,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, scale * LOG2E, scale,
-        HEAD_D=D, N_SPLIT=n_split, M_CHUNKS=m_chunks, HAS_BIAS=has_bias, **c,
-        **_interpreter_options(),
+        HEAD_D=D, N_SPLIT=n_split, M_CHUNKS=m_chunks, HAS_BIAS=has_bias, TMA=descs is not None,
+        **c, **_interpreter_options(descs is not None),
     )
     return dq, dk, dv
