@@ -22,8 +22,8 @@ list ascends (`_plain_units`), none for ragged cubes.
 
 On Hopper GPUs the walked tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV) are loaded
 through TMA tensor descriptors (`USE_TMA`, `_unit_load`): one copy per tile, no per-thread address
-arithmetic; the forward and dQ kernels keep everything else. Elsewhere, and for layouts TMA cannot
-describe, per-row pointer loads.
+arithmetic. A program's own rows, other GPUs, the interpreter (unless forced) and layouts TMA cannot
+describe use per-row pointer loads.
 """
 
 from __future__ import annotations
