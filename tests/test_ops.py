@@ -392,3 +392,30 @@ def test_chunked_reference_grads_match_autograd_reference():
     chunked = block_sparse_attention_reference_grads(q, k, v, layout, idx, cnt, grad_out, kv_layout, chunk=50)
     for a, b in zip(chunked, [ref, *grads]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_autotune_search_space_from_environment(monkeypatch):
+    """VSA_AUTOTUNE=quick narrows the autotuner to 2 configurations (GPU test runs), the default
+    tries 12, a wrong value fails at import naming the choices, and the benchmark helpers refuse
+    the quick space (its timings are not the kernels' speed)."""
+    import os
+    import subprocess
+    import sys
+
+    import vsa.benchmark
+    import vsa.ops.block_sparse as bs
+
+    code = "import vsa.ops.block_sparse as bs; print(len(bs._configs()), bs.AUTOTUNE)"
+    for value, expected in ((None, "12 full"), ("quick", "2 quick")):
+        env = {k: v for k, v in os.environ.items() if k != "VSA_AUTOTUNE"}
+        if value:
+            env["VSA_AUTOTUNE"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-2:] == expected.split()
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VSA_AUTOTUNE": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "VSA_AUTOTUNE='fast'" in bad.stderr and "'quick'" in bad.stderr
+
+    monkeypatch.setattr(bs, "AUTOTUNE", "quick")
+    with pytest.raises(RuntimeError, match="unset it for benchmarks"):
+        vsa.benchmark.bench(lambda: torch.zeros(1))

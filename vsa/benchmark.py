@@ -12,9 +12,22 @@ import torch
 import torch.nn.functional as F
 
 
+def full_autotune() -> str:
+    """The kernels' autotuning search space, refusing the reduced one of test runs
+    (VSA_AUTOTUNE=quick): timings taken with it are not the kernels' speed."""
+    from vsa.ops import block_sparse
+
+    if block_sparse.AUTOTUNE != "full":
+        raise RuntimeError(f"VSA_AUTOTUNE={block_sparse.AUTOTUNE!r} narrows the autotuner to test "
+                           "configurations: unset it for benchmarks")
+    return block_sparse.AUTOTUNE
+
+
 def bench(fn, grad_inputs=None) -> float:
     """Median ms of fn() (forward, no grad) or of fn() + backward when grad_inputs is given."""
     import triton
+
+    full_autotune()
 
     if grad_inputs is None:
         with torch.no_grad():
@@ -51,7 +64,7 @@ def run_meta(device=None, **extra) -> dict:
 
     return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                date=datetime.date.today().isoformat(), **extra)
+                date=datetime.date.today().isoformat(), autotune=full_autotune(), **extra)
 
 
 def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:

@@ -55,11 +55,23 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+# The autotuner's search space, read from the environment at import: "full" (the default; every
+# speed figure uses it) or "quick": UNITS 1 and 2 at 4 warps / 2 stages only. For test runs on a
+# GPU, where compiling and timing 12 configurations per kernel for every new shape key is most of
+# the run (test_ops_gpu + test_coarse + test_glue took over 8 minutes of a 30-minute device budget).
+AUTOTUNE = os.environ.get("VSA_AUTOTUNE", "full")
+if AUTOTUNE not in ("full", "quick"):
+    raise ValueError(f"VSA_AUTOTUNE={AUTOTUNE!r} is not a search space: unset it or use 'full' "
+                     "(benchmarks, training) or 'quick' (GPU test runs)")
+
+
 def _configs() -> list:
     """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
-    chosen by the launch wrapper)."""
+    chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows)."""
+    if AUTOTUNE == "quick":
+        return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)]
     return [triton.Config({"UNITS": u}, num_warps=w, num_stages=s)
-            for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)]  # UNITS: 1 or 2 (_unit_rows)
+            for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def _prune(configs, named_args, **kwargs):
