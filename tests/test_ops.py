@@ -125,7 +125,8 @@ def test_block_sparse_matches_reference(case, impl, kernel_device):
 
 
 @pytest.mark.parametrize("load", ["tma", "pointer"])
-@pytest.mark.parametrize("case", [FINE_CASES[0], FINE_CASES[4], FINE_CASES[5]], ids=["ragged-B2", "q-kv-differ", "256"])
+@pytest.mark.parametrize("case", [FINE_CASES[0], FINE_CASES[1], FINE_CASES[4], FINE_CASES[5]],
+                         ids=["ragged-B2", "ragged-D128-s30", "q-kv-differ", "256"])
 def test_tile_loads_match_reference(case, load, monkeypatch, kernel_device):
     """Both ways of loading the walked tiles (`USE_TMA`): TMA tensor descriptors (the default on
     Hopper; forced here, also in the interpreter) and per-row pointer loads (the default elsewhere).
