@@ -1,6 +1,7 @@
-"""Backward block shapes on a GPU: time the fine stage's backward kernels for several (rows per
+"""Block shapes and tile-load paths on a GPU: time the fine stage's kernels for several (rows per
 program, rows per walked unit) caps of the dQ and dK/dV kernels (`DQ_BLOCKS`, `DKV_BLOCKS` in
-vsa/ops/block_sparse.py), then check each choice's bf16 gradients against the float64 reference.
+vsa/ops/block_sparse.py; optionally the forward's `FWD_BLOCKS`) and load paths (`USE_TMA`), then
+check each choice's bf16 output and gradients against the float64 reference.
 
     python scripts/bench_blocks.py --out docs/results/blocks_h100.json
     python scripts/bench_blocks.py --variants 64x64/64x64,128x64/128x32 --shapes grat_b
