@@ -135,8 +135,6 @@ def test_tile_loads_match_reference(case, load, monkeypatch, kernel_device):
     kernels."""
     import vsa.ops.block_sparse as bs
 
-    if kernel_device == "cpu" and load == "pointer":
-        pytest.skip("the interpreter's default: every other test here covers it")
     if kernel_device != "cpu" and load == "tma" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
     monkeypatch.setattr(bs, "USE_TMA", load == "tma")

@@ -28,6 +28,7 @@ describe use per-row pointer loads.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -509,10 +510,16 @@ def _blocks(max_q_tile: int, max_kv_tile: int, kernel: str) -> tuple[int, int]:
 USE_TMA: bool | None = None
 
 
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    """Compute capability >= 9 (asked once per device: this is on every launch's path)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _use_tma(x: torch.Tensor) -> bool:
     if USE_TMA is not None:
         return USE_TMA
-    return not interpreting() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return not interpreting() and x.is_cuda and _has_tma(x.device.index)
 
 
 def _tma_pair(a: torch.Tensor, b: torch.Tensor, block_rows: int):
