@@ -394,8 +394,8 @@ def test_chunked_reference_grads_match_autograd_reference():
 
 
 def test_autotune_search_space_from_environment(monkeypatch):
-    """VSA_AUTOTUNE=quick narrows the autotuner to 2 configurations (GPU test runs), the default
-    tries 12, a wrong value fails at import naming the choices, and the benchmark helpers refuse
+    """VSA_AUTOTUNE=quick narrows the autotuner to 3 configurations (GPU test runs), the default
+    tries 13, a wrong value fails at import naming the choices, and the benchmark helpers refuse
     the quick space (its timings are not the kernels' speed)."""
     import os
     import subprocess
@@ -405,7 +405,7 @@ def test_autotune_search_space_from_environment(monkeypatch):
     import vsa.ops.block_sparse as bs
 
     code = "import vsa.ops.block_sparse as bs; print(len(bs._configs()), bs.AUTOTUNE)"
-    for value, expected in ((None, "12 full"), ("quick", "2 quick")):
+    for value, expected in ((None, "13 full"), ("quick", "3 quick")):
         env = {k: v for k, v in os.environ.items() if k != "VSA_AUTOTUNE"}
         if value:
             env["VSA_AUTOTUNE"] = value

@@ -57,9 +57,10 @@ def interpreting() -> bool:
 
 
 # The autotuner's search space, read from the environment at import: "full" (the default; every
-# speed figure uses it) or "quick": UNITS 1 and 2 at 4 warps / 2 stages only. For test runs on a
-# GPU, where compiling and timing 12 configurations per kernel for every new shape key is most of
-# the run (test_ops_gpu + test_coarse + test_glue took over 8 minutes of a 30-minute device budget).
+# speed figure uses it) or "quick": UNITS 1 and 2 at 4 warps / 2 stages, plus the 1-stage fallback.
+# For test runs on a GPU, where compiling and timing 13 configurations per kernel for every new
+# shape key is most of the run (test_ops_gpu + test_coarse + test_glue: over 8 minutes with the
+# full space, 82 s with the quick one on an H100).
 AUTOTUNE = os.environ.get("VSA_AUTOTUNE", "full")
 if AUTOTUNE not in ("full", "quick"):
     raise ValueError(f"VSA_AUTOTUNE={AUTOTUNE!r} is not a search space: unset it or use 'full' "
@@ -68,11 +69,14 @@ if AUTOTUNE not in ("full", "quick"):
 
 def _configs() -> list:
     """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
-    chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows)."""
+    chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows). Both spaces end with an unpipelined
+    config (1 stage), the one that fits in shared memory when no other does (fp32 inputs at D 128
+    with 128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB)."""
+    fallback = [triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)]
     if AUTOTUNE == "quick":
-        return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)]
+        return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)] + fallback
     return [triton.Config({"UNITS": u}, num_warps=w, num_stages=s)
-            for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)]
+            for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)] + fallback
 
 
 def _prune(configs, named_args, **kwargs):
