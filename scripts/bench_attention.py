@@ -248,17 +248,9 @@ def main():
         q = k = v = None  # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
-    meta = run_meta(sparsity=args.sparsity, dtype="bfloat16", autotuned=tuned_configs())
+    meta = run_meta(sparsity=args.sparsity, dtype="bfloat16")
     write_results(args.out, meta, rows)
     print("\n" + markdown_table(rows, meta))
-
-
-def tuned_configs() -> dict:
-    """The autotuner's pick per kernel and key (tiles per step, warps, stages), for the notes."""
-    from vsa.ops import block_sparse as bs
-
-    return {name: {str(key): str(cfg) for key, cfg in getattr(bs, name).cache.items()}
-            for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
 
 
 def markdown_table(rows, meta) -> str:

@@ -185,10 +185,8 @@ def main() -> None:
             print(f"| {r['shape']} | {r['kernel']} | {r['config']}{mark} | {r.get('ms', float('nan')):.3f} |")
         return
     rows = [r for n in names for r in time_shape(n, variants)]
-    tuned = {name: {str(key): str(cfg) for key, cfg in getattr(bs, name).cache.items()}
-             for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
     rows += [r for n in names for r in check_shape(n, variants)]
-    write_results(args.out, run_meta(dtype="bfloat16", autotuned=tuned), rows)
+    write_results(args.out, run_meta(dtype="bfloat16"), rows)
     print("\n| shape | variant (dQ rows x unit / dKV rows x unit[/loads]) | fwd ms | fwd+bwd ms | bwd ms |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -7,6 +7,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
 from vsa.ops import torch_impl, transpose_block_lists
@@ -391,6 +392,24 @@ def test_chunked_reference_grads_match_autograd_reference():
     chunked = block_sparse_attention_reference_grads(q, k, v, layout, idx, cnt, grad_out, kv_layout, chunk=50)
     for a, b in zip(chunked, [ref, *grads]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@triton.jit
+def _noop_kernel(X, N):
+    pass
+
+
+def test_benchmark_meta_records_autotuner_picks(monkeypatch):
+    """Results files carry the autotuner's pick per fine-stage kernel and key (`run_meta`); kernels
+    that are not autotuned (the interpreter launches them directly) are left out."""
+    import vsa.benchmark
+    import vsa.ops.block_sparse as bs
+
+    config = triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)
+    tuner = triton.autotune(configs=[config], key=["N"])(_noop_kernel)
+    tuner.cache[(64,)] = config
+    monkeypatch.setattr(bs, "_dq_kernel", tuner)
+    assert vsa.benchmark.autotuned_configs() == {"_dq_kernel": {"(64,)": str(config)}}
 
 
 def test_autotune_search_space_from_environment(monkeypatch):

@@ -58,13 +58,26 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float("nan") if torch.isnan(x).any() else ((x - ref).norm() / ref.norm()).item()
 
 
+def autotuned_configs() -> dict:
+    """The autotuner's picks so far, per fine-stage kernel and key (tiles per step, warps, stages)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from vsa.ops import block_sparse as bs
+
+    kernels = {name: getattr(bs, name) for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
+    return {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+            for name, kernel in kernels.items() if isinstance(kernel, Autotuner)}
+
+
 def run_meta(device=None, **extra) -> dict:
-    """Device, versions and date of a benchmark run, plus the run's own settings."""
+    """Device, versions and date of a benchmark run, the autotuner's picks so far (call it after
+    the timings), plus the run's own settings."""
     import triton
 
     return dict(device=torch.cuda.get_device_name(device), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                date=datetime.date.today().isoformat(), autotune=full_autotune(), **extra)
+                date=datetime.date.today().isoformat(), autotune=full_autotune(),
+                autotuned=autotuned_configs(), **extra)
 
 
 def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:
