@@ -23,9 +23,11 @@ def rel_err(x, ref):
 
 
 def poison_allocator():
-    """Fill the caching allocator's free memory with NaN so unwritten outputs show as NaN."""
+    """Fill a block of the caching allocator's free memory with NaN so unwritten outputs (carved
+    from it) show as NaN. At most 2 GiB: several pytest-xdist workers share the GPU (half of the
+    free memory each left cuBLAS none: CUBLAS_STATUS_ALLOC_FAILED with -n 4)."""
     free = torch.cuda.mem_get_info()[0]
-    blob = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device="cuda")
+    blob = torch.empty(min(free // 2, 2 << 30) // 4, dtype=torch.float32, device="cuda")
     blob.fill_(float("nan"))
     del blob
 
