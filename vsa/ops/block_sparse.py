@@ -60,7 +60,7 @@ def interpreting() -> bool:
 # speed figure uses it) or "quick": UNITS 1 and 2 at 4 warps / 2 stages, plus the 1-stage fallback.
 # For test runs on a GPU, where compiling and timing 13 configurations per kernel for every new
 # shape key is most of the run (test_ops_gpu + test_coarse + test_glue: over 8 minutes with the
-# full space, 82 s with the quick one on an H100).
+# full space, 82 s with the quick one, then without the 1-stage config, on an H100).
 AUTOTUNE = os.environ.get("VSA_AUTOTUNE", "full")
 if AUTOTUNE not in ("full", "quick"):
     raise ValueError(f"VSA_AUTOTUNE={AUTOTUNE!r} is not a search space: unset it or use 'full' "
@@ -70,8 +70,9 @@ if AUTOTUNE not in ("full", "quick"):
 def _configs() -> list:
     """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
     chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows). Both spaces end with an unpipelined
-    config (1 stage), the one that fits in shared memory when no other does (fp32 inputs at D 128
-    with 128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB)."""
+    config (1 stage): it fits in shared memory when no other does (fp32 inputs at D 128 with
+    128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB), and it is the fastest for
+    the D 128 forward at 64-row blocks (VSA's 4x4x4 tiles, docs/kernel_notes.md v10)."""
     fallback = [triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)]
     if AUTOTUNE == "quick":
         return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)] + fallback
