@@ -71,8 +71,8 @@ def _configs() -> list:
     """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
     chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows). Both spaces end with an unpipelined
     config (1 stage): it fits in shared memory when no other does (fp32 inputs at D 128 with
-    128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB), and it is the fastest for
-    the D 128 forward at 64-row blocks (VSA's 4x4x4 tiles, docs/kernel_notes.md v10)."""
+    128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB); the autotuner also picks it
+    for the D 128 forward at 64-row blocks, as fast as 2 stages there (docs/kernel_notes.md v10)."""
     fallback = [triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)]
     if AUTOTUNE == "quick":
         return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)] + fallback
