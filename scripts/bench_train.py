@@ -44,6 +44,10 @@ CASES = {
     "400m_d64": (dict(depth=28, width=1024, head_dim=64), (12, 16, 64, 64), 1, ("full", "vsa")),
     "1b32k": (PRESETS["1.4B"], (12, 32, 64, 64), 1, ("full", "vsa")),
 }
+# The scaling-study sizes at its 16,384 tokens (3x16x128x128 pixels, space-to-depth), batch 4:
+# what one optimizer step of each sweep run costs (5m_16k, 10m_16k, 20m_16k, 60m_16k).
+for _name in ("5M", "10M", "20M", "60M"):
+    CASES[f"{_name.lower()}_16k"] = (PRESETS[_name], (12, 16, 64, 64), 4, ("full", "vsa"))
 # Kernel name -> category, first match wins (inductor's fused kernels are named triton_*).
 CATEGORIES = [
     ("attention (ours: VSA kernels)", r"_fwd_kernel|_dq_kernel|_dkv_kernel|_delta_kernel|_bwd_prep|_tile_sum|"
@@ -183,6 +187,7 @@ def main():
     ap.add_argument("--dense-kernel", default="cudnn", choices=["cudnn", "auto"],
                     help="full attention's SDPA kernel: cudnn (pinned) or auto (SDPA's own choice)")
     ap.add_argument("--workers", type=int, default=8, help="data loader workers for the data-rate row")
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile and the data-rate row")
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -226,7 +231,7 @@ def main():
                       f"(spec {100 * row['mfu_h100_spec']:.1f}%)  {row['peak_memory_gb']:.1f} GB", flush=True)
                 best = row
                 break  # the fewest recomputed blocks that fit
-            if best is not None:
+            if best is not None and not args.no_profile:
                 stepper.set_checkpointing(best["recomputed_blocks"])
                 prof = profile_steps(stepper)
                 best["profile"] = prof
@@ -241,6 +246,8 @@ def main():
             ratio = fastest["vsa"]["tokens_per_s"] / fastest["full"]["tokens_per_s"]
             rows.append(dict(case=case, method="VSA / full tokens/s (fastest of each)", ratio=ratio))
             print(f"{case}: VSA / full tokens/s = {ratio:.2f}x", flush=True)
+        if args.no_profile:
+            continue
         rate = data_rate(shape, batch, args.workers)
         rows.append(dict(case=case, method=f"synthetic data loader, {args.workers} workers", samples_per_s=rate))
         print(f"{case}: data loader {rate:.1f} samples/s", flush=True)

@@ -13,6 +13,8 @@ In configs this is the OmegaConf resolver `${steps_for_budget:${scaling.budget}}
 `import vsa.scaling`); it reads the model, attention, data and trainer sections of the same config.
 `${sweep_values:${scaling.budgets}}` turns a YAML list into Hydra's "a,b,c" sweep syntax, and
 `${sweep_subdir:${hydra.job.override_dirname}}` names run folders with compact numbers (1e15).
+`${budget_for:${scaling.multiple}}` reads a per-size budget grid (`budget_for_multiple`), and
+`${warmup_for:${trainer.max_steps},0.05,10}` a warm-up that scales with the run's length.
 """
 
 from __future__ import annotations
@@ -172,6 +174,39 @@ def _steps_resolver(budget, *, _root_: DictConfig) -> int:
     return steps_for_budget(budget, _root_)
 
 
+def budget_for_multiple(multiple, base_budgets, preset: str) -> float:
+    """A run's budget on a per-size grid: `multiple` x the base budget of its model preset.
+
+    Sweeps whose model sizes differ by much give each size the budgets around its own scale
+    (small models would otherwise run tens of thousands of steps, large ones a handful):
+    base_budgets {5M: 2e15, 10M: 4e15, ...} with multiples [1, 2, 4, 8] puts 4 budgets spanning
+    8x on every size, and where the bases double from size to size the budgets of neighbouring
+    sizes coincide, which is what the IsoFLOP curves compare."""
+    bases = _plain(base_budgets)
+    if not isinstance(bases, dict) or preset not in bases:
+        known = ", ".join(bases) if isinstance(bases, dict) else "none"
+        raise ValueError(f"scaling.base_budgets has no entry for model {preset!r} (has: {known}); add "
+                         f"'{preset}: <FLOPs>' or drop the model from scaling.presets")
+    try:
+        value = float(multiple)
+    except (TypeError, ValueError):
+        raise ValueError(f"scaling.multiple must be a number, got {multiple!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scaling.multiple must be positive, got {multiple!r}")
+    return check_budget(value * check_budget(bases[preset]))
+
+
+def warmup_steps_for(steps, fraction, minimum) -> int:
+    """Warm-up steps that scale with a run's length: max(minimum, round(fraction x steps)), and
+    never more than half the run."""
+    steps = int(steps)
+    return max(1, min(max(int(minimum), round(float(fraction) * steps)), steps // 2))
+
+
+def _budget_resolver(multiple, *, _root_: DictConfig) -> float:
+    return budget_for_multiple(multiple, _root_.scaling.get("base_budgets"), str(_root_.model.name))
+
+
 def compact_number(text: str) -> str:
     """'500000000000000.0' -> '5e14', '0.875' -> '0.875'; ints and non-numbers unchanged."""
     try:
@@ -205,10 +240,15 @@ def _sweep_subdir(override_dirname: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register `steps_for_budget`, `sweep_values` and `sweep_subdir` with OmegaConf (idempotent)."""
+    """Register `steps_for_budget`, `sweep_values`, `sweep_subdir`, `budget_for` and `warmup_for`
+    with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("steps_for_budget"):
         OmegaConf.register_new_resolver("steps_for_budget", _steps_resolver)
     if not OmegaConf.has_resolver("sweep_values"):
         OmegaConf.register_new_resolver("sweep_values", _sweep_values)
     if not OmegaConf.has_resolver("sweep_subdir"):
         OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir)
+    if not OmegaConf.has_resolver("budget_for"):
+        OmegaConf.register_new_resolver("budget_for", _budget_resolver)
+    if not OmegaConf.has_resolver("warmup_for"):
+        OmegaConf.register_new_resolver("warmup_for", warmup_steps_for)

@@ -46,6 +46,10 @@ class RunRecorder(Callback):
       to it (time lost since the last checkpoint of a killed launch counts again when redone).
     - train_time_s / launch tokens: training batches only (data loading included, validation
       excluded), for tokens/s.
+    - step_times: the duration of each training step of this launch; their median x steps is
+      the run's steady-state GPU time (`gpu_time_s` in the row), which leaves out one-off costs
+      (compilation, the Triton autotuner's first calls, validation) that a longer run would not
+      repeat and that would otherwise weigh on the short runs only.
     - raw_state: a CPU copy of the model's own (non-EMA) weights after the final step, taken on
       global rank 0 only, and only when a weight-averaging callback (EMA) is attached.
     """
@@ -61,6 +65,7 @@ class RunRecorder(Callback):
         self.launch_steps = 0
         self._last: float | None = None
         self._first_step = 0
+        self.step_times: list[float] = []
 
     def state_dict(self) -> dict:
         return {"wall_clock_s": self.wall_clock_s, "train_time_s": self.train_time_s,
@@ -82,6 +87,15 @@ class RunRecorder(Callback):
     def train_time_s(self) -> float:
         return self.previous_train_time + self.launch_train_time
 
+    @property
+    def median_step_s(self) -> float | None:
+        """Median duration of this launch's training steps (s), None before the first one."""
+        if not self.step_times:
+            return None
+        ordered = sorted(self.step_times)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
     @staticmethod
     def _now(trainer: L.Trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
@@ -100,6 +114,7 @@ class RunRecorder(Callback):
                            batch: Any, batch_idx: int) -> None:
         now = self._now(trainer)
         self.launch_train_time += now - self._last
+        self.step_times.append(now - self._last)
         self._last = now
         self.launch_steps = trainer.global_step - self._first_step
         final = 0 < trainer.max_steps <= trainer.global_step
@@ -124,10 +139,12 @@ def _device_name(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def fixed_protocol_loss(module, loader, precision_plugin) -> float:
+def fixed_protocol_loss(module, loader, precision_plugin, with_error: bool = False):
     """The validation loss `module.validation_step` logs (fixed protocol, batch-size weighted mean),
-    computed for the weights the module holds now."""
-    total, count = 0.0, 0
+    computed for the weights the module holds now. With `with_error`: (loss, standard error), the
+    error being the spread of the per-batch losses / sqrt(batches): how much the loss would move
+    on another validation set of the same size (None with a single batch)."""
+    total, count, per_batch = 0.0, 0, []
     for batch_idx, batch in enumerate(loader):
         batch = move_data_to_device(batch, module.device)
         with precision_plugin.forward_context():
@@ -136,9 +153,13 @@ def fixed_protocol_loss(module, loader, precision_plugin) -> float:
                                    seed=module.validation["seed"] + batch_idx, n_t=module.validation["n_t"])
         total += loss * x0.shape[0]
         count += x0.shape[0]
+        per_batch.append(loss)
     if count == 0:
         raise ValueError("the validation set is empty; a scaling run needs data.datamodule.val_size > 0")
-    return total / count
+    if not with_error:
+        return total / count
+    error = float(torch.tensor(per_batch).std() / len(per_batch) ** 0.5) if len(per_batch) > 1 else None
+    return total / count, error
 
 
 def _raw_weights_from_checkpoint(run_dir: Path, step: int) -> dict | None:
@@ -152,27 +173,30 @@ def _raw_weights_from_checkpoint(run_dir: Path, step: int) -> dict | None:
 
 
 def validation_losses(trainer: L.Trainer, module, datamodule, run_dir: Path,
-                      recorder: RunRecorder | None) -> tuple[float | None, float | None, str]:
-    """(raw, ema, note): final fixed-protocol validation losses of the raw and the EMA weights."""
+                      recorder: RunRecorder | None) -> tuple[float | None, float | None, str, float | None]:
+    """(raw, ema, note, error): final fixed-protocol validation losses of the raw and the EMA
+    weights, and the standard error of the EMA one (of the raw one without EMA)."""
     loader = datamodule.val_dataloader()
     ema = any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)
     if not ema:
-        return fixed_protocol_loss(module, loader, trainer.precision_plugin), None, "no EMA callback"
-    ema_loss = fixed_protocol_loss(module, loader, trainer.precision_plugin)  # fit ended: EMA weights
+        raw_loss, error = fixed_protocol_loss(module, loader, trainer.precision_plugin, with_error=True)
+        return raw_loss, None, "no EMA callback", error
+    # fit ended: the module holds the EMA weights
+    ema_loss, error = fixed_protocol_loss(module, loader, trainer.precision_plugin, with_error=True)
     raw_state = recorder.raw_state if recorder is not None else None
     note = "raw weights: final-step copy"
     if raw_state is None:
         raw_state = _raw_weights_from_checkpoint(run_dir, trainer.global_step)
         note = "raw weights: last.ckpt current_model_state"
     if raw_state is None:
-        return None, ema_loss, "raw weights unavailable (no final-step copy, no matching last.ckpt)"
+        return None, ema_loss, "raw weights unavailable (no final-step copy, no matching last.ckpt)", error
     ema_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     module.load_state_dict(raw_state)
     try:
         raw_loss = fixed_protocol_loss(module, loader, trainer.precision_plugin)
     finally:
         module.load_state_dict(ema_state)
-    return raw_loss, ema_loss, note
+    return raw_loss, ema_loss, note, error
 
 
 def _write_json(path: Path, row: dict) -> None:
@@ -199,7 +223,7 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
     recorder = next((cb for cb in trainer.callbacks if isinstance(cb, RunRecorder)), None)
     # The trainer's teardown moved the module to the CPU: evaluate where it trained.
     module.to(trainer.strategy.root_device)
-    raw, ema, note = validation_losses(trainer, module, datamodule, run_dir, recorder)
+    raw, ema, note, val_error = validation_losses(trainer, module, datamodule, run_dir, recorder)
     wanted = str(scaling.get("loss") or "ema")
     if wanted not in ("ema", "raw"):
         raise ValueError(f"scaling.loss must be 'ema' or 'raw', got {wanted!r}")
@@ -235,6 +259,7 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "sparsity_schedule": (None if spec.schedule is None else
                               dict(zip(("target", "increment", "interval", "start"), spec.schedule))),
         "budget": float(scaling.budget),
+        "budget_multiple": None if scaling.get("multiple") is None else float(scaling.multiple),
         "flops": spec.flops_for_steps(steps),
         "flops_per_sample": count.training,
         "attention_flops_per_sample": 3.0 * count.self_attention,
@@ -252,12 +277,17 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "val_loss_raw": raw,
         "val_loss_ema": ema,
         "val_note": note,
+        "val_loss_se": val_error,
+        "val_loss_se_of": "ema" if ema is not None else "raw",
         "val_samples": len(datamodule.val_set) if hasattr(datamodule, "val_set") else None,
         "val_n_t": int(module.validation["n_t"]),
         "train_loss": None if train_loss is None else float(train_loss),
         "wall_clock_s": None if recorder is None else recorder.wall_clock_s,
         "train_time_s": None if recorder is None else recorder.train_time_s,
         "tokens_per_s": tokens_per_s,
+        "step_time_s": None if recorder is None else recorder.median_step_s,
+        "gpu_time_s": (None if recorder is None or recorder.median_step_s is None
+                       else recorder.median_step_s * steps),
         "launches": None if recorder is None else recorder.launches,
         "device": _device_name(module.device),
         "precision": str(trainer.precision),
