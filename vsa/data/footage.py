@@ -11,10 +11,11 @@ Each sample is a random window of the footage, deterministic per (seed, index):
   (in side length), resized to (height, width); then a horizontal flip half the time (`flip=True`).
 
 Held-out validation: the first (1 - val_fraction) of each video's frames are the "train" split and
-the rest the "val" split; a dataset only ever decodes and reads its own split's frames, so the two
-never share a frame (neighbouring frames at the cut are alike, as in any split of one shot).
+the rest the "val" split; a dataset only reads its own split's frames, so the two never share a
+frame (neighbouring frames at the cut are alike, as in any split of one shot).
 
-Frames are decoded once per process (PyAV by default; decord2 is slow on the 720p file) through
+Frames are decoded once per process and size (PyAV by default; decord2 is slow on the 720p file),
+shared by the train and val datasets, through
 `vsa.data.decode.read_clip` (the decoding path of `VideoFolderDataset`), scaled (keeping the
 aspect ratio) so that they cover the largest crop window, (height, width) / min_scale, and kept in
 memory as uint8 (about 150 MB at 128x128; a DataLoader worker forked after the first item shares
@@ -27,8 +28,10 @@ Items: dict(video=float32 [3, T, H, W] in [-1, 1], label=int64).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,17 @@ def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_scaled(path: Path, window: tuple[int, int], backend: str) -> torch.Tensor:
+    """All frames of a video as uint8 [n, 3, h, w], scaled (aspect kept) to cover `window`; decoded
+    once per process and shared by every dataset that reads the file at that size."""
+    frames = torch.from_numpy(read_clip(path, range, backend=backend))  # [n, h, w, 3]
+    n, h, w, _ = frames.shape
+    scale = max(window[0] / h, window[1] / w)
+    size = (max(window[0], round(h * scale)), max(window[1], round(w * scale)))
+    return torch.cat([_resize(chunk.permute(0, 3, 1, 2), size) for chunk in frames.split(16)])
 
 
 def split_range(num_frames: int, split: str, val_fraction: float) -> tuple[int, int]:
@@ -125,34 +139,21 @@ class FootageDataset(Dataset):
         return (self.frames - 1) * self.stride + 1
 
     def videos(self) -> list[torch.Tensor]:
-        """The split's frames of every source, decoded and scaled on first use (uint8 [n, 3, h, w])."""
+        """The split's frames of every source (uint8 [n, 3, h, w]), decoded on first use."""
         if self._videos is None:
             videos, ranges = [], []
             for path in self.paths:
-                picked: list[tuple[int, int]] = []
-
-                def pick(n: int, picked=picked) -> range:
-                    picked.append(split_range(n, self.split, self.val_fraction))
-                    return range(*picked[-1])
-
-                frames = read_clip(path, pick, backend=self.backend)
-                start, stop = picked[-1]
+                frames = _decode_scaled(path, self.window, self.backend)
+                start, stop = split_range(len(frames), self.split, self.val_fraction)
                 if stop - start < self.span:
                     raise ValueError(f"{path.name}'s {self.split} split has {stop - start} frames, fewer than "
                                      f"the {self.span} one clip spans (frames={self.frames}, stride="
                                      f"{self.stride}); use fewer frames, a smaller stride or another "
                                      f"val_fraction")
-                videos.append(self._scale(torch.from_numpy(frames)))
+                videos.append(frames[start:stop])
                 ranges.append((start, stop))
             self._videos, self.ranges = videos, ranges
         return self._videos
-
-    def _scale(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [n, h, w, 3] -> uint8 [n, 3, h', w'] covering self.window, aspect kept."""
-        n, h, w, _ = frames.shape
-        scale = max(self.window[0] / h, self.window[1] / w)
-        size = (max(self.window[0], round(h * scale)), max(self.window[1], round(w * scale)))
-        return torch.cat([_resize(chunk.permute(0, 3, 1, 2), size) for chunk in frames.split(16)])
 
     def clip_params(self, index: int) -> dict:
         """What sample `index` shows: source (= label), frame numbers in the source video, crop box
