@@ -108,6 +108,26 @@ def test_trainer_configs_compose(trainer):
         assert DiTBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
 
 
+@pytest.mark.parametrize("data", ["synthetic", "footage", "photo_pans", "long_range"])
+def test_builtin_data_configs_compose_and_build(data):
+    """Data sets that need no folder: the config composes, its dataset builds (footage: without
+    decoding) and the shape the training code derives from the config is the items' shape."""
+    overrides = [f"data={data}"] + (["data.distance=0.5", "data.kind=repeat"] if data == "long_range" else [])
+    cfg = compose_train(overrides)
+    container = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+    assert container["key"] == "video" and container["num_classes"] > 0
+    dataset = instantiate(cfg.data.datamodule.dataset)
+    assert dataset.num_classes == container["num_classes"]
+    assert input_shape(cfg)[1:] == (8, 16, 16)
+    if data == "long_range":
+        assert (dataset.distance, dataset.kind) == (0.5, "repeat")
+    if data == "footage":
+        val = instantiate(cfg.data.datamodule.val_dataset)
+        assert (val.split, val.frames, val.val_fraction) == ("val", dataset.frames, dataset.val_fraction)
+    else:
+        assert tuple(dataset[0]["video"].shape) == (3, 8, 32, 32)
+
+
 def test_slurm_launcher_composes_with_requeue(tmp_path):
     cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu", "experiment=vsa_1b"],

