@@ -196,7 +196,7 @@ def main():
     rows = []
     for case in args.cases.split(","):
         arch, shape, batch, attentions = CASES[case]
-        ckpts = [0] if case.startswith("400m") else [int(n) for n in args.ckpt1b.split(",")]
+        ckpts = [0] if not case.startswith("1b") else [int(n) for n in args.ckpt1b.split(",")]
         for attention in attentions:
             torch._dynamo.reset()  # a fresh compile cache per model
             stepper = Stepper(arch, shape, batch, attention, args.sparsity, not args.no_compile,

@@ -63,3 +63,65 @@ def finished_row(cfg: DictConfig) -> dict | None:
     same = (row.get("preset") == cfg.model.name and row.get("attention") == attention
             and float(row.get("budget", -1)) == float(scaling.budget) and same_sparsity)
     return row if same else None
+
+
+def collect_rows(sweep_dir: str | os.PathLike, rows_dir: str | os.PathLike) -> list[Path]:
+    """Copy every finished run's result.json under `sweep_dir` to `rows_dir/<run folder>.json`
+    (the form in which a sweep's rows are committed, e.g. docs/results/<sweep>/rows/)."""
+    rows_dir = Path(rows_dir)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row in find_rows(sweep_dir):
+        source = Path(row.pop("_path"))
+        target = rows_dir / f"{source.parent.name}.json"
+        target.write_text(json.dumps(row, indent=1) + "\n")
+        written.append(target)
+    return written
+
+
+def restore_rows(rows_dir: str | os.PathLike, sweep_dir: str | os.PathLike) -> list[Path]:
+    """The reverse of `collect_rows`: put each `rows_dir/<run folder>.json` back as
+    `sweep_dir/<run folder>/result.json`, so a relaunched sweep on another machine (or a fresh
+    one) skips the runs that are already finished. Existing result.json files are kept."""
+    rows_dir, sweep_dir = Path(rows_dir), Path(sweep_dir)
+    if not rows_dir.is_dir():
+        raise FileNotFoundError(f"{rows_dir} is not a folder of result rows (<run folder>.json files)")
+    restored = []
+    for source in sorted(rows_dir.glob("*.json")):
+        read_row(source)  # a readable row, or an error naming the file
+        target = sweep_dir / source.stem / RESULT_FILE
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source.read_text())
+        restored.append(target)
+    return restored
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vsa.scaling.rows",
+        description="Move a sweep's finished result rows between its run folders and a folder of rows: "
+                    "collect SWEEP_DIR ROWS_DIR after a (partial) sweep; restore ROWS_DIR SWEEP_DIR before "
+                    "relaunching it elsewhere, so that finished runs are skipped.")
+    parser.add_argument("action", choices=("collect", "restore"))
+    parser.add_argument("source")
+    parser.add_argument("target")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "collect":
+            paths = collect_rows(args.source, args.target)
+        else:
+            paths = restore_rows(args.source, args.target)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.action}: {len(paths)} row(s) -> {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
