@@ -84,7 +84,7 @@ def test_tiny_experiment_fast_dev_run_through_train_py(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Running in `fast_dev_run` mode" in output and "`Trainer.fit` stopped" in output
-    run_dir = tmp_path / "train" / "runs" / "tiny"
+    run_dir = tmp_path / "train" / "runs" / "tiny+trainer.fast_dev_run:true"  # its own run folder
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # fast_dev_run saves nothing
 
