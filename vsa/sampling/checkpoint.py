@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     error for anything else. `mmap`: map the tensors instead of reading them (cheap look-ups)."""
     path = find_checkpoint(path)
     try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            raise ValueError("not a file written by torch.save")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # not a torch file, truncated, or pickling something not plain data
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

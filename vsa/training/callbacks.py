@@ -241,8 +241,8 @@ class RunCheckpoint(ModelCheckpoint):
                 self.stopped_by = signum
                 trainer.should_stop = True
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits now
-                print(f"\n{signal.Signals(signum).name}: stopping after step {trainer.global_step + 1} and "
-                      "saving checkpoints/last.ckpt (Ctrl-C again to quit without saving)", flush=True)
+                print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving "
+                      "checkpoints/last.ckpt (Ctrl-C again to quit without saving)", flush=True)
 
             self._previous_handlers = {s: signal.signal(s, stop) for s in self.STOP_SIGNALS}
 
@@ -266,4 +266,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._restore_handlers()
         if trainer.fast_dev_run:  # Lightning 2.6 would write last.ckpt here even in fast_dev_run
             return
+        if (self.stopped_by is not None and self.save_last
+                and self._last_global_step_saved != trainer.global_step):  # stopped between steps
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)

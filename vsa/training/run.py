@@ -333,6 +333,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
     stopped_by = next((c.stopped_by for c in callbacks if isinstance(c, RunCheckpoint) and c.stopped_by), None)
     if stopped_by is not None:
+        import signal
+
+        rank_zero_info(f"Stopped by {signal.Signals(stopped_by).name} at step {trainer.global_step}: "
+                       f"{run_dir}/checkpoints/last.ckpt holds that step; relaunch the same command "
+                       "to resume")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish(exit_code=128 + stopped_by)
