@@ -273,3 +273,36 @@ def test_scaling_sweep_runs_as_a_slurm_job_array(slurm_cluster, tmp_path):
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert all(p.read_text() == text for p, text in written.items())  # finished points: skipped
+
+
+def test_slurm_is_installed_only_when_asked(monkeypatch):
+    """Without VSA_TEST_INSTALL_SLURM=1 a machine without SLURM skips these tests (with the
+    reason) instead of apt-get installing it."""
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster, "_which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster, "_apt_install", lambda timeout: pytest.fail("apt-get was run"))
+    monkeypatch.delenv("VSA_TEST_INSTALL_SLURM", raising=False)
+    assert "set VSA_TEST_INSTALL_SLURM=1" in slurm_cluster.ensure_slurm()
+
+
+def test_no_srun_warning_outside_a_slurm_job(tmp_path, monkeypatch):
+    """SLURM installed (an `srun` on PATH) but train.py not run as a SLURM job: no Lightning hint
+    about srun."""
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from vsa.training.run import quiet_known_noise
+
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        assert not SLURMEnvironment.detect()
+    assert not [w for w in caught if "srun" in str(w.message)]

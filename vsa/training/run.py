@@ -237,10 +237,9 @@ def single_console_log() -> None:
 
 def quiet_known_noise() -> None:
     """Silence messages that say nothing to a user of train.py: Lightning's "srun is available
-    but not used" outside a SLURM job (SLURM is installed, but this run is not a SLURM job)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    if not SLURMEnvironment.detect():
+    but not used" outside a SLURM job (SLURM is installed on the machine, but this run is no SLURM
+    job; inside an allocation the hint stays)."""
+    if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
 
 
