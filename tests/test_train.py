@@ -380,3 +380,55 @@ def test_ctrl_c_saves_the_step_it_reached(tmp_path):
     step = ckpt["global_step"]
     assert 0 < step < 1000
     assert f"Stopped by SIGINT at step {step}:" in output
+
+
+@pytest.mark.slow
+def test_readme_commands_after_the_first_run_do_what_the_readme_says(tmp_path):
+    """README "Training and sampling", as a new user types it after the set-up's `python train.py`:
+    each command, in order, with logs in a temporary folder and 4 training steps
+    (trainer.max_steps does not name a run, so the folders are the README's)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Training and sampling", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.strip().splitlines() if line.startswith("python ")]
+    assert len(commands) >= 5
+    logs = tmp_path / "logs"
+
+    def run(line: str) -> tuple[subprocess.CompletedProcess, str]:
+        command, _, comment = line.partition("#")
+        args = command.replace("logs/", f"{logs}/").split()[1:]
+        args = [a for a in args if not a.startswith("trainer.max_steps=")]
+        if args[0] == "train.py":
+            args += ["trainer.max_steps=4", "trainer.enable_progress_bar=false"]
+        result = subprocess.run([sys.executable, *args, f"paths.log_dir={logs}"], cwd=REPO, env=SUBPROCESS_ENV,
+                                capture_output=True, text=True, timeout=300)
+        return result, comment.strip()
+
+    def last_step(run_name: str) -> int:
+        path = logs / "train" / "runs" / run_name / "checkpoints" / "last.ckpt"
+        return torch.load(path, weights_only=True, mmap=True)["global_step"]
+
+    first, _ = run("python train.py")  # the set-up command's run
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert last_step("default") == 4
+    config = (logs / "train" / "runs" / "default" / ".hydra" / "config.yaml").read_text()
+    again, _ = run("python train.py")  # "relaunching the same command resumes": finished here
+    assert again.returncode == 0 and "finished (step 4 of trainer.max_steps=4)" in again.stdout + again.stderr
+    assert (logs / "train" / "runs" / "default" / ".hydra" / "config.yaml").read_text() == config
+
+    for line in commands:
+        result, comment = run(line)
+        output = result.stdout + result.stderr
+        if "GPU only" in comment and not torch.cuda.is_available():
+            assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+            assert "has no CUDA GPU" in output
+        else:
+            assert result.returncode == 0, f"{line}\n{output[-3000:]}"
+        if line.startswith("python train.py") and "->" in comment:
+            assert last_step(comment.split("logs/train/runs/")[1].split()[0]) == 4, line
+        if line.startswith("python sample.py"):
+            assert "s per video" in result.stdout
+    outputs = sorted((logs / "sample").iterdir())
+    assert len(outputs) == sum(line.startswith("python sample.py") for line in commands)
+    assert all((out / "grid.png").is_file() for out in outputs)
+    assert sorted(p.name for p in (logs / "train" / "runs").iterdir()) == \
+        ["default", "default+attention:full", "tiny"]

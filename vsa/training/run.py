@@ -92,7 +92,7 @@ def check_values(cfg: DictConfig) -> None:
         experiment = cfg.get("experiment_name", "this run")
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
                           f"({experiment} is a GPU recipe); run it on a GPU machine, or add "
-                          "trainer=cpu to try it on the CPU")
+                          "trainer.accelerator=cpu trainer.precision=32-true to try it on the CPU")
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -181,7 +181,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             cls = get_class(node._target_)
             if issubclass(cls, WandbLogger) and node.get("id") is None:
                 kwargs["id"] = wandb_run_id(run_dir)
-            loggers.append(instantiate(node, _convert_="all", **kwargs))
+            logger = instantiate(node, _convert_="all", **kwargs)
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", 0) is None:
+                # Lightning passes anonymous=None, and wandb warns that the setting has no effect.
+                del logger._wandb_init["anonymous"]
+            loggers.append(logger)
     return loggers
 
 
@@ -235,12 +239,21 @@ def single_console_log() -> None:
                 lightning_logger.removeHandler(handler)
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def quiet_known_noise() -> None:
     """Silence messages that say nothing to a user of train.py: Lightning's "srun is available
     but not used" outside a SLURM job (SLURM is installed on the machine, but this run is no SLURM
-    job; inside an allocation the hint stays)."""
+    job; inside an allocation the hint stays), Lightning's advertising tips (litlogger,
+    litmodels), and Lightning's own use of a torch API that torch deprecated (`_pytree`)."""
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_a_tip not in rank_zero_logger.filters:
+        rank_zero_logger.addFilter(_not_a_tip)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
