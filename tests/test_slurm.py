@@ -220,11 +220,13 @@ def test_sbatch_script_runs_ddp_through_srun_and_requeues_itself(slurm_cluster, 
                                capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
-    run_dir = tmp_path / "logs" / "train" / "runs" / "tiny"
+    # The run folder: tiny + the script's and COMMON's training overrides (vsa/training/run_folder.py).
+    checkpoints = (tmp_path / "logs" / "train" / "runs").glob
     output = tmp_path / f"slurm-vsa-train-{job_id}.out"
     start = time.monotonic()
     try:
-        wait_until((run_dir / "checkpoints" / "last.ckpt").is_file, 120, 0.2, what="the first checkpoint")
+        wait_until(lambda: any(checkpoints("tiny+*/checkpoints/last.ckpt")), 120, 0.2, what="the first checkpoint")
+        (run_dir,) = (path.parents[1] for path in checkpoints("*/checkpoints/last.ckpt"))
         # --signal=B:USR2@120 delivers to the batch shell only; scancel does the same with --batch.
         cluster.run("scancel", "--batch", "--signal=USR2", job_id)
         wait_until(lambda: cluster.job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
