@@ -22,7 +22,8 @@ def kernel_device() -> str:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py), started once per
-    session: installed with apt-get when missing (as root), skipped with the reason otherwise."""
+    session. Where SLURM is missing: installed with apt-get only with VSA_TEST_INSTALL_SLURM=1
+    (as root; .ci/run sets it), skipped with the reason otherwise."""
     from slurm_cluster import ensure_slurm, start_cluster
 
     reason = ensure_slurm()

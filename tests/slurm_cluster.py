@@ -7,8 +7,10 @@ inside `folder`, no munge: AuthType=auth/none + CredType=cred/none, no accountin
 any subprocess that talks to SLURM, e.g. `train.py -m hydra/launcher=slurm`), and `stop()` cancels
 every job first (job processes outlive slurmd), then SIGTERMs the two daemons by their PIDs.
 
-`ensure_slurm()` installs the packages with apt-get when they are missing and we are root (CI is
-a fresh Debian machine run as root); otherwise it returns the reason to skip.
+`ensure_slurm()` returns None when SLURM is installed. When it is missing it installs Debian's
+packages with apt-get only when asked to (`VSA_TEST_INSTALL_SLURM=1`, which `.ci/run` sets; root
+and apt-get needed): the test suite does not change the machine unless asked. Otherwise it
+returns the reason to skip, naming the variable.
 
 Choices (see /work/shared/TOOLCHAIN.md and docs/slurm.md):
 - No slurmdbd, so `sacct` has no data. submitit reads job states through sacct, so a job killed
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+INSTALL_VARIABLE = "VSA_TEST_INSTALL_SLURM"  # "1": install PACKAGES with apt-get when missing
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun"]
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
 
@@ -58,6 +61,9 @@ def ensure_slurm(install_timeout: float = 600) -> str | None:
     the reason they are not (the caller skips with it)."""
     if all(_which(b) for b in BINARIES):
         return None
+    if os.environ.get(INSTALL_VARIABLE) != "1":
+        return (f"SLURM is not installed; set {INSTALL_VARIABLE}=1 to let the tests install it "
+                f"(as root: apt-get install -y {' '.join(PACKAGES)}), or install it yourself")
     if os.geteuid() != 0:
         return ("SLURM is not installed and installing it needs root: "
                 f"`apt-get install -y {' '.join(PACKAGES)}`")

@@ -33,7 +33,10 @@ def test_ddp_two_cpu_processes_fit_through_train_py(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert "distributed_backend=gloo" in output
 
-    run_dir = tmp_path / "logs" / "train" / "runs" / "tiny"
+    # The run name holds the overrides that change training (vsa/training/run_folder.py).
+    run_dir = tmp_path / "logs" / "train" / "runs" / ("tiny+data.datamodule.val_size:0+trainer:ddp+"
+                                                      "trainer.accelerator:cpu+trainer.devices:2+"
+                                                      "trainer.precision:32-true")
     # Both ranks used the same run folder (no timestamp in it): rank 1 logged next to rank 0.
     assert (run_dir / "train_ddp_process_1.log").is_file()
     assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # rank 0 logs only

@@ -114,3 +114,35 @@ def test_tile_override_regroups_tokens_without_changing_full_attention(dense_che
         sample(sample_cfg(dense_checkpoint, tmp_path, ["tile=[4,0,4]"]))
     with pytest.raises(ConfigError, match=r"tile: tile must be 3 positive ints"):
         sample(sample_cfg(dense_checkpoint, tmp_path, ["tile=[4,8]"]))
+
+
+def test_checkpoint_arguments_give_one_line_each(dense_checkpoint, tmp_path):
+    """A run folder means its checkpoints/last.ckpt; a file that is no checkpoint (random bytes, a
+    PNG) or a missing one gives one line naming the file, and never advises weights_only=False;
+    a bad cfg_scale is refused before the checkpoint is read; failures create no output folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(dense_checkpoint.read_bytes())
+    assert sample(sample_cfg(run, tmp_path / "from_folder", []))["latents"].is_file()
+
+    (tmp_path / "noise.ckpt").write_bytes(os.urandom(4096))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(512))
+    for bad in ("noise.ckpt", "image.png"):
+        with pytest.raises(ConfigError, match=rf"ckpt_path: .*{bad} is not a readable checkpoint") as err:
+            sample(sample_cfg(tmp_path / bad, tmp_path / "out", []))
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ConfigError, match=r"empty_run holds no checkpoints/last.ckpt"):
+        sample(sample_cfg(tmp_path / "empty_run", tmp_path / "out", []))
+    with pytest.raises(ConfigError, match=r"sampling: cfg_scale must be a number >= 0 .*got -5"):
+        sample(sample_cfg(tmp_path / "missing.ckpt", tmp_path / "out", ["cfg_scale=-5"]))
+    with pytest.raises(ConfigError, match=r"sampling: seed must be an integer, got 'abc'"):
+        sample(sample_cfg(dense_checkpoint, tmp_path / "out", ["seed=abc"]))
+    assert not (tmp_path / "out").exists()
+
+    result = subprocess.run(
+        [sys.executable, "sample.py", f"ckpt_path={tmp_path / 'image.png'}", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "image.png is not a readable checkpoint" in result.stderr
+    assert not (tmp_path / "logs").exists()  # no empty logs/sample/<time>/ after a failure

@@ -220,11 +220,13 @@ def test_sbatch_script_runs_ddp_through_srun_and_requeues_itself(slurm_cluster, 
                                capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
-    run_dir = tmp_path / "logs" / "train" / "runs" / "tiny"
+    # The run folder: tiny + the script's and COMMON's training overrides (vsa/training/run_folder.py).
+    checkpoints = (tmp_path / "logs" / "train" / "runs").glob
     output = tmp_path / f"slurm-vsa-train-{job_id}.out"
     start = time.monotonic()
     try:
-        wait_until((run_dir / "checkpoints" / "last.ckpt").is_file, 120, 0.2, what="the first checkpoint")
+        wait_until(lambda: any(checkpoints("tiny+*/checkpoints/last.ckpt")), 120, 0.2, what="the first checkpoint")
+        (run_dir,) = (path.parents[1] for path in checkpoints("*/checkpoints/last.ckpt"))
         # --signal=B:USR2@120 delivers to the batch shell only; scancel does the same with --batch.
         cluster.run("scancel", "--batch", "--signal=USR2", job_id)
         wait_until(lambda: cluster.job_info(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
@@ -273,3 +275,36 @@ def test_scaling_sweep_runs_as_a_slurm_job_array(slurm_cluster, tmp_path):
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert all(p.read_text() == text for p, text in written.items())  # finished points: skipped
+
+
+def test_slurm_is_installed_only_when_asked(monkeypatch):
+    """Without VSA_TEST_INSTALL_SLURM=1 a machine without SLURM skips these tests (with the
+    reason) instead of apt-get installing it."""
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster, "_which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster, "_apt_install", lambda timeout: pytest.fail("apt-get was run"))
+    monkeypatch.delenv("VSA_TEST_INSTALL_SLURM", raising=False)
+    assert "set VSA_TEST_INSTALL_SLURM=1" in slurm_cluster.ensure_slurm()
+
+
+def test_no_srun_warning_outside_a_slurm_job(tmp_path, monkeypatch):
+    """SLURM installed (an `srun` on PATH) but train.py not run as a SLURM job: no Lightning hint
+    about srun."""
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from vsa.training.run import quiet_known_noise
+
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        assert not SLURMEnvironment.detect()
+    assert not [w for w in caught if "srun" in str(w.message)]

@@ -84,7 +84,7 @@ def test_tiny_experiment_fast_dev_run_through_train_py(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Running in `fast_dev_run` mode" in output and "`Trainer.fit` stopped" in output
-    run_dir = tmp_path / "train" / "runs" / "tiny"
+    run_dir = tmp_path / "train" / "runs" / "tiny+trainer.fast_dev_run:true"  # its own run folder
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # fast_dev_run saves nothing
 
@@ -280,3 +280,155 @@ def test_throughput_is_read_on_logged_steps_only(tmp_path):
     tokens = csv_column(tmp_path / "speed", "perf/tokens_per_sec")
     assert sorted(losses) == [2, 5, 8, 11]
     assert tokens and set(tokens) <= set(losses) and all(v > 0 for v in tokens.values())
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def test_run_names_come_from_the_overrides_that_change_training():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from vsa.training.run_folder import run_name_from_overrides
+
+    ignores = OmegaConf.load(CONFIGS / "train.yaml").run_name_ignores
+    name = run_name_from_overrides  # noqa: N806
+    assert name("default", [], ignores) == "default"
+    assert name("default", ["trainer.max_steps=20", "logger=csv", "paths.log_dir=/tmp/x",
+                            "hydra/launcher=slurm", "ckpt_path=null", "trainer.enable_progress_bar=false",
+                            "logger.wandb.mode=online", "callbacks.sample_videos=null"], ignores) == "default"
+    full = name("default", ["attention=full", "trainer.max_steps=20"], ignores)
+    assert full == "default+attention:full"
+    assert name("default", ["model=2.3m", "attention=full"], ignores) == \
+        name("default", ["attention=full", "model=2.3m"], ignores) == "default+attention:full+model:2.3m"
+    assert name("tiny", ["module.optimizer.lr=3e-4", "seed=1"], ignores) == "tiny+module.optimizer.lr:3e-4+seed:1"
+    weird = name("default", ["+init_from=logs/train/runs/x/checkpoints/last.ckpt", "data.codec.factor=[1,2,2]",
+                             "model.name=" + "a" * 200], ignores)
+    assert "/" not in weird and "," not in weird and "=" not in weird and len(weird) <= 120
+    # A run folder is a plain value on the command line: sample.py ckpt_path=logs/train/runs/<name>.
+    (override,) = OverridesParser.create().parse_overrides([f"ckpt_path=logs/train/runs/{weird}/last.ckpt"])
+    assert override.value() == f"logs/train/runs/{weird}/last.ckpt"
+
+
+def test_relaunch_resumes_refuses_another_config_and_leaves_a_finished_run_alone(tmp_path, caplog):
+    common = QUICK + ["callbacks.ema=null", "logger=csv"]
+    run_train(tmp_path, "r", common + ["trainer.max_steps=2"])
+    config = tmp_path / "r" / ".hydra" / "config.yaml"
+    recorded = config.read_text()
+
+    with pytest.raises(ConfigError, match=r"run folder .*r holds a run trained with another config "
+                                          r"\(model.name: 0.6M -> 2.3M.*run_name=NEW_NAME.*ckpt_path=null"):
+        run_train(tmp_path, "r", common + ["trainer.max_steps=4", "model=2.3m"])
+    with pytest.raises(ConfigError, match=r"module.optimizer.lr: 0.001 -> 0.0003"):
+        run_train(tmp_path, "r", common + ["trainer.max_steps=4", "module.optimizer.lr=3e-4"])
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_train(tmp_path, "r", common + ["trainer.max_steps=2", "trainer.log_every_n_steps=2"]) == {}
+    assert "finished (step 2 of trainer.max_steps=2); nothing to train" in caplog.text
+    assert config.read_text() == recorded and len(list((tmp_path / "r" / "csv").iterdir())) == 1
+
+    run_train(tmp_path, "r", common + ["trainer.max_steps=3"])  # a larger max_steps extends the run
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "max_steps: 3" in config.read_text()
+
+
+def test_checkpoint_and_value_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path: checkpoint .*nowhere.ckpt does not exist"):
+        run_train(tmp_path, "a", QUICK + [f"ckpt_path={tmp_path / 'nowhere.ckpt'}"])
+    (tmp_path / "noise.ckpt").write_bytes(os.urandom(1000))
+    with pytest.raises(ConfigError, match=r"noise.ckpt is not a readable checkpoint") as err:
+        run_train(tmp_path, "a", QUICK + [f"ckpt_path={tmp_path / 'noise.ckpt'}"])
+    assert "weights_only" not in str(err.value)
+    run_train(tmp_path, "small", QUICK + ["trainer.max_steps=1", "callbacks.ema=null", "logger=csv"])
+    with pytest.raises(ConfigError, match=r"ckpt_path: .*small/checkpoints/last.ckpt holds another model "
+                                          r"\(width: 128 -> 256.*ckpt_path=null"):
+        run_train(tmp_path, "big", QUICK + ["model=2.3m", f"ckpt_path={tmp_path / 'small'}"])
+    with pytest.raises(ConfigError, match=r"seed must be an integer, got 'abc'"):
+        run_train(tmp_path, "b", QUICK + ["seed=abc"])
+    with pytest.raises(ConfigError, match=r"module.optimizer.lr must be a positive number, got -0.001"):
+        run_train(tmp_path, "c", QUICK + ["module.optimizer.lr=-1e-3"])
+    if not torch.cuda.is_available():  # vsa_1b: refused before its 1.4B model is built
+        with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu but this machine has no CUDA GPU"):
+            run_train(tmp_path, "d", ["experiment=vsa_1b"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_saves_the_step_it_reached(tmp_path):
+    """SIGINT mid-run: the run stops after the step in flight, writes last.ckpt of that step
+    (not the periodic one, every 1000 steps here) and exits with status 130."""
+    import signal
+    import time
+
+    command = [sys.executable, "train.py", "experiment=tiny", "trainer.max_steps=100000",
+               "callbacks.checkpoint.every_n_train_steps=1000", "trainer.val_check_interval=1000",
+               "logger=csv", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "Run folder" in line:
+                break
+        time.sleep(4)  # a few steps (~0.1 s each)
+        process.send_signal(signal.SIGINT)
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    ckpt = torch.load(tmp_path / "train" / "runs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    step = ckpt["global_step"]
+    assert 0 < step < 1000
+    assert f"Stopped by SIGINT at step {step}:" in output
+
+
+@pytest.mark.slow
+def test_readme_commands_after_the_first_run_do_what_the_readme_says(tmp_path):
+    """README "Training and sampling", as a new user types it after the set-up's `python train.py`:
+    each command, in order, with logs in a temporary folder and 4 training steps
+    (trainer.max_steps does not name a run, so the folders are the README's)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Training and sampling", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.strip().splitlines() if line.startswith("python ")]
+    assert len(commands) >= 5
+    logs = tmp_path / "logs"
+
+    def run(line: str) -> tuple[subprocess.CompletedProcess, str]:
+        command, _, comment = line.partition("#")
+        args = command.replace("logs/", f"{logs}/").split()[1:]
+        args = [a for a in args if not a.startswith("trainer.max_steps=")]
+        if args[0] == "train.py":
+            args += ["trainer.max_steps=4", "trainer.enable_progress_bar=false"]
+        result = subprocess.run([sys.executable, *args, f"paths.log_dir={logs}"], cwd=REPO, env=SUBPROCESS_ENV,
+                                capture_output=True, text=True, timeout=300)
+        return result, comment.strip()
+
+    def last_step(run_name: str) -> int:
+        path = logs / "train" / "runs" / run_name / "checkpoints" / "last.ckpt"
+        return torch.load(path, weights_only=True, mmap=True)["global_step"]
+
+    first, _ = run("python train.py")  # the set-up command's run
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert last_step("default") == 4
+    config = (logs / "train" / "runs" / "default" / ".hydra" / "config.yaml").read_text()
+    again, _ = run("python train.py")  # "relaunching the same command resumes": finished here
+    assert again.returncode == 0 and "finished (step 4 of trainer.max_steps=4)" in again.stdout + again.stderr
+    assert (logs / "train" / "runs" / "default" / ".hydra" / "config.yaml").read_text() == config
+
+    for line in commands:
+        result, comment = run(line)
+        output = result.stdout + result.stderr
+        if "GPU only" in comment and not torch.cuda.is_available():
+            assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+            assert "has no CUDA GPU" in output
+        else:
+            assert result.returncode == 0, f"{line}\n{output[-3000:]}"
+        if line.startswith("python train.py") and "->" in comment:
+            assert last_step(comment.split("logs/train/runs/")[1].split()[0]) == 4, line
+        if line.startswith("python sample.py"):
+            assert "s per video" in result.stdout
+    outputs = sorted((logs / "sample").iterdir())
+    assert len(outputs) == sum(line.startswith("python sample.py") for line in commands)
+    assert all((out / "grid.png").is_file() for out in outputs)
+    trained = sorted(p.parents[1].name for p in (logs / "train" / "runs").glob("*/checkpoints/last.ckpt"))
+    assert trained == ["default", "default+attention:full", "tiny"]

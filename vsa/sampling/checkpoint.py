@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -10,14 +11,38 @@ from vsa.models import DiTConfig, VideoDiT
 from vsa.training.module import CHECKPOINT_KEY
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict of a `vsa` training run, with a clear error for anything else."""
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file `path` names: the file itself, or for a run folder its
+    `checkpoints/last.ckpt` (or a `last.ckpt` directly inside it)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"checkpoint folder {path} holds no checkpoints/last.ckpt; pass a run "
+                                "folder of train.py that has saved a checkpoint, or a .ckpt file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<run folder>/"
-                                "checkpoints/last.ckpt of a training run")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<run folder> or "
+                                "<run folder>/checkpoints/last.ckpt of a training run")
+    return path
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint dict of a `vsa` training run (`path`: a file or a run folder), with one clear
+    error for anything else. `mmap`: map the tensors instead of reading them (cheap look-ups)."""
+    path = find_checkpoint(path)
+    try:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            raise ValueError("not a file written by torch.save")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # not a torch file, truncated, or pickling something not plain data
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in reason or "weights_only" in reason:
+            reason = "it holds objects other than tensors and plain data"
+        raise ValueError(f"{path} is not a readable checkpoint of vsa.training ({reason[:120]}); pass "
+                         "the checkpoints/last.ckpt that train.py wrote, and do not load a file of "
+                         "unknown origin with pickle") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint of vsa.training (no {CHECKPOINT_KEY!r} entry); "
                          "train with `python train.py` to get one")
     return checkpoint

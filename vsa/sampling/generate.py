@@ -27,6 +27,24 @@ def default_labels(model: VideoDiT, num_videos: int, labels: Sequence[int] | Non
     return labels
 
 
+def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, seed: int) -> None:
+    """Raise ValueError (one line, with the fix) for sampling arguments out of range."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(num_videos) or num_videos < 1:
+        raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
+    if not is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be euler or heun, got {method!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be a number >= 0 (1 = no guidance, 4 = the default "
+                         f"guidance, 0 = unconditional), got {cfg_scale!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 @torch.no_grad()
 def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
              labels: Sequence[int] | None = None, steps: int = 32, method: str = "euler",
@@ -42,8 +60,7 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     if model.cfg.text_dim:
         raise ValueError("this model is text-conditional; generate() samples class-conditional or "
                          "unconditional models only (it has no text embeddings to condition on)")
-    if num_videos < 1:
-        raise ValueError(f"num_videos must be >= 1, got {num_videos}")
+    check_sampling(num_videos, steps, method, cfg_scale, int(seed))
     if latent_shape is None or len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
     device = torch.device(device) if device is not None else next(model.parameters()).device

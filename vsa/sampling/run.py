@@ -4,12 +4,14 @@ The checkpoint brings its own model config, latent shape, codec and timestep rec
 chooses the weights (EMA or raw), the attention backend and sparsity (train dense, sample
 sparse), the tile size (the group size of the static patterns, e.g. GRAT's 4x8x8; the weights do
 not depend on it), the sampler (Euler/Heun), the guidance weight and the seed. Output:
-video_XX.mp4, grid.png and latents.pt (the raw samples, fp32) in `output_dir`.
+video_XX.mp4, grid.png, latents.pt (the raw samples, fp32) and .hydra/config.yaml in `output_dir`,
+created only once the videos exist. `ckpt_path` may be a run folder (its checkpoints/last.ckpt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
 from vsa.sampling.checkpoint import load_model
-from vsa.sampling.generate import generate
+from vsa.sampling.generate import check_sampling, generate
 from vsa.sampling.media import save_grid, to_uint8_frames, write_mp4
 from vsa.training.module import timestep_shift
 from vsa.training.run import ConfigError, check_missing, config_section
+
+log = logging.getLogger(__name__)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -32,6 +36,9 @@ def _autocast(precision: str, device: torch.device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return contextlib.nullcontext()
+    if device.type == "cpu":
+        log.warning("precision=bf16 on the CPU is slow (about 14x slower than fp32 on a 2-core "
+                    "machine: CPUs without bf16 matrix units emulate it); precision=auto uses fp32 here")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
@@ -56,6 +63,9 @@ def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
 def sample(cfg: DictConfig) -> dict:
     """Sample `cfg.num_videos` videos; return the written paths and the seconds per video."""
     check_missing(cfg)
+    out = Path(cfg.output_dir)  # read once: the default holds the launch time
+    with config_section("sampling"):
+        check_sampling(cfg.num_videos, cfg.steps, cfg.method, cfg.cfg_scale, cfg.seed)
     with config_section("sparsity"):
         check_sparsity(cfg.sparsity, cfg.topk)
     with config_section("ckpt_path"):
@@ -93,8 +103,9 @@ def sample(cfg: DictConfig) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed sampling leaves no empty folder
+    (out / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     frames = to_uint8_frames(pixels)
     fps = cfg.fps or spec["fps"]
     videos = [write_mp4(out / f"video_{i:02d}.mp4", f, fps) for i, f in enumerate(frames)]

@@ -6,6 +6,8 @@ logging is Lightning's `LearningRateMonitor`.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -213,7 +215,44 @@ class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes `last.ckpt` after the final training step (max_steps
     reached, or the trainer asked to stop) when the periodic schedule did not just do it, so a
     finished run always ends with a checkpoint of its last step. Writing goes through the trainer's
-    checkpoint IO (AtomicCheckpointIO in vsa.training.train: temp file + fsync + rename)."""
+    checkpoint IO (AtomicCheckpointIO in vsa.training.train: temp file + fsync + rename).
+
+    Ctrl-C (SIGINT) or SIGTERM during training asks the trainer to stop after the step in flight,
+    which then writes `last.ckpt` of that step like a final one; `stopped_by` records the signal
+    (vsa.training.train exits with 128 + its number). A second Ctrl-C quits at once, without
+    saving. Only in a single-process run outside SLURM: under SLURM the launcher owns the signals
+    (submitit's requeue, docs/slurm.md), and the ranks of a multi-process run could stop at
+    different steps.
+    """
+
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped_by: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        if (trainer.world_size == 1 and not SLURMEnvironment.detect()
+                and threading.current_thread() is threading.main_thread()):
+            def stop(signum: int, frame: Any) -> None:
+                self.stopped_by = signum
+                trainer.should_stop = True
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits now
+                print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving "
+                      "checkpoints/last.ckpt (Ctrl-C again to quit without saving)", flush=True)
+
+            self._previous_handlers = {s: signal.signal(s, stop) for s in self.STOP_SIGNALS}
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -224,6 +263,10 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
         if trainer.fast_dev_run:  # Lightning 2.6 would write last.ckpt here even in fast_dev_run
             return
+        if (self.stopped_by is not None and self.save_last
+                and self._last_global_step_saved != trainer.global_step):  # stopped between steps
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)

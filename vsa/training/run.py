@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
+from vsa.training.callbacks import RunCheckpoint
 from vsa.training.checkpoint_io import AtomicCheckpointIO
 from vsa.training.module import VideoDiffusionModule
 
@@ -75,6 +77,77 @@ def check_missing(cfg: DictConfig) -> None:
                           f"line, e.g. `{example}`")
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Reject values that would otherwise fail only after the model is built (or deep inside
+    torch), with one line each: the seed, the learning rate, a GPU trainer on a machine without."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}; e.g. seed=1")
+    lr = OmegaConf.select(cfg, "module.optimizer.lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"module.optimizer.lr must be a positive number, got {lr!r}; e.g. "
+                          "module.optimizer.lr=3e-4")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        experiment = cfg.get("experiment_name", "this run")
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+                          f"({experiment} is a GPU recipe); run it on a GPU machine, or add "
+                          "trainer.accelerator=cpu trainer.precision=32-true to try it on the CPU")
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this launch resumes from: ckpt_path=last -> the run folder's last.ckpt when
+    it exists; a path -> that file (a run folder -> its checkpoints/last.ckpt); null -> None."""
+    from vsa.sampling.checkpoint import find_checkpoint
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
+        last = Path(dirpath or run_dir / "checkpoints") / "last.ckpt"
+        return last if last.is_file() else None
+    with config_section("ckpt_path"):
+        return find_checkpoint(ckpt_path)
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, ckpt: Path) -> dict:
+    """Read the resume checkpoint (tensors mapped, not loaded) and, when it is the run folder's
+    own, refuse a training config that differs from the run's recorded one. Returns the
+    checkpoint dict."""
+    from vsa.sampling.checkpoint import read_checkpoint
+    from vsa.training.run_folder import config_differences, recorded_config
+
+    with config_section("ckpt_path"):
+        checkpoint = read_checkpoint(ckpt, mmap=True)
+    recorded = recorded_config(run_dir) if cfg.get("ckpt_path") == "last" else None
+    if recorded is not None:
+        ignores = list(cfg.get("run_name_ignores") or [])
+        diffs = config_differences(OmegaConf.to_container(recorded, resolve=False),
+                                   OmegaConf.to_container(cfg, resolve=False), ignores)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 3 else "")
+            raise ConfigError(f"run folder {run_dir} holds a run trained with another config ({shown}); "
+                              "start a new run with run_name=NEW_NAME, or start this one over with "
+                              "ckpt_path=null")
+    return checkpoint
+
+
+def check_checkpoint_model(checkpoint: dict, model: VideoDiT, ckpt: Path) -> None:
+    """One line instead of Lightning's state_dict mismatch when the checkpoint holds another model."""
+    import dataclasses
+
+    from vsa.training.module import CHECKPOINT_KEY
+
+    saved = checkpoint[CHECKPOINT_KEY].get("dit_config", {})
+    own = dataclasses.asdict(model.cfg)
+    diffs = [f"{k}: {saved[k]} -> {own[k]}" for k in own if k in saved and saved[k] != own[k]]
+    if diffs:
+        raise ConfigError(f"ckpt_path: {ckpt} holds another model ({'; '.join(diffs[:4])}); resume it "
+                          "with the config it was trained with, or start fresh with ckpt_path=null "
+                          "(or name a new run with run_name=NEW_NAME)")
+
+
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """'auto' -> bf16-mixed on a CUDA GPU with bf16 support, else 32-true; others unchanged."""
     if precision != "auto":
@@ -108,7 +181,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             cls = get_class(node._target_)
             if issubclass(cls, WandbLogger) and node.get("id") is None:
                 kwargs["id"] = wandb_run_id(run_dir)
-            loggers.append(instantiate(node, _convert_="all", **kwargs))
+            logger = instantiate(node, _convert_="all", **kwargs)
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous", 0) is None:
+                # Lightning passes anonymous=None, and wandb warns that the setting has no effect.
+                del logger._wandb_init["anonymous"]
+            loggers.append(logger)
     return loggers
 
 
@@ -162,13 +239,51 @@ def single_console_log() -> None:
                 lightning_logger.removeHandler(handler)
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    """Silence messages that say nothing to a user of train.py: Lightning's "srun is available
+    but not used" outside a SLURM job (SLURM is installed on the machine, but this run is no SLURM
+    job; inside an allocation the hint stays), Lightning's advertising tips (litlogger,
+    litmodels), and Lightning's own use of a torch API that torch deprecated (`_pytree`)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_a_tip not in rank_zero_logger.filters:
+        rank_zero_logger.addFilter(_not_a_tip)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model; return the final callback metrics (train/loss, val/loss, ...)."""
+    """Fit the configured model; return the final callback metrics (train/loss, val/loss, ...).
+
+    A relaunch of a finished run (its checkpoint already at trainer.max_steps) trains nothing,
+    says so and returns {}; a run stopped by Ctrl-C / SIGTERM saves last.ckpt at the step it
+    reached and exits with status 130 / 143 (`RunCheckpoint`).
+    """
+    from vsa.training.run_folder import record_config
+
     single_console_log()
+    quiet_known_noise()
     check_missing(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    check_values(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt = resume_checkpoint(cfg, run_dir)
+    checkpoint = check_resume(cfg, run_dir, ckpt) if ckpt is not None else None
+    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
+    if (checkpoint is not None and 0 < max_steps <= checkpoint.get("global_step", 0)
+            and not cfg.get("scaling")):  # (a sweep run still writes its result row)
+        rank_zero_info(f"{run_dir}: finished (step {checkpoint['global_step']} of trainer.max_steps="
+                       f"{max_steps}); nothing to train. To train it longer, relaunch with a larger "
+                       "trainer.max_steps; to start it over, add ckpt_path=null; for another run, "
+                       "add run_name=NEW_NAME")
+        return {}
+    L.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        record_config(cfg, run_dir)
 
     with config_section("data"):
         datamodule = instantiate(cfg.data.datamodule, _convert_="all")
@@ -187,6 +302,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with config_section("model"):
         model = instantiate(cfg.model, in_channels=latent_shape[0], _convert_="all")
         tokens = math.prod(model.cfg.token_grid(latent_shape[1:]))
+    if checkpoint is not None:
+        check_checkpoint_model(checkpoint, model, ckpt)
+        del checkpoint  # Lightning reads it again, for real
     with config_section("module"):
         module = instantiate(cfg.module, model=model, codec=codec_spec, data_key=cfg.data.key,
                              latent_shape=list(latent_shape), fps=cfg.data.fps, _convert_="all")
@@ -224,7 +342,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+    stopped_by = next((c.stopped_by for c in callbacks if isinstance(c, RunCheckpoint) and c.stopped_by), None)
+    if stopped_by is not None:
+        import signal
+
+        rank_zero_info(f"Stopped by {signal.Signals(stopped_by).name} at step {trainer.global_step}: "
+                       f"{run_dir}/checkpoints/last.ckpt holds that step; relaunch the same command "
+                       "to resume")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.finish(exit_code=128 + stopped_by)
+        raise SystemExit(128 + stopped_by)
     if cfg.get("scaling"):  # a scaling-sweep run (configs/sweep/): write its result row
         from vsa.scaling.result import write_result_row
 
