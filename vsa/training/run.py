@@ -272,7 +272,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.output_dir)
     ckpt = resume_checkpoint(cfg, run_dir)
     checkpoint = check_resume(cfg, run_dir, ckpt) if ckpt is not None else None
-    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
+    with config_section("trainer.max_steps"):
+        max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
     if (checkpoint is not None and 0 < max_steps <= checkpoint.get("global_step", 0)
             and not cfg.get("scaling")):  # (a sweep run still writes its result row)
         rank_zero_info(f"{run_dir}: finished (step {checkpoint['global_step']} of trainer.max_steps="
