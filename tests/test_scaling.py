@@ -21,14 +21,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 import vsa.scaling  # noqa: F401  (registers the resolvers)
-from vsa.models.presets import preset_config
-from vsa.scaling.budget import compact_number, run_spec
+from vsa.models.presets import nominal_params, preset_config
+from vsa.scaling.budget import budget_for_multiple, compact_number, run_spec, warmup_steps_for
 from vsa.scaling.report import envelope_flops_at, fit_power_law, lower_envelope, summarize, write_report
+from vsa.scaling.rows import collect_rows, find_rows, restore_rows
 from vsa.training.flops import training_flops
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
+# Sweeps with one budget list for every size (_budget_grid.yaml) and per-size grids (_iso16k.yaml).
+BUDGET_GRID_SWEEPS = [s for s in SWEEPS if "_budget_grid" in (CONFIGS / "sweep" / f"{s}.yaml").read_text()]
+ISO_SWEEPS = [s for s in SWEEPS if "_iso16k" in (CONFIGS / "sweep" / f"{s}.yaml").read_text()]
 torch.set_num_threads(1)
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
 
@@ -97,7 +101,11 @@ def test_bad_budgets_and_presets_fail_clearly(tmp_path):
         train(cfg)
 
 
-@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_has_a_budget_axis():
+    assert set(BUDGET_GRID_SWEEPS) | set(ISO_SWEEPS) == set(SWEEPS) and ISO_SWEEPS
+
+
+@pytest.mark.parametrize("sweep", BUDGET_GRID_SWEEPS)
 def test_sweeps_compose_with_their_grid_and_fixed_run_folders(sweep, tmp_path):
     cfg = compose_train([f"sweep={sweep}"], tmp=str(tmp_path), hydra=True)
     params = dict(cfg.hydra.sweeper.params)
@@ -125,6 +133,68 @@ def test_sweeps_compose_with_their_grid_and_fixed_run_folders(sweep, tmp_path):
         assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
         assert "1.4b" in params["model"] and float(params["scaling.budget"].split(",")[-1]) == 4e21
         assert run_spec(point).global_batch == 256 and point.ckpt_path == "last"
+
+
+@pytest.mark.parametrize("sweep", ISO_SWEEPS)
+def test_iso_sweeps_give_each_size_4_budgets_over_8x_and_shared_budgets(sweep, tmp_path):
+    cfg = compose_train([f"sweep={sweep}"], tmp=str(tmp_path), hydra=True)
+    params = dict(cfg.hydra.sweeper.params)
+    assert set(params) == {"model", "attention", "scaling.multiple"}
+    assert {"full", "vsa"} <= set(params["attention"].split(","))
+    models = params["model"].split(",")
+    multiples = [float(m) for m in params["scaling.multiple"].split(",")]
+    assert len(multiples) >= 4 and max(multiples) / min(multiples) >= 8
+    budgets, names = {}, []
+    for model in models:
+        for attention in params["attention"].split(","):
+            for multiple in (multiples[0], multiples[-1]):
+                point = compose_train([f"sweep={sweep}", f"model={model}", f"attention={attention}",
+                                       f"scaling.multiple={multiple}"], tmp=str(tmp_path))
+                resolved = OmegaConf.to_container(point, resolve=True, throw_on_missing=True)
+                steps = resolved["trainer"]["max_steps"]
+                assert 100 <= steps <= 20_000, (model, attention, multiple, steps)  # no run of a handful of steps
+                assert 10 <= resolved["module"]["lr_schedule"]["warmup_steps"] <= max(10, steps // 10)
+                spec = run_spec(point)
+                assert spec.sample_flops().tokens >= 16_384  # attention dominates
+                budgets.setdefault(model, set()).add(resolved["scaling"]["budget"])
+        names.append(point.model.name)
+    assert all(max(b) / min(b) >= 8 for b in budgets.values())
+    # the budgets of neighbouring sizes coincide (IsoFLOP curves with several sizes)
+    grid = {model: {float(cfg.scaling.base_budgets[compose_train([f"sweep={sweep}", f"model={model}"]).model.name])
+                    * m for m in multiples} for model in models}
+    assert all(grid[a] & grid[b] for a, b in zip(models, models[1:]))
+    sizes = sorted(nominal_params(name) for name in names)  # 4+ sizes over 8x+, up to 60M at least
+    assert len(sizes) >= 4 and sizes[-1] / sizes[0] >= 8 and sizes[-1] >= 6e7
+    assert "scaling.multiples" in cfg.hydra.job.config.override_dirname.exclude_keys
+
+
+def test_budget_multiples_and_scaled_warmup():
+    bases = {"5M": 2e15, "60M": 1.6e16}
+    assert budget_for_multiple(4, bases, "5M") == 8e15 and budget_for_multiple("2", bases, "60M") == 3.2e16
+    with pytest.raises(ValueError, match="no entry for model '10M'.*add '10M: <FLOPs>'"):
+        budget_for_multiple(1, bases, "10M")
+    with pytest.raises(ValueError, match="must be positive"):
+        budget_for_multiple(-1, bases, "5M")
+    assert warmup_steps_for(1000, 0.05, 10) == 50 and warmup_steps_for(100, 0.05, 10) == 10
+    assert warmup_steps_for(12, 0.05, 10) == 6  # never more than half a run
+
+
+def test_rows_collect_and_restore_skip_finished_runs(tmp_path):
+    run = tmp_path / "sweep" / "attention=vsa,model=5m,scaling.multiple=1"
+    run.mkdir(parents=True)
+    row = {"schema": 1, "preset": "5M", "attention": "vsa", "budget": 2e15, "val_loss": 0.1}
+    (run / "result.json").write_text(json.dumps(row))
+    written = collect_rows(tmp_path / "sweep", tmp_path / "rows")
+    assert [p.name for p in written] == ["attention=vsa,model=5m,scaling.multiple=1.json"]
+    (tmp_path / "rows" / "summary.json").write_text("{}")  # other JSON files beside the rows are not rows
+    assert [r["val_loss"] for r in find_rows(tmp_path / "rows")] == [0.1]
+    restored = restore_rows(tmp_path / "rows", tmp_path / "fresh")
+    assert [p.parent.name for p in restored] == [run.name]
+    assert json.loads(restored[0].read_text())["budget"] == 2e15
+    assert restore_rows(tmp_path / "rows", tmp_path / "fresh") == []  # existing rows are kept
+    cli = subprocess.run([sys.executable, "-m", "vsa.scaling.rows", "restore", str(tmp_path / "nope"), "x"],
+                         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert cli.returncode == 2 and "is not a folder of result rows" in cli.stderr
 
 
 def test_compact_numbers_name_run_folders():
@@ -193,6 +263,8 @@ def test_power_law_fit_recovers_a_known_law():
     assert abs(fit.E - E) < 0.01 and abs(fit.alpha - alpha) / alpha < 0.1 and abs(math.log(fit.A / A)) < 1.0
     # the inverse gives the compute of a loss on the curve
     assert math.isclose(fit.flops_at(float(fit.loss(1e18))), 1e18, rel_tol=1e-6)
+    flat = fit_power_law(flops[:5], [0.5, 0.5, 0.5, 0.5, 0.49])  # no law with an E > 0 in these points
+    assert flat.status == "at_bound" and not flat.usable and "sits at its bound" in flat.message
     exact = fit_power_law(flops[::6], (E + A * flops[::6] ** -alpha))
     assert exact.status == "exact" and abs(exact.E - E) < 0.01 and "passes through" in exact.message
     two = fit_power_law([1e15, 1e16], [1.0, 0.8])
@@ -252,3 +324,52 @@ def test_report_multiplier_from_known_laws_and_with_few_points(tmp_path):
     write_report(tmp_path / "sweep", tmp_path / "out", n_bootstrap=50)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "underdetermined" in text and (tmp_path / "out" / "multiplier.png").is_file()
+
+
+def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
+    """Rows with a second seed at some points, validation errors and step times: the points are
+    seed means, the noise section reports the seed spread, the bootstrap interval holds the
+    multiplier and the GPU-time comparison uses steps x the configuration's median step time."""
+    full = lambda c: 0.05 + 40.0 * c ** -0.1
+    vsa = lambda c: full(2.5 * c)
+    budgets = [1e15 * 2 ** i for i in range(6)]
+    rows = _rows("full", full, budgets) + _rows("vsa", vsa, budgets) + _rows("vsa75", vsa, budgets[:1])
+    rows[-2]["attention"], rows[-1]["attention"] = "sta", "sta"  # a static pattern: its own label
+    for r in rows:
+        r.update(val_loss_se=0.002, seed=0, compile="reduce-overhead",
+                 step_time_s={"full": 0.2, "vsa": 0.08, "sta": 0.07}[r["attention"]])
+        r["steps"] = int(r["budget"] / 1e13) if r["attention"] == "full" else int(r["budget"] / 2.5e12)
+    seconds = []
+    for r in list(rows):
+        if r["budget"] >= 8e15 and r["attention"] in ("full", "vsa"):  # second seeds at the frontier
+            twin = dict(r, seed=1, val_loss=r["val_loss"] * 1.01, step_time_s=r["step_time_s"] * 1.1)
+            r["val_loss"] *= 0.99
+            rows.append(twin)
+            seconds.append(twin)
+    eager = dict(rows[0], compile="eager", step_time_s=5.0, seed=2)  # other mode: not in the timing table
+    rows.append(eager)
+    summary = summarize(rows, n_bootstrap=300)
+    assert set(summary["groups"]) == {"full", "vsa", "sta"}
+    assert summary["groups"]["full"]["n_points"] == 12 and summary["groups"]["full"]["n_rows"] == 12 + 6 + 1
+    seed = summary["noise"]["seed"]
+    assert seed["n_points"] == 6 + 6 + 1 and 0.005 < seed["relative_std"] < 0.02
+    assert summary["noise"]["val_se_median"] == 0.002
+    m = summary["multipliers"]["vsa"]
+    boot = m["bootstrap"]
+    assert abs(m["multiplier"] / 2.5 - 1) < 0.1 and boot["low"] <= m["multiplier"] <= boot["high"]
+    assert boot["ratio"] == pytest.approx(boot["high"] / boot["low"]) and "seed spread" in boot["note"]
+    timing = summary["timing"]
+    assert timing["mode"] == "reduce-overhead"
+    assert timing["step_time_s"]["5M/full"] == pytest.approx(0.2) and timing["step_time_s"]["10M/vsa"] == 0.08
+    g = summary["gpu_time"]["vsa"]
+    # full: steps = C / 1e13 at 0.2 s; vsa: steps = C / 2.5e12 at ~0.08 s -> per FLOP VSA is 1.6x slower,
+    # so 2.5x fewer FLOPs at equal loss is ~2.5 / 1.6 = 1.56x less GPU time
+    assert abs(g["multiplier"] / (2.5 / 1.6) - 1) < 0.15 and g["bootstrap"]["low"] is not None
+    write_report_rows = tmp_path / "rows"
+    write_report_rows.mkdir()
+    for i, r in enumerate(rows):
+        (write_report_rows / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    write_report(write_report_rows, tmp_path / "out", n_bootstrap=50)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "GPU-time multiplier" in text and "seed spread" in text and "| sta |" in text
+    assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0

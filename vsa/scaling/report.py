@@ -8,9 +8,19 @@ when a sweep holds several sparsities):
 - IsoFLOP curves: loss vs parameters per budget, with the minimum of a parabola in log params;
 - the compute multiplier of each sparse type over full attention at equal loss,
   C_full(L) / C_sparse(L), read off the two envelopes (log-log interpolation) over the loss range
-  both cover, reported at the lowest loss both reach, with a bootstrap interval (rows resampled
-  with replacement within each attention type); from the fits too when both are determined;
+  both cover, reported at the lowest loss both reach, with a bootstrap interval; from the fits too
+  when both are determined;
+- the same comparison in GPU time: loss vs measured GPU-seconds (steps x the median step time of
+  the run's configuration on the sweep's device), envelopes and the time multiplier;
+- the measurement noise: the validation set's standard error per run, and the spread between
+  seeds where a point was run with several;
 - the attention share of the training FLOPs per model.
+
+Points and seeds: rows of one (model, attention, budget) point with different seeds are averaged
+into one point. The bootstrap perturbs every point by its measured noise: its seeds resampled
+with replacement (points run with one seed get the relative seed spread pooled over the points
+run with several), plus a normal draw of the validation standard error; each resample rebuilds
+both envelopes and reads the multiplier again. Its 5th-95th percentiles are the interval.
 
 Writes report.md, summary.json and PNG plots (loss_vs_flops.png, isoflop.png, multiplier.png) to
 --out (default SWEEP_DIR/report). With few points it says what it could not determine (a fit
@@ -45,19 +55,118 @@ def row_loss(row: dict, loss: str = "auto") -> float | None:
 
 
 def attention_label(row: dict, vsa_sparsities: set) -> str:
-    """"full", "vsa", or "vsa@0.75" when the rows hold several VSA sparsities."""
+    """"full", "vsa", "sta", ..., or "vsa@0.75" when the rows hold several VSA sparsities."""
     name = row["attention"]
-    if name != BASELINE and len(vsa_sparsities) > 1:
-        return f"{name}@{row.get('sparsity'):g}"
+    if name == "vsa" and len(vsa_sparsities) > 1 and row.get("sparsity") is not None:
+        return f"{name}@{row['sparsity']:g}"
     return name
 
 
+def compile_mode(row: dict) -> str:
+    """How the run's blocks ran: "eager", or the torch.compile mode ("default", "reduce-overhead")."""
+    return str(row.get("compile") or "eager")
+
+
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    sparsities = {r.get("sparsity") for r in rows if r["attention"] != BASELINE}
+    sparsities = {r.get("sparsity") for r in rows if r["attention"] == "vsa"}
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(attention_label(row, sparsities), []).append(row)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
+
+
+# ----------------------------------------------------------------------------- points and noise
+
+@dataclass
+class Point:
+    """One (model, budget) point of an attention type: the mean over its seeds."""
+
+    preset: str
+    params: float
+    budget: float
+    flops: float
+    losses: list      # one per seed
+    se: float         # validation standard error of the mean loss (0 when unknown)
+    steps: float
+    gpu_s: float | None = None  # steps x the configuration's median step time (None: not timed)
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses))
+
+
+def make_points(rows: list[dict], loss: str) -> list[Point]:
+    """Average the seeds of each (preset, budget) point of one attention type's rows."""
+    by_point: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_point.setdefault((r["preset"], float(r["budget"])), []).append(r)
+    points = []
+    for (preset, budget), group in sorted(by_point.items(), key=lambda kv: (kv[1][0]["params"], kv[0][1])):
+        ses = [r.get("val_loss_se") for r in group]
+        se = float(np.sqrt(np.mean([x * x for x in ses])) / math.sqrt(len(group))) if all(
+            x is not None for x in ses) else 0.0
+        points.append(Point(preset=preset, params=float(group[0]["params"]), budget=budget,
+                            flops=float(np.mean([r["flops"] for r in group])),
+                            losses=[row_loss(r, loss) for r in group], se=se,
+                            steps=float(np.mean([r.get("steps") or 0 for r in group]))))
+    return points
+
+
+def seed_spread(groups_points: dict[str, list[Point]]) -> dict:
+    """Relative spread between seeds, pooled over every point run with 2+ seeds: the root mean
+    square of (seed loss / point mean - 1), with the number of points and seeds behind it."""
+    deviations, n_points = [], 0
+    for points in groups_points.values():
+        for p in points:
+            if len(p.losses) > 1:
+                n_points += 1
+                mean = p.loss
+                deviations += [x / mean - 1.0 for x in p.losses]
+    if not n_points:
+        return {"relative_std": None, "n_points": 0, "n_runs": 0}
+    # ddof: one mean per point was estimated from its own seeds
+    dof = max(1, len(deviations) - n_points)
+    return {"relative_std": float(math.sqrt(sum(d * d for d in deviations) / dof)), "n_points": n_points,
+            "n_runs": len(deviations)}
+
+
+def perturbed_losses(points: list[Point], rel_seed_std: float | None, rng) -> list[float]:
+    """One bootstrap draw of the points' losses (see the module docstring)."""
+    out = []
+    for p in points:
+        if len(p.losses) > 1:
+            value = float(np.mean(rng.choice(p.losses, size=len(p.losses), replace=True)))
+        elif rel_seed_std:
+            value = p.loss * (1.0 + rel_seed_std * rng.standard_normal())
+        else:
+            value = p.loss
+        out.append(max(value + p.se * rng.standard_normal(), 1e-12))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+def step_time_table(rows: list[dict], mode: str) -> dict[tuple[str, str], float]:
+    """Median step time (s) per (preset, attention label) over the rows run in compile `mode`.
+    A step's cost depends on the model, attention, batch and tokens, not on the run's budget, so
+    every run of a configuration gets the same per-step time: its measured median."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for label, group in group_rows(rows).items():
+        for r in group:
+            if compile_mode(r) == mode and r.get("step_time_s"):
+                times.setdefault((r["preset"], label), []).append(float(r["step_time_s"]))
+    return {key: float(np.median(values)) for key, values in times.items()}
+
+
+def timing_mode(rows: list[dict], wanted: str = "auto") -> str | None:
+    """The compile mode whose step times the GPU-time comparison uses: `wanted`, or (auto) the one
+    that times the most configurations (ties: a compiled mode before eager)."""
+    modes = {compile_mode(r) for r in rows if r.get("step_time_s")}
+    if wanted != "auto":
+        return wanted if wanted in modes else None
+    if not modes:
+        return None
+    return max(sorted(modes), key=lambda m: (len(step_time_table(rows, m)), m != "eager"))
 
 
 # ----------------------------------------------------------------------------- frontier
@@ -107,7 +216,7 @@ class PowerLawFit:
     A: float = math.nan
     alpha: float = math.nan
     n_points: int = 0
-    status: str = "underdetermined"  # ok | exact | underdetermined | failed
+    status: str = "underdetermined"  # ok | exact | at_bound | underdetermined | failed
     message: str = ""
     rmse_log: float = math.nan  # root mean square of log(L_fit / L)
 
@@ -179,31 +288,35 @@ def fit_power_law(flops, losses) -> PowerLawFit:
                       status="ok" if n >= 4 else "exact", rmse_log=math.sqrt(sse / n))
     if n == 3:
         fit.message = "3 frontier points for 3 parameters: the fit passes through them (no error estimate)"
-    if alpha <= 1.001e-3 or alpha >= 4.99 or E >= upper_e * 0.999:
-        fit.message = (fit.message + "; " if fit.message else "") + "a parameter sits at its bound"
+    at_alpha = alpha <= 1.001e-3 or alpha >= 4.99
+    if at_alpha or E >= upper_e * 0.999 or E <= upper_e * 1e-6:
+        bound = ("alpha" if at_alpha else "E (at the lowest loss)" if E >= upper_e * 0.999
+                 else "E (at 0: a pure power law)")
+        fit.status = "at_bound"
+        fit.message = (fit.message + "; " if fit.message else "") + (
+            f"{bound} sits at its bound: the points do not determine the law (more budgets, or longer runs)")
     return fit
 
 
 # ----------------------------------------------------------------------------- IsoFLOP
 
-def isoflop_curves(rows: list[dict], loss: str) -> list[dict]:
+def isoflop_curves(points: list[Point]) -> list[dict]:
     """Per budget: (params, loss) of each model, and the minimum of a parabola in log10(params)."""
     curves = []
-    for budget in sorted({r["budget"] for r in rows}):
-        points = sorted((r["params"], row_loss(r, loss)) for r in rows if r["budget"] == budget)
-        points = [(n, l) for n, l in points if l is not None]
-        curve = {"budget": budget, "params": [n for n, _ in points], "loss": [l for _, l in points],
+    for budget in sorted({p.budget for p in points}):
+        pts = sorted((p.params, p.loss) for p in points if p.budget == budget)
+        curve = {"budget": budget, "params": [n for n, _ in pts], "loss": [l for _, l in pts],
                  "opt_params": None, "opt_loss": None, "note": ""}
-        logs = np.log10([n for n, _ in points]) if points else np.array([])
+        logs = np.log10([n for n, _ in pts]) if pts else np.array([])
         if len(np.unique(logs)) < 3:
-            curve["note"] = f"{len(points)} model size(s): no parabola (needs 3+)"
-            if points:
-                n_best, l_best = min(points, key=lambda p: p[1])
+            curve["note"] = f"{len(pts)} model size(s): no parabola (needs 3+)"
+            if pts:
+                n_best, l_best = min(pts, key=lambda p: p[1])
                 curve.update(opt_params=n_best, opt_loss=l_best, note=curve["note"] + "; best run shown")
         else:
             a, b, c0 = np.polyfit(logs, curve["loss"], 2)
             if a <= 0:
-                n_best, l_best = min(points, key=lambda p: p[1])
+                n_best, l_best = min(pts, key=lambda p: p[1])
                 curve.update(opt_params=n_best, opt_loss=l_best, note="parabola has no minimum; best run shown")
             else:
                 x_opt = -b / (2 * a)
@@ -235,29 +348,64 @@ def reference_loss(base_frontier, sparse_frontier) -> tuple[float, bool]:
     return math.sqrt(lo * hi), False
 
 
-def bootstrap_multiplier(base_rows, sparse_rows, loss_ref: float, loss: str, n: int = 1000,
-                         seed: int = 0) -> dict:
-    """5th-95th percentile of the envelope multiplier at `loss_ref` over resampled rows."""
+def bootstrap_multiplier(base: list[Point], sparse: list[Point], cost: str, loss_ref: float,
+                         rel_seed_std: float | None, n: int = 1000, seed: int = 0) -> dict:
+    """5th-95th percentile of the envelope multiplier at `loss_ref` when every point's loss is
+    redrawn from its measured noise (`perturbed_losses`); `cost` is "flops" or "gpu_s"."""
     rng = np.random.default_rng(seed)
-    base = [(r["flops"], row_loss(r, loss)) for r in base_rows]
-    sparse = [(r["flops"], row_loss(r, loss)) for r in sparse_rows]
     values = []
     for _ in range(n):
-        fb = lower_envelope([base[i] for i in rng.integers(0, len(base), len(base))])
-        fs = lower_envelope([sparse[i] for i in rng.integers(0, len(sparse), len(sparse))])
+        fb = lower_envelope(list(zip([getattr(p, cost) for p in base], perturbed_losses(base, rel_seed_std, rng))))
+        fs = lower_envelope(list(zip([getattr(p, cost) for p in sparse], perturbed_losses(sparse, rel_seed_std, rng))))
         value, _ = multiplier_at(fb, fs, loss_ref)
         if math.isfinite(value) and value > 0:
             values.append(value)
     if len(values) < max(10, n // 10):
-        return {"low": None, "high": None, "n_valid": len(values), "n": n,
+        return {"low": None, "high": None, "ratio": None, "n_valid": len(values), "n": n,
                 "note": "too few resamples gave a finite multiplier for an interval"}
-    return {"low": float(np.percentile(values, 5)), "high": float(np.percentile(values, 95)),
-            "n_valid": len(values), "n": n, "note": "90% interval (5th-95th percentile)"}
+    low, high = float(np.percentile(values, 5)), float(np.percentile(values, 95))
+    noise = "validation standard errors" + (" and seed spread" if rel_seed_std else " only (no seed replicates)")
+    return {"low": low, "high": high, "ratio": high / low, "n_valid": len(values), "n": n,
+            "note": f"90% interval (5th-95th percentile), points redrawn from their {noise}"}
+
+
+def compare(base: list[Point], sparse: list[Point], cost: str, label: str, rel_seed_std: float | None,
+            n_bootstrap: int, notes: list[str], fits: tuple | None = None) -> dict:
+    """The multiplier of `sparse` over `base` at equal loss along `cost` ("flops" or "gpu_s")."""
+    what = "compute" if cost == "flops" else "GPU time"
+    fb = lower_envelope([(getattr(p, cost), p.loss) for p in base])
+    fs = lower_envelope([(getattr(p, cost), p.loss) for p in sparse])
+    loss_ref, overlap = reference_loss(fb, fs)
+    value, extrapolated = multiplier_at(fb, fs, loss_ref)
+    entry: dict = {"loss": loss_ref, "multiplier": value, "extrapolated": extrapolated,
+                   "loss_ranges_overlap": overlap, "frontier_base": fb, "frontier": fs}
+    if overlap:
+        lo, hi = loss_ref, min(fb[0][1], fs[0][1])
+        grid = np.linspace(lo, hi, 25) if hi > lo else np.array([lo])
+        curve = [multiplier_at(fb, fs, float(g))[0] for g in grid]
+        entry["over_overlap"] = {"loss": grid.tolist(), "multiplier": curve,
+                                 "min": float(np.nanmin(curve)), "max": float(np.nanmax(curve))}
+    else:
+        notes.append(f"{label} vs {BASELINE} ({what}): the frontiers' loss ranges do not overlap; the "
+                     "multiplier is extrapolated along the end segments")
+    if len(fb) < 2 or len(fs) < 2:
+        notes.append(f"{label} vs {BASELINE} ({what}): a frontier has a single point; the multiplier needs "
+                     "more budgets to be reliable")
+    entry["from_fits"] = None
+    if fits is not None:
+        fit_b, fit_s = fits
+        if fit_b.usable and fit_s.usable:
+            entry["from_fits"] = fit_b.flops_at(loss_ref) / fit_s.flops_at(loss_ref)
+        else:
+            notes.append(f"{label} vs {BASELINE}: a fit is not determined ({fit_b.status} / {fit_s.status}); "
+                         "multiplier from the envelopes only")
+    entry["bootstrap"] = bootstrap_multiplier(base, sparse, cost, loss_ref, rel_seed_std, n=n_bootstrap)
+    return entry
 
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000) -> dict:
+def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto") -> dict:
     notes: list[str] = []
     usable = [r for r in rows if row_loss(r, loss) is not None]
     if len(usable) < len(rows):
@@ -269,13 +417,31 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000) -> 
         if len(values) > 1:
             notes.append(f"rows differ in {key} ({values}): they are compared on FLOPs alone")
     groups = group_rows(usable)
-    summary: dict = {"loss": loss, "n_rows": len(usable), "sweeps": sorted({str(r.get("sweep")) for r in usable}),
-                     "groups": {}, "multipliers": {}, "notes": notes}
-    frontiers = {}
+    points = {label: make_points(group, loss) for label, group in groups.items()}
+    spread = seed_spread(points)
+    mode = timing_mode(usable, timing)
+    table = step_time_table(usable, mode) if mode else {}
+    for label, pts in points.items():
+        for p in pts:
+            step_s = table.get((p.preset, label))
+            p.gpu_s = None if step_s is None else p.steps * step_s
+    ses = [r["val_loss_se"] for r in usable if r.get("val_loss_se") is not None]
+    summary: dict = {
+        "loss": loss, "n_rows": len(usable), "sweeps": sorted({str(r.get("sweep")) for r in usable}),
+        "groups": {}, "multipliers": {}, "gpu_time": {}, "notes": notes,
+        "noise": {"val_se_min": min(ses) if ses else None, "val_se_median": float(np.median(ses)) if ses else None,
+                  "val_se_max": max(ses) if ses else None, "seed": spread},
+        "timing": {"mode": mode,
+                   "step_time_s": {f"{preset}/{label}": t for (preset, label), t in sorted(table.items())}},
+    }
+    if spread["n_points"] == 0:
+        notes.append("no point was run with 2+ seeds: the intervals hold the validation noise only")
+    fits = {}
     for label, group in groups.items():
-        frontier = lower_envelope([(r["flops"], row_loss(r, loss)) for r in group])
-        frontiers[label] = frontier
+        pts = points[label]
+        frontier = lower_envelope([(p.flops, p.loss) for p in pts])
         fit = fit_power_law([c for c, _ in frontier], [l for _, l in frontier])
+        fits[label] = fit
         if fit.message:
             notes.append(f"{label} fit: {fit.message}")
         share = {}
@@ -283,43 +449,31 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000) -> 
             share[r["preset"]] = r.get("attention_fraction")
         summary["groups"][label] = {
             "n_rows": len(group),
+            "n_points": len(pts),
+            "points": [asdict(p) | {"loss": p.loss} for p in pts],
             "frontier": [{"flops": c, "loss": l} for c, l in frontier],
             "fit": asdict(fit),
-            "isoflop": isoflop_curves(group, loss),
+            "isoflop": isoflop_curves(pts),
             "attention_share": share,
         }
-    summary["_fits"] = {label: PowerLawFit(**g["fit"]) for label, g in summary["groups"].items()}
+    summary["_fits"] = fits
     if BASELINE not in groups:
         notes.append(f"no {BASELINE}-attention rows: no compute multiplier")
+        return summary
+    rel = spread["relative_std"]
     for label in groups:
-        if label == BASELINE or BASELINE not in groups:
+        if label == BASELINE:
             continue
-        fb, fs = frontiers[BASELINE], frontiers[label]
-        loss_ref, overlap = reference_loss(fb, fs)
-        value, extrapolated = multiplier_at(fb, fs, loss_ref)
-        entry: dict = {"loss": loss_ref, "multiplier": value, "extrapolated": extrapolated,
-                       "loss_ranges_overlap": overlap}
-        if overlap:
-            lo, hi = loss_ref, min(fb[0][1], fs[0][1])
-            grid = np.linspace(lo, hi, 25) if hi > lo else np.array([lo])
-            curve = [multiplier_at(fb, fs, float(g))[0] for g in grid]
-            entry["over_overlap"] = {"loss": grid.tolist(), "multiplier": curve,
-                                     "min": float(np.nanmin(curve)), "max": float(np.nanmax(curve))}
-        else:
-            notes.append(f"{label} vs {BASELINE}: the frontiers' loss ranges do not overlap; the multiplier "
-                         "is extrapolated along the end segments")
-        if len(fb) < 2 or len(fs) < 2:
-            notes.append(f"{label} vs {BASELINE}: a frontier has a single point; the multiplier needs "
-                         "more budgets to be reliable")
-        fit_b, fit_s = summary["_fits"][BASELINE], summary["_fits"][label]
-        if fit_b.usable and fit_s.usable:
-            entry["from_fits"] = fit_b.flops_at(loss_ref) / fit_s.flops_at(loss_ref)
-        else:
-            entry["from_fits"] = None
-            notes.append(f"{label} vs {BASELINE}: fits underdetermined; multiplier from the envelopes only")
-        entry["bootstrap"] = bootstrap_multiplier(groups[BASELINE], groups[label], loss_ref, loss,
-                                                  n=n_bootstrap)
-        summary["multipliers"][label] = entry
+        summary["multipliers"][label] = compare(points[BASELINE], points[label], "flops", label, rel,
+                                                n_bootstrap, notes, fits=(fits[BASELINE], fits[label]))
+        timed_b = [p for p in points[BASELINE] if p.gpu_s is not None]
+        timed_s = [p for p in points[label] if p.gpu_s is not None]
+        untimed = len(points[BASELINE]) + len(points[label]) - len(timed_b) - len(timed_s)
+        if untimed:
+            notes.append(f"{label} vs {BASELINE} (GPU time): {untimed} point(s) left out, their configuration "
+                         f"has no step time measured in mode {mode!r}")
+        if timed_b and timed_s:
+            summary["gpu_time"][label] = compare(timed_b, timed_s, "gpu_s", label, rel, n_bootstrap, notes)
     return summary
 
 
@@ -331,24 +485,54 @@ def _fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
+def _interval(boot: dict) -> tuple[str, str]:
+    if boot.get("low") is None:
+        return "-", "-"
+    return f"{boot['low']:.3g} - {boot['high']:.3g}", f"{boot['ratio']:.2f}"
+
+
 def markdown(summary: dict, rows: list[dict], loss: str) -> str:
     lines = [f"# Scaling report: {', '.join(summary['sweeps'])}", "",
              f"{summary['n_rows']} runs; loss = final fixed-protocol validation loss ({loss}: "
              f"{'each row val_loss' if loss == 'auto' else 'val_loss_' + loss}); FLOPs = analytic training "
-             "FLOPs actually spent.", ""]
+             "FLOPs actually spent; points = the mean over a point's seeds.", ""]
     if summary["multipliers"]:
         lines += ["## Compute multiplier over full attention (equal loss)", "",
-                  "| attention | at loss | C_full / C_sparse (envelopes) | 90% bootstrap | from fits "
-                  "| over the common loss range | note |", "|---|---:|---:|---|---:|---|---|"]
+                  "| attention | at loss | C_full / C_sparse (envelopes) | 90% bootstrap | high / low | from fits "
+                  "| over the common loss range | note |", "|---|---:|---:|---|---:|---:|---|---|"]
         for label, m in summary["multipliers"].items():
-            boot = m["bootstrap"]
-            interval = f"{_fmt(boot['low'], '.3g')} - {_fmt(boot['high'], '.3g')}" if boot["low"] else "-"
+            interval, ratio = _interval(m["bootstrap"])
             span = m.get("over_overlap")
             span = f"{span['min']:.3g} - {span['max']:.3g}" if span else "-"
             note = "extrapolated" if m["extrapolated"] else ""
-            lines.append(f"| {label} | {m['loss']:.4g} | **{m['multiplier']:.3g}x** | {interval} | "
+            lines.append(f"| {label} | {m['loss']:.4g} | **{m['multiplier']:.3g}x** | {interval} | {ratio} | "
                          f"{_fmt(m['from_fits'], '.3g')} | {span} | {note} |")
         lines.append("")
+    if summary["gpu_time"]:
+        timing = summary["timing"]
+        lines += ["## GPU-time multiplier over full attention (equal loss)", "",
+                  f"GPU-seconds of a run = its steps x the median step time of its configuration (model, "
+                  f"attention) over the runs in compile mode `{timing['mode']}` on the sweep's device: "
+                  "training steps only (no compilation, autotuning or validation).", "",
+                  "| attention | at loss | T_full / T_sparse (envelopes) | 90% bootstrap | high / low | note |",
+                  "|---|---:|---:|---|---:|---|"]
+        for label, m in summary["gpu_time"].items():
+            interval, ratio = _interval(m["bootstrap"])
+            note = "extrapolated" if m["extrapolated"] else ""
+            lines.append(f"| {label} | {m['loss']:.4g} | **{m['multiplier']:.3g}x** | {interval} | {ratio} | {note} |")
+        lines += ["", "| configuration | step time (ms) |", "|---|---:|"]
+        for key, value in timing["step_time_s"].items():
+            lines.append(f"| {key} | {1e3 * value:.1f} |")
+        lines.append("")
+    noise = summary["noise"]
+    seed = noise["seed"]
+    lines += ["## Measurement noise", "",
+              f"- validation standard error per run (spread of the per-batch losses / sqrt(batches)): "
+              f"{_fmt(noise['val_se_min'], '.2g')} to {_fmt(noise['val_se_max'], '.2g')} "
+              f"(median {_fmt(noise['val_se_median'], '.2g')})",
+              (f"- seed spread: {seed['relative_std']:.2%} of the loss (relative std, pooled over {seed['n_points']} "
+               f"point(s) run with several seeds, {seed['n_runs']} runs)" if seed["n_points"] else
+               "- seed spread: not measured (no point run with 2+ seeds)"), ""]
     lines += ["## Frontier fits L(C) = E + A C^-alpha", "",
               "| attention | frontier points | E | A | alpha | rmse (log L) | status |",
               "|---|---:|---:|---:|---:|---:|---|"]
@@ -369,14 +553,20 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
     lines += ["", "## Runs", "",
-              "| model | params | attention | sparsity | budget | FLOPs | steps | val loss raw | val loss EMA "
-              "| wall-clock s | tokens/s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["attention"], r["params"], r["budget"])):
+              "| model | params | attention | sparsity | budget | FLOPs | steps | seed | val loss raw | val loss EMA "
+              "| val s.e. | step ms | compile | wall-clock s |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in sorted(rows, key=lambda r: (r["attention"], str(r.get("sparsity")), r["params"], r["budget"],
+                                         r.get("seed", 0))):
+        step_ms = None if not r.get("step_time_s") else 1e3 * r["step_time_s"]
         lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['attention']} | {_fmt(r.get('sparsity'), 'g')} "
-                     f"| {r['budget']:.3g} | {r['flops']:.3g} | {r['steps']} | {_fmt(r.get('val_loss_raw'))} | "
-                     f"{_fmt(r.get('val_loss_ema'))} | {_fmt(r.get('wall_clock_s'), '.1f')} | "
-                     f"{_fmt(r.get('tokens_per_s'), '.3g')} |")
+                     f"| {r['budget']:.3g} | {r['flops']:.3g} | {r['steps']} | {r.get('seed', '-')} | "
+                     f"{_fmt(r.get('val_loss_raw'))} | {_fmt(r.get('val_loss_ema'))} | "
+                     f"{_fmt(r.get('val_loss_se'), '.2g')} | {_fmt(step_ms, '.1f')} | {compile_mode(r)} | "
+                     f"{_fmt(r.get('wall_clock_s'), '.1f')} |")
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![IsoFLOP](isoflop.png)", ""]
+    if summary["gpu_time"]:
+        lines += ["![loss vs GPU time](loss_vs_gpu_time.png)", ""]
     if summary["multipliers"]:
         lines += ["![multiplier](multiplier.png)", ""]
     return "\n".join(lines)
@@ -423,6 +613,25 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
     ax.grid(True, which="both", alpha=0.3)
     written.append(_save(fig, out / "loss_vs_flops.png"))
 
+    if summary["gpu_time"]:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        labels = [BASELINE] + list(summary["gpu_time"])
+        for label in labels:
+            pts = [p for p in summary["groups"][label]["points"] if p["gpu_s"] is not None]
+            ax.scatter([p["gpu_s"] for p in pts], [p["loss"] for p in pts], color=colors[label], alpha=0.5, s=25,
+                       label=f"{label} points")
+            entry = summary["gpu_time"][label] if label != BASELINE else next(iter(summary["gpu_time"].values()))
+            front = entry["frontier"] if label != BASELINE else entry["frontier_base"]
+            ax.plot([c for c, _ in front], [l for _, l in front], color=colors[label], lw=2, label=f"{label} envelope")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"GPU-seconds of training ({summary['timing']['mode']})")
+        ax.set_ylabel(f"validation loss ({loss})")
+        ax.set_title("Loss vs measured GPU time, lower envelope per attention type")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        written.append(_save(fig, out / "loss_vs_gpu_time.png"))
+
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, label in zip(axes[0], groups, strict=True):
         curves = summary["groups"][label]["isoflop"]
@@ -443,30 +652,35 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
     written.append(_save(fig, out / "isoflop.png"))
 
     if summary["multipliers"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, m in summary["multipliers"].items():
-            span = m.get("over_overlap")
-            if span:
-                ax.plot(span["loss"], span["multiplier"], color=colors[label], label=f"{label} (envelopes)")
-            ax.plot([m["loss"]], [m["multiplier"]], "o", color=colors[label],
-                    label=f"{label}: {m['multiplier']:.3g}x at L={m['loss']:.3g}"
-                          + (" (extrapolated)" if m["extrapolated"] else ""))
-            boot = m["bootstrap"]
-            if boot["low"] is not None:
-                below, above = max(0.0, m["multiplier"] - boot["low"]), max(0.0, boot["high"] - m["multiplier"])
-                ax.errorbar([m["loss"]], [m["multiplier"]], yerr=[[below], [above]], color=colors[label], capsize=4)
-        ax.axhline(1.0, color="gray", lw=1, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"validation loss ({loss})")
-        ax.set_ylabel("C_full(L) / C_sparse(L)")
-        ax.set_title("Compute multiplier over full attention at equal loss")
-        ax.legend(fontsize=7)
-        ax.grid(True, alpha=0.3)
+        panels = [("multipliers", "C_full(L) / C_sparse(L)", "FLOPs")]
+        if summary["gpu_time"]:
+            panels.append(("gpu_time", "T_full(L) / T_sparse(L)", "GPU time"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (key, ylabel, what) in zip(axes[0], panels, strict=True):
+            for label, m in summary[key].items():
+                span = m.get("over_overlap")
+                if span:
+                    ax.plot(span["loss"], span["multiplier"], color=colors[label], label=f"{label} (envelopes)")
+                ax.plot([m["loss"]], [m["multiplier"]], "o", color=colors[label],
+                        label=f"{label}: {m['multiplier']:.3g}x at L={m['loss']:.3g}"
+                              + (" (extrapolated)" if m["extrapolated"] else ""))
+                boot = m["bootstrap"]
+                if boot["low"] is not None:
+                    below, above = max(0.0, m["multiplier"] - boot["low"]), max(0.0, boot["high"] - m["multiplier"])
+                    ax.errorbar([m["loss"]], [m["multiplier"]], yerr=[[below], [above]], color=colors[label],
+                                capsize=4)
+            ax.axhline(1.0, color="gray", lw=1, ls=":")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"validation loss ({loss})")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"Multiplier over full attention at equal loss ({what})")
+            ax.legend(fontsize=7)
+            ax.grid(True, alpha=0.3)
         written.append(_save(fig, out / "multiplier.png"))
     return written
 
 
-def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 1000) -> dict:
+def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto") -> dict:
     """Collect the rows under `sweep_dir`, write report.md, summary.json and the plots to `out`
     (default: sweep_dir/report); return the summary."""
     rows = find_rows(sweep_dir)
@@ -475,7 +689,7 @@ def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 100
                                 "sweep=...), or give the folder that holds its runs")
     out = Path(out) if out is not None else Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows, loss, n_bootstrap)
+    summary = summarize(rows, loss, n_bootstrap, timing)
     usable = [r for r in rows if row_loss(r, loss) is not None]
     plots = plot(summary, group_rows(usable), loss, out)
     (out / "report.md").write_text(markdown(summary, usable, loss) + "\n")
@@ -493,9 +707,12 @@ def main(argv=None) -> int:
     parser.add_argument("--loss", choices=("auto", "raw", "ema"), default="auto",
                         help="which validation loss: each row's val_loss (auto), the raw or the EMA weights'")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
+    parser.add_argument("--timing", default="auto",
+                        help="compile mode whose measured step times give the GPU-time comparison: eager, "
+                             "default, reduce-overhead, or auto (the mode that times the most configurations)")
     args = parser.parse_args(argv)
     try:
-        summary = write_report(args.sweep_dir, args.out, args.loss, max(args.bootstrap, 1))
+        summary = write_report(args.sweep_dir, args.out, args.loss, max(args.bootstrap, 1), args.timing)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -505,6 +722,11 @@ def main(argv=None) -> int:
         boot = m["bootstrap"]
         interval = f" (90% bootstrap {boot['low']:.3g}-{boot['high']:.3g})" if boot["low"] is not None else ""
         print(f"{label} over full: {m['multiplier']:.3g}x compute at loss {m['loss']:.4g}{interval}"
+              + (" [extrapolated]" if m["extrapolated"] else ""))
+    for label, m in summary["gpu_time"].items():
+        boot = m["bootstrap"]
+        interval = f" (90% bootstrap {boot['low']:.3g}-{boot['high']:.3g})" if boot["low"] is not None else ""
+        print(f"{label} over full: {m['multiplier']:.3g}x GPU time at loss {m['loss']:.4g}{interval}"
               + (" [extrapolated]" if m["extrapolated"] else ""))
     for note in summary["notes"]:
         print(f"note: {note}")

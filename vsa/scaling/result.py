@@ -285,6 +285,8 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "wall_clock_s": None if recorder is None else recorder.wall_clock_s,
         "train_time_s": None if recorder is None else recorder.train_time_s,
         "tokens_per_s": tokens_per_s,
+        "compile": (str(module.compile_mode or "default") if getattr(module, "compile_blocks", False)
+                    else "eager"),
         "step_time_s": None if recorder is None else recorder.median_step_s,
         "gpu_time_s": (None if recorder is None or recorder.median_step_s is None
                        else recorder.median_step_s * steps),

@@ -21,18 +21,22 @@ def read_row(path: str | os.PathLike) -> dict:
 
 
 def find_rows(folder: str | os.PathLike) -> list[dict]:
-    """Every result row under `folder` (recursively), each with its file's path under "_path"."""
+    """Every result row under `folder`, each with its file's path under "_path": the run folders'
+    result.json files (recursively), or a flat folder of collected rows (`collect_rows`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; give the sweep folder, e.g. "
                                 "logs/train/multiruns/scaling_micro")
     rows = []
-    for path in sorted(folder.rglob(RESULT_FILE)):
+    paths = sorted(folder.rglob(RESULT_FILE)) or sorted(p for p in folder.glob("*.json"))
+    for path in paths:
         try:
             row = read_row(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path} is not a readable result row ({exc}); delete it and relaunch "
                              "that run to rewrite it") from exc
+        if path.name != RESULT_FILE and not (isinstance(row, dict) and "schema" in row and "budget" in row):
+            continue  # another JSON file beside collected rows (e.g. a report's summary.json)
         row["_path"] = str(path)
         rows.append(row)
     return rows
@@ -88,7 +92,12 @@ def restore_rows(rows_dir: str | os.PathLike, sweep_dir: str | os.PathLike) -> l
         raise FileNotFoundError(f"{rows_dir} is not a folder of result rows (<run folder>.json files)")
     restored = []
     for source in sorted(rows_dir.glob("*.json")):
-        read_row(source)  # a readable row, or an error naming the file
+        try:
+            row = read_row(source)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{source} is not a readable result row ({exc}); fix or delete it") from exc
+        if not (isinstance(row, dict) and "schema" in row and "budget" in row):
+            continue  # another JSON file beside the rows
         target = sweep_dir / source.stem / RESULT_FILE
         if target.exists():
             continue
