@@ -432,3 +432,32 @@ def test_readme_commands_after_the_first_run_do_what_the_readme_says(tmp_path):
     assert all((out / "grid.png").is_file() for out in outputs)
     trained = sorted(p.parents[1].name for p in (logs / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     assert trained == ["default", "default+attention:full", "tiny"]
+
+
+def test_progress_bar_counts_steps_across_a_resume(tmp_path):
+    """After a resume the bar reads global_step / max_steps (not "batch/?"), and its rate counts
+    only this launch's steps (tqdm's `initial` is the restored step)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from vsa.training.callbacks import StepProgressBar
+
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+            seen.update(n=bar.n, total=bar.total, initial=bar.initial)
+
+    def fit(max_steps, ckpt_path=None):
+        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            callbacks=[StepProgressBar(refresh_rate=1), Look()], default_root_dir=tmp_path,
+                            limit_val_batches=0, accelerator="cpu")
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+        return trainer
+
+    trainer = fit(3)
+    assert seen == {"n": 3, "total": 3, "initial": 0}
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    fit(7, ckpt_path=tmp_path / "step3.ckpt")
+    assert seen == {"n": 7, "total": 7, "initial": 3}

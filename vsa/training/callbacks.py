@@ -15,11 +15,39 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import WandbLogger
 
 from vsa.models.config import check_sparsity
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimizer steps up to trainer.max_steps, not batches of an epoch:
+    a resumed run reads "500/1000", and its rate counts only the steps of this launch (tqdm's
+    `initial`), not the 500 restored ones. Without max_steps it is Lightning's bar."""
+
+    @property
+    def total_train_batches(self):
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        if trainer.max_steps and trainer.max_steps > 0 and bar is not None:
+            bar.initial = bar.n = trainer.global_step
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not (trainer.max_steps and trainer.max_steps > 0):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total):
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class SparsitySchedule(Callback):

@@ -21,14 +21,14 @@ import torch
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
-from vsa.training.callbacks import RunCheckpoint
+from vsa.training.callbacks import RunCheckpoint, StepProgressBar
 from vsa.training.checkpoint_io import AtomicCheckpointIO
 from vsa.training.module import VideoDiffusionModule
 
@@ -320,7 +320,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # Each refresh turns the bar's metrics into Python floats (a GPU sync): refresh on the
         # logged steps only, not after every step.
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps", 1)))))
+        callbacks.append(StepProgressBar(refresh_rate=max(1, int(cfg.trainer.get("log_every_n_steps", 1)))))
     loggers = build_loggers(cfg, run_dir)
     plugins = [AtomicCheckpointIO()]
     from lightning.fabric.plugins.environments import SLURMEnvironment
