@@ -47,9 +47,8 @@ from vsa.attention import AttentionContext
 from vsa.diffusion import interpolate, validation_noise
 from vsa.layout import TileLayout
 from vsa.models import VideoDiT
+from vsa.ops import coarse_stage, resolve_topk
 from vsa.ops import patterns as static_patterns
-from vsa.ops.api import resolve_topk
-from vsa.ops.coarse import coarse_stage
 
 ATTENTION_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attention"
 DEFAULT_SPARSITY = 0.875  # VSA's K for a model that has none (configs/attention/vsa.yaml)
@@ -201,16 +200,20 @@ def tile_attention_mass(q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
         raise ValueError(f"chunk must be >= 1 query rows, got {chunk}")
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     layout = layout.to(q.device)
-    # Tile membership of every token, one-hot [S, n]: sums over a tile's tokens become matmuls.
-    member = torch.nn.functional.one_hot(layout.tile_ids, layout.n_tiles).to(dtype)
+    n = layout.n_tiles
+    # Query side: tile membership one-hot [S, n], so summing a chunk's rows per tile is a matmul.
+    member = torch.nn.functional.one_hot(layout.tile_ids, n).to(dtype)
     keys = k.to(dtype).permute(0, 2, 3, 1)  # [B, H, D, S]
     scale = 1.0 / math.sqrt(D)
-    mass = torch.zeros(B, H, layout.n_tiles, layout.n_tiles, dtype=torch.float64, device=q.device)
+    mass = torch.zeros(B, H, n, n, dtype=torch.float64, device=q.device)
     for start in range(0, S, chunk):
         rows = q[:, start:start + chunk].to(dtype).transpose(1, 2)  # [B, H, c, D]
         probs = torch.softmax((rows @ keys) * scale, dim=-1)        # [B, H, c, S]
-        per_key_tile = probs @ member                               # [B, H, c, n]
-        mass += (member[start:start + chunk].T @ per_key_tile).double()
+        if layout.fill == 2:  # every tile full: the keys of a tile are a run of tile_volume
+            per_key_tile = probs.unflatten(-1, (n, layout.tile_volume)).sum(-1)
+        else:
+            per_key_tile = probs.new_zeros(*probs.shape[:-1], n).index_add_(-1, layout.tile_ids, probs)
+        mass += (member[start:start + chunk].T @ per_key_tile).double()  # [B, H, n, n]
     return mass
 
 
@@ -351,14 +354,19 @@ def plot_recall(result: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = result["patterns"]
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.2), squeeze=False,
+    cols = min(3, len(labels))
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows + 0.4), squeeze=False,
                              sharey=True)
     layers = list(range(result["layers"]))
     colors = plt.cm.viridis([i / max(1, len(result["timesteps"]) - 1)
                              for i in range(len(result["timesteps"]))])
-    for ax, label in zip(axes[0], labels):
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax, label in zip(axes.flat, labels):
         for color, t, values in zip(colors, result["timesteps"], result["recall"][label]):
             ax.plot(layers, values, marker="o", ms=3, color=color, label=f"t={t:g}")
         kept = result["kept"][label]
@@ -366,10 +374,12 @@ def plot_recall(result: dict, path: str | Path) -> Path:
                 label="kept keys")
         ax.set_title(label)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("attention mass recalled")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("attention mass recalled")
+    axes.flat[len(labels) - 1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"attention recall ({result['attention']} model, {result.get('tokens')} tokens, "
                  f"{result.get('n_tiles')} tiles)", fontsize=9)
     fig.tight_layout()
