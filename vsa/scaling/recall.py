@@ -319,6 +319,7 @@ def attention_recall(model: VideoDiT, x0: torch.Tensor, cond: dict | None = None
         "layers": n_layers,
         "heads": n_heads,
         "clips": int(x0.shape[0]),
+        "seed": seed,
         "attention": model.cfg.attention,
         **info,
         "recall": {s.label: recall[p].mean(-1).tolist() for p, s in enumerate(specs)},
