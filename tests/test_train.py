@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,10 +141,16 @@ def test_ema_validation_and_sample_videos(tmp_path, monkeypatch):
         folder = run_dir / "samples" / f"step_{step:07d}"
         assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "video_00.mp4", "video_01.mp4"]
     (launch,) = (run_dir / "wandb").glob("offline-run-*")
-    rows = wandb_history(next(launch.glob("run-*.wandb")))
-    media = {(row["trainer/global_step"], key.split("/_type")[0]) for row in rows for key in row
-             if key.endswith("/_type")}
-    assert media == {(s, k) for s in (2, 4) for k in ("samples/video", "samples/grid")}
+    want = {(s, k) for s in (2, 4) for k in ("samples/video", "samples/grid")}
+    deadline = time.monotonic() + 60  # W&B's service writes the offline run file on its own clock
+    while True:
+        rows = wandb_history(next(launch.glob("run-*.wandb")))
+        media = {(row["trainer/global_step"], key.split("/_type")[0]) for row in rows for key in row
+                 if key.endswith("/_type")}
+        if media == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert media == want
     assert len(list(launch.glob("files/media/videos/samples/*.mp4"))) == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and "current_model_state" in ckpt  # EMA in state_dict
