@@ -14,6 +14,7 @@ from vsa.eval import ClassifierRecipe, SampleMetrics, frechet_distance
 from vsa.eval.classifier import stack_items
 from vsa.eval.samples import generate_and_score
 from vsa.models import DiTConfig, VideoDiT
+from vsa.training.module import timestep_shift
 
 # A cheap classifier recipe for 3x4x16x16 videos.
 RECIPE = ClassifierRecipe(input_size=(4, 16, 16), steps=60, batch_size=16, train_samples=256,
@@ -87,7 +88,8 @@ def test_classifier_accepts_other_sizes_and_grey_videos(metrics):
         metrics.classifier(torch.zeros(2, 12, 4, 16, 16))
 
 
-def train_tiny(model: VideoDiT, steps: int, seed: int = 0) -> None:
+def train_tiny(model: VideoDiT, steps: int, shift: float, seed: int = 0) -> None:
+    """AdamW on FixedSquares with the training recipe's logit-normal times at `shift`."""
     data = FixedSquares()
     videos, labels = stack_items(data, range(len(data)))
     gen = torch.Generator().manual_seed(seed)
@@ -95,7 +97,7 @@ def train_tiny(model: VideoDiT, steps: int, seed: int = 0) -> None:
     model.train()
     for _ in range(steps):
         batch = torch.randint(len(data), (16,), generator=gen)
-        t = sample_timesteps(16, generator=gen)
+        t = sample_timesteps(16, shift=shift, generator=gen)
         loss = flow_matching_loss(model, videos[batch], t, torch.randn(16, 3, 4, 16, 16, generator=gen),
                                   labels=labels[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -107,18 +109,53 @@ def train_tiny(model: VideoDiT, steps: int, seed: int = 0) -> None:
 def test_a_trained_tiny_model_generates_its_classes(metrics):
     """The check that would have caught confetti samples: a tiny DiT trained for a few hundred
     steps on FixedSquares must generate the requested class (by the metric, well above chance,
-    0.25) and move the Fréchet distance far below the untrained model's."""
+    0.25) and move the Fréchet distance far below the untrained model's. Times are shifted as the
+    training recipe shifts them (`timestep_shift` with the module defaults; before the fix, 0.25
+    at these 256 tokens)."""
     torch.manual_seed(0)
     model = VideoDiT(DiTConfig(depth=2, width=64, head_dim=64, in_channels=3, patch=(1, 2, 2),
                                num_classes=4, attention="full"))
 
+    shift = timestep_shift(256)  # the 4x8x8 token grid, the recipe's default shift rule
+
     def score() -> dict:
         return generate_and_score(model, (3, 4, 16, 16), lambda x: x, metrics, per_class=8,
-                                  steps=16, cfg_scale=2.0, shift=1.0, seed=0)[0]
+                                  steps=16, cfg_scale=2.0, shift=shift, seed=0)[0]
 
     untrained = score()
-    train_tiny(model, steps=300)
+    train_tiny(model, steps=300, shift=shift)
     trained = score()
     # Measured: class_acc 0.25 -> 0.72, fd 25.5 -> 0.82.
     assert trained["class_acc"] >= 0.6, (untrained, trained)
     assert trained["fd"] < 0.2 * untrained["fd"], (untrained, trained)
+
+
+def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_path):
+    """experiment=tiny with SampleQuality every 2 steps: val/class_acc and val/fd beside val/loss
+    in the CSV; then `python -m vsa.eval.samples` scores the checkpoint against the data set the
+    checkpoint recorded."""
+    from hydra import compose, initialize_config_dir
+    from test_train import CONFIGS, csv_column, run_train
+
+    from vsa.eval.samples import evaluate
+
+    recipe = "{steps: 5, batch_size: 8, train_samples: 32, holdout_samples: 16}"
+    run_train(tmp_path, "tiny", ["experiment=tiny", "logger=csv", "callbacks.sample_videos=null",
+                                 "callbacks.sample_quality.every_n_steps=2",
+                                 "callbacks.sample_quality.per_class=1",
+                                 "callbacks.sample_quality.steps=2",
+                                 f"callbacks.sample_quality.cache_dir={tmp_path / 'cache'}",
+                                 f"+callbacks.sample_quality.recipe={recipe}"])
+    run_dir = tmp_path / "tiny"
+    for name in ("val/loss", "val/class_acc", "val/fd"):
+        assert set(csv_column(run_dir, name)) == {1, 3}, name
+    assert all(0 <= v <= 1 for v in csv_column(run_dir, "val/class_acc").values())
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("eval", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                                         f"output_dir={tmp_path / 'eval'}", "per_class=1",
+                                         "steps=2", f"cache_dir={tmp_path / 'cache'}",
+                                         f"recipe={recipe}"])
+    result = evaluate(cfg)
+    assert 0 <= result["class_acc"] <= 1 and result["fd"] >= 0 and result["num_videos"] == 10
+    assert (tmp_path / "eval" / "scores.json").is_file() and result["grid"].is_file()

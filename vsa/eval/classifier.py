@@ -184,7 +184,8 @@ def train_classifier(dataset: Dataset, num_classes: int, recipe: ClassifierRecip
     if int(labels.max()) >= num_classes or int(labels.min()) < 0:
         raise ValueError(f"labels must lie in [0, {num_classes}); got {int(labels.min())}.."
                          f"{int(labels.max())}; set num_classes to the data set's class count")
-    with torch.random.fork_rng(devices=[]):
+    # Gradients on, even when called from a validation hook (no_grad / inference mode there).
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(recipe.seed)
         net = VideoClassifier(num_classes, videos.shape[1], recipe.input_size, recipe.widths)
         x_all = net.prepare(videos)  # pool once: the training loop sees only input_size tensors

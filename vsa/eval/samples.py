@@ -21,13 +21,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vsa.eval.classifier import ClassifierRecipe
 from vsa.eval.metrics import SampleMetrics
 
 
 def metrics_for(dataset_cfg: Mapping, num_classes: int | None = None,
-                cache_dir: str | Path | None = None) -> SampleMetrics:
-    """SampleMetrics of a data set config (the classifier trained once, then cached)."""
-    return SampleMetrics.for_dataset(dataset_cfg, num_classes, cache_dir=cache_dir)
+                cache_dir: str | Path | None = None, recipe: Mapping | None = None) -> SampleMetrics:
+    """SampleMetrics of a data set config (the classifier trained once, then cached); `recipe`
+    changes ClassifierRecipe fields."""
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (recipe or {}).items()}
+    return SampleMetrics.for_dataset(dataset_cfg, num_classes, ClassifierRecipe(**fields), cache_dir)
 
 
 @torch.no_grad()
@@ -94,7 +97,9 @@ def evaluate(cfg: DictConfig) -> dict:
     spec = checkpoint[CHECKPOINT_KEY]
     with config_section("data"):
         dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))
-        metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir)
+        recipe = cfg.get("recipe")
+        metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir,
+                              None if recipe is None else OmegaConf.to_container(recipe, resolve=True))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     codec = build_codec(**spec["codec"]).to(device)

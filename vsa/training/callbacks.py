@@ -291,14 +291,11 @@ class SampleQuality(Callback):
                 or not self._usable(pl_module)):
             return
         self.last_step = step
-        from vsa.eval import ClassifierRecipe, SampleMetrics
-        from vsa.eval.samples import generate_and_score
+        from vsa.eval.samples import generate_and_score, metrics_for
 
         if self._metrics is None:
-            recipe = ClassifierRecipe(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in self.recipe.items()})
-            self._metrics = SampleMetrics.for_dataset(self.dataset, pl_module.model.cfg.num_classes,
-                                                      recipe, self.cache_dir)
+            self._metrics = metrics_for(self.dataset, pl_module.model.cfg.num_classes,
+                                        self.cache_dir, self.recipe)
         with trainer.precision_plugin.forward_context():
             scores, _ = generate_and_score(
                 pl_module.model, pl_module.latent_shape, pl_module.decode, self._metrics,
