@@ -125,7 +125,7 @@ def test_a_trained_tiny_model_generates_its_classes(metrics):
     untrained = score()
     train_tiny(model, steps=300, shift=shift)
     trained = score()
-    # Measured: class_acc 0.25 -> 0.72, fd 25.5 -> 0.82.
+    # Measured: class_acc 0.25 -> 0.72, fd 25.5 -> 0.82; with the old shift 0.25: 0.375, 16.6.
     assert trained["class_acc"] >= 0.6, (untrained, trained)
     assert trained["fd"] < 0.2 * untrained["fd"], (untrained, trained)
 
