@@ -94,6 +94,7 @@ def test_logit_normal_timesteps_and_shift():
     assert abs(shifted.median().item() - 0.75) < 0.02  # 3 * 0.5 / (1 + 2 * 0.5)
     torch.testing.assert_close(shift_timesteps(t, 3.0), shifted)
     assert resolution_shift(16384, base_seq_len=4096) == 2.0
+    assert resolution_shift(512, base_seq_len=4096) == 1.0  # never below 1 (docs/sample_quality.md)
     grid = timestep_grid(4, shift=2.0)
     assert grid[0] == 1 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
     with pytest.raises(ValueError, match="shift must be > 0"):

@@ -20,6 +20,7 @@ from vsa.models.dit import VideoDiT, count_params
 PRESETS: dict[str, dict[str, int]] = {
     # tiny, for CPU tests
     "0.6M": dict(depth=2, width=128, head_dim=64),
+    "1M": dict(depth=4, width=128, head_dim=64),  # the default `python train.py` model
     "2.3M": dict(depth=2, width=256, head_dim=128),
     # small, for the one-GPU scaling sweep (configs/sweep/scaling_micro.yaml)
     "5M": dict(depth=5, width=256, head_dim=64),

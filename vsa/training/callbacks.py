@@ -1,4 +1,5 @@
-"""Training callbacks: the sparsity schedule, throughput/MFU, sample videos, the run checkpoint.
+"""Training callbacks: the sparsity schedule, throughput/MFU, sample videos, sample quality
+(class accuracy and Fréchet distance of generated videos), the run checkpoint.
 
 EMA is Lightning's own `EMAWeightAveraging` (configs/callbacks/default.yaml); learning-rate
 logging is Lightning's `LearningRateMonitor`.
@@ -18,6 +19,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vsa.models.config import check_sparsity
 
@@ -298,3 +300,77 @@ class RunCheckpoint(ModelCheckpoint):
                 and self._last_global_step_saved != trainer.global_step):  # stopped between steps
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+class SampleQuality(Callback):
+    """Every `every_n_steps` (checked at the end of validation), generate `per_class` videos of
+    every class with the model under validation, and log how much they look like the data:
+    `val/class_acc` (a classifier trained on the data set assigns them their class; chance =
+    1 / num_classes) and `val/fd` (Fréchet distance to real videos in the classifier's features),
+    beside `val/loss` in every logger (W&B, CSV). See `vsa.eval`.
+
+    The classifier is trained once per data set config (seconds to a minute on a CPU) and cached
+    (`cache_dir`, default ~/.cache/vsa/eval). Placed before the EMA callback, it scores the EMA
+    weights. Class-conditional models on video data sets with labels only: otherwise it logs a
+    warning once and does nothing.
+
+    Args:
+        dataset: the data set config (with `_target_`), e.g. ${data.datamodule.dataset}.
+        every_n_steps, per_class, steps, method, cfg_scale, seed: what to generate and when.
+        cache_dir: where the classifier is cached (None: $VSA_CACHE/eval or ~/.cache/vsa/eval).
+        recipe: ClassifierRecipe fields to change (e.g. fewer steps for tests).
+    """
+
+    def __init__(self, dataset: dict, every_n_steps: int = 200, per_class: int = 4, steps: int = 16,
+                 method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
+                 cache_dir: str | None = None, recipe: dict | None = None) -> None:
+        if every_n_steps < 1 or per_class < 1 or steps < 1:
+            raise ValueError("every_n_steps, per_class and steps must be >= 1")
+        self.dataset = dataset
+        self.every_n_steps, self.per_class, self.steps = every_n_steps, per_class, steps
+        self.method, self.cfg_scale, self.seed, self.cache_dir = method, cfg_scale, seed, cache_dir
+        self.recipe = dict(recipe or {})
+        self.last_step = 0
+        self._metrics = None
+        self._disabled = False
+
+    def state_dict(self) -> dict:
+        from vsa.eval.classifier import _plain
+
+        return {"last_step": self.last_step, "dataset": _plain(self.dataset)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", 0))
+
+    def _usable(self, pl_module: L.LightningModule) -> bool:
+        if self._disabled:
+            return False
+        problem = None
+        if not pl_module.model.cfg.num_classes:
+            problem = "the model is not class-conditional"
+        elif pl_module.data_key != "video":
+            problem = "the model trains on latents, not videos"
+        if problem:
+            self._disabled = True
+            rank_zero_warn(f"SampleQuality: {problem}; no val/class_acc or val/fd (set "
+                           "callbacks.sample_quality=null to silence this)")
+        return problem is None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if (trainer.sanity_checking or step < self.last_step + self.every_n_steps
+                or not self._usable(pl_module)):
+            return
+        self.last_step = step
+        from vsa.eval.samples import generate_and_score, metrics_for
+
+        if self._metrics is None:
+            self._metrics = metrics_for(self.dataset, pl_module.model.cfg.num_classes,
+                                        self.cache_dir, self.recipe)
+        with trainer.precision_plugin.forward_context():
+            scores, _ = generate_and_score(
+                pl_module.model, pl_module.latent_shape, pl_module.decode, self._metrics,
+                per_class=self.per_class, steps=self.steps, method=self.method,
+                cfg_scale=self.cfg_scale, shift=pl_module.time_shift, seed=self.seed)
+        # Every rank generates the same seeded videos: no sync needed.
+        pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, on_step=False, on_epoch=True)

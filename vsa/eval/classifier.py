@@ -1,0 +1,266 @@
+"""A small 3D-conv video classifier trained on a data set, cached on disk: the feature network of
+the sample-quality metrics (`vsa.eval.metrics`).
+
+    net = classifier_for(dataset_cfg)          # trained once (seconds on a CPU), then loaded
+    logits, features = net(videos)             # videos [B, C, T, H, W] in [-1, 1], any size
+
+Every input is first brought to a fixed `input_size` (T, H, W) by adaptive average pooling (area
+averaging when shrinking, repetition when growing), so a 3x16x128x128 video and a 3x8x32x32 one
+go through the same network. `features` is the penultimate layer (global average over space-time
+of the last conv stage): the space the Fréchet distance is computed in.
+
+Training is deterministic (seeded init, seeded batch order, CPU, fp32): the same data set and
+recipe give the same weights on every machine, so the cache is keyed by the data set's config and
+the recipe (`cache_key`). The cache is a safetensors file plus a JSON with the recipe and the
+classifier's held-out accuracy, under `cache_dir` (default `$VSA_CACHE/eval` or
+`~/.cache/vsa/eval`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+RECIPE_VERSION = 1  # bump when the network or training changes: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How the classifier is built and trained (part of the cache key)."""
+
+    input_size: tuple[int, int, int] = (8, 32, 32)  # (T, H, W) every video is pooled to
+    widths: tuple[int, int, int] = (16, 32, 64)      # channels of the three conv stages
+    steps: int = 120
+    batch_size: int = 16
+    lr: float = 3e-3
+    train_samples: int = 512      # samples of the data set used for training (the first ones)
+    holdout_samples: int = 256    # the next ones: held-out accuracy + the real feature statistics
+    seed: int = 0
+
+
+def default_cache_dir() -> Path:
+    """`$VSA_CACHE/eval`, else `~/.cache/vsa/eval`."""
+    root = os.environ.get("VSA_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vsa") / "eval"
+
+
+class VideoClassifier(nn.Module):
+    """Pool to `input_size` -> three Conv3d stages (GroupNorm, GELU; the first two downsample by
+    2 in space, the second also in time) -> global average -> features [B, widths[-1]] -> logits."""
+
+    def __init__(self, num_classes: int, channels: int = 3, input_size: Sequence[int] = (8, 32, 32),
+                 widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
+        self.num_classes, self.channels = int(num_classes), int(channels)
+        self.input_size = tuple(int(s) for s in input_size)
+        w1, w2, w3 = (int(w) for w in widths)
+
+        def stage(c_in: int, c_out: int, stride: tuple[int, int, int]) -> nn.Sequential:
+            return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1),
+                                 nn.GroupNorm(8, c_out), nn.GELU())
+
+        self.body = nn.Sequential(stage(self.channels, w1, (1, 2, 2)), stage(w1, w2, (2, 2, 2)),
+                                  stage(w2, w3, (1, 1, 1)))
+        self.head = nn.Linear(w3, self.num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def prepare(self, videos: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] (any T, H, W) -> [B, channels, *input_size] fp32."""
+        if videos.dim() != 5:
+            raise ValueError(f"videos must be [B, C, T, H, W], got shape {tuple(videos.shape)}")
+        x = videos.float()
+        if x.shape[1] != self.channels:
+            if x.shape[1] == 1:
+                x = x.expand(-1, self.channels, -1, -1, -1)
+            else:
+                raise ValueError(f"videos have {x.shape[1]} channels, the classifier {self.channels}; "
+                                 "decode latents to pixels first (module.decode / the codec)")
+        if tuple(x.shape[2:]) != self.input_size:
+            x = F.adaptive_avg_pool3d(x, self.input_size)
+        return x
+
+    def forward(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, num_classes], features [B, feature_dim])."""
+        features = self.body(self.prepare(videos)).mean(dim=(2, 3, 4))
+        return self.head(features), features
+
+
+def _plain(value):
+    """A JSON-able copy of a config (OmegaConf containers included)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        pass
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def cache_key(dataset_cfg: Mapping, recipe: ClassifierRecipe) -> str:
+    """16 hex digits of a hash of (data set config, recipe, RECIPE_VERSION)."""
+    blob = json.dumps({"data": _plain(dataset_cfg), "recipe": dataclasses.asdict(recipe),
+                       "version": RECIPE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_dataset(dataset_cfg: Mapping) -> Dataset:
+    """The data set of a config with `_target_` (e.g. data.datamodule.dataset of a run)."""
+    from hydra.utils import instantiate
+
+    cfg = _plain(dataset_cfg)
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise ValueError("the data set config must be a mapping with `_target_` (e.g. the run's "
+                         f"data.datamodule.dataset), got {cfg!r}")
+    return instantiate(cfg)
+
+
+def stack_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(videos [N, C, T, H, W] fp32, labels [N]) of dataset items {"video", "label"}."""
+    videos, labels = [], []
+    for i in indices:
+        item = dataset[int(i)]
+        if "video" not in item or "label" not in item:
+            raise KeyError(f"data set items need 'video' and 'label' to train a classifier; item {i} "
+                           f"has {sorted(item)}")
+        videos.append(torch.as_tensor(item["video"]).float())
+        labels.append(int(item["label"]))
+    return torch.stack(videos), torch.tensor(labels, dtype=torch.long)
+
+
+def split_indices(n: int, recipe: ClassifierRecipe) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: a seeded permutation of the data set, its first
+    `train_samples`, then the next `holdout_samples` (fewer when the data set is small)."""
+    if n < 4:
+        raise ValueError(f"the data set has {n} samples; the classifier needs at least 4")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed + 1)).tolist()
+    n_hold = min(recipe.holdout_samples, max(1, n // 4))
+    n_train = min(recipe.train_samples, n - n_hold)
+    return perm[:n_train], perm[n_train:n_train + n_hold]
+
+
+@torch.no_grad()
+def predict(net: VideoClassifier, videos: torch.Tensor, batch_size: int = 64
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features) of many videos, in batches, in eval mode, on the CPU in fp32."""
+    net.eval()
+    logits, features = [], []
+    for start in range(0, videos.shape[0], batch_size):
+        lo, fe = net(videos[start:start + batch_size].cpu())
+        logits.append(lo)
+        features.append(fe)
+    return torch.cat(logits), torch.cat(features)
+
+
+def train_classifier(dataset: Dataset, num_classes: int, recipe: ClassifierRecipe | None = None,
+                     ) -> tuple[VideoClassifier, dict]:
+    """Train a VideoClassifier on `dataset` (items {"video", "label"}) deterministically on the CPU.
+
+    Returns the network (eval mode) and a summary: held-out accuracy, the held-out features'
+    mean and covariance (the real statistics of the Fréchet distance) and the sample counts.
+    """
+    recipe = recipe or ClassifierRecipe()
+    train_idx, hold_idx = split_indices(len(dataset), recipe)
+    videos, labels = stack_items(dataset, train_idx)
+    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        raise ValueError(f"labels must lie in [0, {num_classes}); got {int(labels.min())}.."
+                         f"{int(labels.max())}; set num_classes to the data set's class count")
+    # Gradients on, even when called from a validation hook (no_grad / inference mode there).
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(recipe.seed)
+        net = VideoClassifier(num_classes, videos.shape[1], recipe.input_size, recipe.widths)
+        x_all = net.prepare(videos)  # pool once: the training loop sees only input_size tensors
+        optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps,
+                                                       pct_start=0.1)
+        order = torch.Generator().manual_seed(recipe.seed)
+        net.train()
+        for _ in range(recipe.steps):
+            batch = torch.randint(len(train_idx), (recipe.batch_size,), generator=order)
+            x = x_all[batch]
+            # Augmentation: random flips keep shape classes and motion patterns meaningful.
+            flips = torch.rand(2, generator=order) < 0.5
+            if flips[0]:
+                x = x.flip(-1)
+            if flips[1]:
+                x = x.flip(-2)
+            loss = F.cross_entropy(net(x)[0], labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    net.eval()
+    hold_videos, hold_labels = stack_items(dataset, hold_idx)
+    logits, features = predict(net, hold_videos)
+    accuracy = float((logits.argmax(1) == hold_labels).float().mean())
+    from vsa.eval.metrics import feature_stats
+
+    mu, sigma = feature_stats(features)
+    summary = {"holdout_accuracy": accuracy, "train_samples": len(train_idx),
+               "holdout_samples": len(hold_idx), "final_loss": float(loss.detach()), "mu": mu, "sigma": sigma}
+    return net, summary
+
+
+def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,
+                   recipe: ClassifierRecipe | None = None, cache_dir: str | Path | None = None,
+                   dataset: Dataset | None = None) -> tuple[VideoClassifier, dict]:
+    """The classifier of a data set config (with `_target_`), trained once and cached.
+
+    `num_classes` defaults to the config's `num_classes`; `dataset` (an instance built from the
+    same config) saves rebuilding it. Returns (network, summary) as `train_classifier` does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    recipe = recipe or ClassifierRecipe()
+    cfg = _plain(dataset_cfg)
+    if num_classes is None:
+        num_classes = cfg.get("num_classes") if isinstance(cfg, Mapping) else None
+        if not num_classes:
+            raise ValueError("the data set config has no num_classes; pass num_classes=... (the "
+                             "sample metrics need a class-labelled data set)")
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(cfg, recipe)
+    weights, meta_path = folder / f"classifier_{key}.safetensors", folder / f"classifier_{key}.json"
+    if weights.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        state = load_file(weights)
+        net = VideoClassifier(num_classes, meta["channels"], recipe.input_size, recipe.widths)
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("stats.")})
+        summary = {**meta["summary"], "mu": state["stats.mu"].double(),
+                   "sigma": state["stats.sigma"].double()}
+        return net.eval(), summary
+
+    net, summary = train_classifier(dataset if dataset is not None else build_dataset(cfg),
+                                    int(num_classes), recipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state["stats.mu"], state["stats.sigma"] = summary["mu"], summary["sigma"]
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    meta = {"data": cfg, "recipe": dataclasses.asdict(recipe), "channels": net.channels,
+            "num_classes": net.num_classes,
+            "summary": {k: v for k, v in summary.items() if k not in ("mu", "sigma")}}
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, meta_path)
+    return net, summary

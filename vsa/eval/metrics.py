@@ -1,0 +1,95 @@
+"""Sample-quality metrics of generated videos against a data set, in the feature space of a
+classifier trained on that data set (`vsa.eval.classifier`):
+
+- **class accuracy** (`class_acc`): the fraction of videos generated for class c that the
+  classifier assigns to c. Chance is 1 / num_classes; real held-out videos score the classifier's
+  held-out accuracy (~1 on the procedural data).
+- **Fréchet distance** (`fd`): between Gaussians fitted to the classifier features (penultimate
+  layer) of the generated videos and of real held-out videos,
+  ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)) (FID's formula in our own feature space;
+  numbers are comparable only between runs scored with the same classifier). It is biased upwards
+  for small sample counts: compare runs at the same number of generated videos.
+
+    metrics = SampleMetrics.for_dataset(cfg.data.datamodule.dataset)
+    metrics.score(videos, labels)   # {"class_acc": ..., "fd": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vsa.eval.classifier import ClassifierRecipe, VideoClassifier, classifier_for, predict
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [D], covariance [D, D]) of features [N, D], in float64."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {tuple(features.shape)}")
+    f = features.detach().double().cpu()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                     sigma2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) (scipy's sqrtm; a tiny diagonal offset is
+    added when the product is singular, as in the FID reference code)."""
+    from scipy import linalg
+
+    m1, m2 = mu1.double().numpy(), mu2.double().numpy()
+    s1, s2 = sigma1.double().numpy(), sigma2.double().numpy()
+    diff = m1 - m2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)))
+
+
+class SampleMetrics:
+    """Class accuracy and Fréchet distance of pixel videos against a data set (module docstring).
+
+    Args:
+        classifier: the feature network / classifier of the data set.
+        real_mu, real_sigma: feature statistics of real held-out videos.
+        holdout_accuracy: the classifier's accuracy on those real videos (the ceiling of class_acc).
+    """
+
+    def __init__(self, classifier: VideoClassifier, real_mu: torch.Tensor, real_sigma: torch.Tensor,
+                 holdout_accuracy: float | None = None) -> None:
+        self.classifier = classifier.eval()
+        self.real_mu, self.real_sigma = real_mu.double(), real_sigma.double()
+        self.holdout_accuracy = holdout_accuracy
+
+    @classmethod
+    def for_dataset(cls, dataset_cfg: Mapping, num_classes: int | None = None,
+                    recipe: ClassifierRecipe | None = None, cache_dir: str | Path | None = None,
+                    dataset: Dataset | None = None) -> SampleMetrics:
+        """Metrics of the data set of a config with `_target_` (classifier trained once, cached)."""
+        net, summary = classifier_for(dataset_cfg, num_classes, recipe, cache_dir, dataset)
+        return cls(net, summary["mu"], summary["sigma"], summary.get("holdout_accuracy"))
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @torch.no_grad()
+    def score(self, videos: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """{"fd", and "class_acc" when `labels` are given} of pixel videos [N, C, T, H, W] in
+        [-1, 1] (clamped, as they would be shown) generated for class `labels` [N]."""
+        if videos.dim() != 5 or videos.shape[0] < 2:
+            raise ValueError(f"videos must be [N >= 2, C, T, H, W], got shape {tuple(videos.shape)}")
+        x = videos.detach().float().cpu().clamp(-1.0, 1.0)
+        logits, features = predict(self.classifier, x)
+        result = {"fd": frechet_distance(*feature_stats(features), self.real_mu, self.real_sigma)}
+        if labels is not None:
+            labels = torch.as_tensor(labels).long().cpu().reshape(-1)
+            if labels.shape[0] != x.shape[0]:
+                raise ValueError(f"{labels.shape[0]} labels for {x.shape[0]} videos")
+            result["class_acc"] = float((logits.argmax(1) == labels).float().mean())
+        return result

@@ -1,0 +1,134 @@
+"""Generate videos of every class with a model and score them against its data set.
+
+    python -m vsa.eval.samples ckpt_path=logs/train/runs/default/checkpoints/last.ckpt
+    python -m vsa.eval.samples ckpt_path=... per_class=16 cfg_scale=1.0 ema=false steps=32
+
+prints `class_acc`, `fd` (see `vsa.eval.metrics`) and the reference values of real held-out
+videos, and writes scores.json and grid.png (one row per generated video, classes in order) to
+`logs/eval/<date>_<time>/` (or output_dir=...). The data set is the one the checkpoint's run
+trained on (stored in the checkpoint by the SampleQuality callback, else read from the run
+folder's .hydra/config.yaml), or `data=NAME` (configs/data/) with any overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vsa.eval.classifier import ClassifierRecipe
+from vsa.eval.metrics import SampleMetrics
+
+
+def metrics_for(dataset_cfg: Mapping, num_classes: int | None = None,
+                cache_dir: str | Path | None = None, recipe: Mapping | None = None) -> SampleMetrics:
+    """SampleMetrics of a data set config (the classifier trained once, then cached); `recipe`
+    changes ClassifierRecipe fields."""
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (recipe or {}).items()}
+    return SampleMetrics.for_dataset(dataset_cfg, num_classes, ClassifierRecipe(**fields), cache_dir)
+
+
+@torch.no_grad()
+def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], torch.Tensor],
+                       metrics: SampleMetrics, per_class: int = 4, steps: int = 16,
+                       method: str = "euler", cfg_scale: float = 4.0,
+                       shift: float | Callable[[int], float] = 1.0, seed: int = 0,
+                       batch_size: int = 40) -> tuple[dict[str, float], torch.Tensor]:
+    """Generate `per_class` videos of each class (labels 0, 1, ..., C-1, 0, 1, ...), decode them to
+    pixels with `decode` and score them. Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
+
+    Generation runs in chunks of `batch_size` videos with seeds seed, seed + 1, ... per chunk.
+    """
+    from vsa.sampling import generate
+
+    num_classes = model.cfg.num_classes
+    if not num_classes:
+        raise ValueError("the model is not class-conditional (num_classes=0): class accuracy and "
+                         "per-class generation need a class-conditional model")
+    if num_classes != metrics.num_classes:
+        raise ValueError(f"the model has {num_classes} classes, the metric's classifier "
+                         f"{metrics.num_classes}; score with the data set the model was trained on")
+    labels = [i % num_classes for i in range(per_class * num_classes)]
+    device = next(model.parameters()).device
+    videos = []
+    for chunk in range(math.ceil(len(labels) / batch_size)):
+        ids = labels[chunk * batch_size:(chunk + 1) * batch_size]
+        latents = generate(model, latent_shape, len(ids), labels=ids, steps=steps, method=method,
+                           cfg_scale=cfg_scale, shift=shift, seed=seed + chunk, device=device)
+        videos.append(decode(latents.float()).float().cpu())
+    videos = torch.cat(videos)
+    return metrics.score(videos, torch.tensor(labels)), videos
+
+
+def dataset_config(ckpt_path: str | Path, checkpoint: dict, override: Mapping | None) -> dict:
+    """The data set config to score a checkpoint against: `override` (the `data` group), else the
+    one stored by the SampleQuality callback, else the run folder's .hydra/config.yaml."""
+    if override:
+        return OmegaConf.to_container(override.datamodule.dataset, resolve=True)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and isinstance(state.get("dataset"), dict):
+            return state["dataset"]
+    run_config = Path(ckpt_path).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
+    if run_config.is_file():
+        cfg = OmegaConf.load(run_config)
+        node = OmegaConf.select(cfg, "data.datamodule.dataset")
+        if node is not None:
+            return OmegaConf.to_container(node, resolve=False)
+    raise ValueError(f"no data set config found for {ckpt_path} (neither in the checkpoint nor in "
+                     f"{run_config}); add data=NAME (e.g. data=synthetic) with the run's overrides")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Score a checkpoint (configs/eval.yaml); returns the scores and the written paths."""
+    from vsa.data.codecs import build_codec
+    from vsa.sampling import model_from_checkpoint, read_checkpoint, save_grid, to_uint8_frames
+    from vsa.training.module import CHECKPOINT_KEY, timestep_shift
+    from vsa.training.run import check_missing, config_section
+
+    check_missing(cfg)
+    with config_section("ckpt_path"):
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        model = model_from_checkpoint(checkpoint, ema=cfg.ema)
+    spec = checkpoint[CHECKPOINT_KEY]
+    with config_section("data"):
+        dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))
+        recipe = cfg.get("recipe")
+        metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir,
+                              None if recipe is None else OmegaConf.to_container(recipe, resolve=True))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    codec = build_codec(**spec["codec"]).to(device)
+    ts = spec["timesteps"]
+    shift = cfg.shift if cfg.shift is not None else (
+        lambda seq_len: timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"]))
+    with config_section("sampling"):
+        scores, videos = generate_and_score(model, spec["latent_shape"], codec.decode, metrics,
+                                            per_class=cfg.per_class, steps=cfg.steps,
+                                            method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift,
+                                            seed=cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(out / "grid.png", to_uint8_frames(videos[:2 * model.cfg.num_classes]))
+    result = {**scores, "chance_class_acc": 1.0 / model.cfg.num_classes,
+              "real_class_acc": metrics.holdout_accuracy, "num_videos": int(videos.shape[0]),
+              "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
+              "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method)}
+    (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"class_acc {scores['class_acc']:.3f} (chance {1 / model.cfg.num_classes:.3f}, real "
+          f"{metrics.holdout_accuracy:.3f}), fd {scores['fd']:.2f} over {videos.shape[0]} videos "
+          f"-> {out}")
+    return {**result, "grid": grid}
+
+
+@hydra.main(version_base=None, config_path="../../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
