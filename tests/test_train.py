@@ -317,7 +317,7 @@ def test_run_names_come_from_the_overrides_that_change_training():
 
 
 def test_relaunch_resumes_refuses_another_config_and_leaves_a_finished_run_alone(tmp_path, caplog):
-    common = QUICK + ["callbacks.ema=null", "logger=csv"]
+    common = QUICK + ["callbacks.ema=null", "logger=csv", "module.optimizer.lr=1e-3"]
     run_train(tmp_path, "r", common + ["trainer.max_steps=2"])
     config = tmp_path / "r" / ".hydra" / "config.yaml"
     recorded = config.read_text()
