@@ -1,6 +1,6 @@
 """Attention benchmark on a GPU: dense cuDNN / flash SDPA, FlexAttention, our fine stage, our VSA.
 
-Protocol (../shared/BENCHMARKS.md): CUDA-event timing via triton.testing.do_bench (median) after
+Protocol (docs/benchmarks.md): CUDA-event timing via triton.testing.do_bench (median) after
 warm-up, fresh random bf16 inputs, every method on the same inputs in the same process; speedup =
 time(dense cuDNN SDPA) / time(method); effective TFLOP/s = FLOPs the method must do / time (sparse:
 dense FLOPs x kept fraction; forward 4*B*H*S*S_kv*D, forward+backward 3.5x forward).

@@ -2,7 +2,7 @@
 FlexAttention with the same mask and dense SDPA (cuDNN, flash), at 32x48x80 = 122,880 tokens, H24 D128,
 tiles (groups) of 4x8x8 = 256 tokens, bf16, forward and forward+backward.
 
-Protocol (../shared/BENCHMARKS.md): CUDA-event timing via triton.testing.do_bench (median) after
+Protocol (docs/benchmarks.md): CUDA-event timing via triton.testing.do_bench (median) after
 warm-up, fresh random inputs, every method on the same inputs in the same process; speedup =
 time(dense cuDNN SDPA) / time(method); effective TFLOP/s = FLOPs the method must do / time (sparse:
 dense FLOPs x kept fraction; forward 4*B*H*S*S*D, forward+backward 3.5x forward). "ours" is the whole

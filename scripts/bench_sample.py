@@ -1,4 +1,4 @@
-"""Sampling benchmark on a GPU: full (cuDNN) vs VSA attention in one run (../shared/BENCHMARKS.md).
+"""Sampling benchmark on a GPU: full (cuDNN) vs VSA attention in one run (docs/benchmarks.md).
 
 The 1.4B preset at 32,768 tokens (latents 12x32x64x64, patch 1x2x2), class-conditional, 50 Euler
 steps through vsa.sampling.generate (bf16 autocast, compiled blocks), batch 1. Randomly

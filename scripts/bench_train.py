@@ -1,4 +1,4 @@
-"""Train-step benchmark on a GPU: full (cuDNN) vs VSA attention in one run (../shared/BENCHMARKS.md).
+"""Train-step benchmark on a GPU: full (cuDNN) vs VSA attention in one run (docs/benchmarks.md).
 
 One step = the training step of vsa.training (flow-matching loss on random latents with class
 labels, bf16 autocast over fp32 weights as Lightning's bf16-mixed, backward, gradient clipping,

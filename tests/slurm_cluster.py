@@ -12,7 +12,7 @@ packages with apt-get only when asked to (`VSA_TEST_INSTALL_SLURM=1`, which `.ci
 and apt-get needed): the test suite does not change the machine unless asked. Otherwise it
 returns the reason to skip, naming the variable.
 
-Choices (see /work/shared/TOOLCHAIN.md and docs/slurm.md):
+Choices (see docs/slurm.md):
 - No slurmdbd, so `sacct` has no data. submitit reads job states through sacct, so a job killed
   from outside would make `job.result()` wait forever: the tests never wait without a timeout and
   cancel every job before giving up.

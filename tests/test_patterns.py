@@ -117,7 +117,7 @@ def test_grat_x_counts_and_definition(lines, count):
     assert cnt.min() == cnt.max() == count and idx.shape == (480, count)
     mask = patterns.tile_mask(idx, cnt, 480)
     torch.testing.assert_close(mask, definition_mask("grat_x", (8, 6, 10), lines=lines))
-    expected = {False: 0.34375, True: 22 / 480}[lines]  # BENCHMARKS.md: GRAT-X planes keep 34.4%
+    expected = {False: 0.34375, True: 22 / 480}[lines]  # docs/benchmarks.md: GRAT-X planes keep 34.4%
     assert patterns.kept_fraction(idx, cnt, 480) == pytest.approx(expected)
 
 
@@ -215,7 +215,7 @@ def test_map_building_is_vectorised_at_1920_tiles():
 def test_kept_fractions():
     idx, cnt = patterns.grat_b(BENCH_LAYOUT)
     frac = patterns.kept_fraction(idx, cnt, 480)
-    assert frac == pytest.approx(22 * 16 * 28 / 480**2)  # 4.28%: BENCHMARKS.md's "4.3% kept"
+    assert frac == pytest.approx(22 * 16 * 28 / 480**2)  # 4.28%: docs/benchmarks.md's "4.3% kept"
     assert patterns.kept_fraction(*batched(idx, cnt, 2, 3), 480) == pytest.approx(frac)
     assert patterns.kept_token_fraction(BENCH_LAYOUT, idx, cnt) == pytest.approx(frac)  # full tiles
     ragged = TileLayout((9, 6, 7), (4, 4, 4))

@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmark scripts (scripts/bench_*.py), per ../shared/BENCHMARKS.md:
+"""Shared pieces of the GPU benchmark scripts (scripts/bench_*.py), per docs/benchmarks.md:
 CUDA-event medians after warm-up, dense SDPA baselines in our [B, S, H, D] layout, relative error,
 and the device/version header every results file carries."""
 

@@ -1,4 +1,4 @@
-"""Scaling-law harness (DESIGN.md, "Scaling-law harness"; docs/scaling.md).
+"""Scaling-law harness (docs/design.md, "Scaling harness"; docs/scaling.md).
 
     budget.py   compute budget -> training steps (OmegaConf resolvers `steps_for_budget`,
                 `sweep_values`, registered when this package is imported)

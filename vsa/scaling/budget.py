@@ -4,7 +4,7 @@ A sweep point fixes a budget C (training FLOPs) instead of a step count. Its ste
 
     steps = floor(C / (flops_per_sample * global_batch))
 
-where flops_per_sample = `training_flops(DiTConfig, latent grid)` (3 x forward, DESIGN.md) and
+where flops_per_sample = `training_flops(DiTConfig, latent grid)` (3 x forward, docs/design.md) and
 global_batch = batch_size x devices x num_nodes x accumulate_grad_batches. With a VSA sparsity
 schedule (callbacks.sparsity_schedule) the FLOPs of a step follow the schedule, so the steps are
 the largest n whose summed per-step FLOPs stay within C.

@@ -1,4 +1,4 @@
-"""Analytic FLOPs per sample of a VideoDiT (DESIGN.md, "FLOP accounting").
+"""Analytic FLOPs per sample of a VideoDiT (docs/design.md, "FLOP accounting").
 
 One multiply-add = 2 FLOPs; training = 3 x forward (activation recomputation not counted).
 
