@@ -100,7 +100,7 @@ class VideoClassifier(nn.Module):
         return self.head(features), features
 
 
-def _plain(value):
+def plain_config(value):
     """A JSON-able copy of a config (OmegaConf containers included)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -110,15 +110,15 @@ def _plain(value):
     except ImportError:  # pragma: no cover - omegaconf comes with hydra
         pass
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_config(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_config(v) for v in value]
     return value
 
 
 def cache_key(dataset_cfg: Mapping, recipe: ClassifierRecipe) -> str:
     """16 hex digits of a hash of (data set config, recipe, RECIPE_VERSION)."""
-    blob = json.dumps({"data": _plain(dataset_cfg), "recipe": dataclasses.asdict(recipe),
+    blob = json.dumps({"data": plain_config(dataset_cfg), "recipe": dataclasses.asdict(recipe),
                        "version": RECIPE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -127,7 +127,7 @@ def build_dataset(dataset_cfg: Mapping) -> Dataset:
     """The data set of a config with `_target_` (e.g. data.datamodule.dataset of a run)."""
     from hydra.utils import instantiate
 
-    cfg = _plain(dataset_cfg)
+    cfg = plain_config(dataset_cfg)
     if not isinstance(cfg, Mapping) or "_target_" not in cfg:
         raise ValueError("the data set config must be a mapping with `_target_` (e.g. the run's "
                          f"data.datamodule.dataset), got {cfg!r}")
@@ -231,7 +231,7 @@ def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,
     from safetensors.torch import load_file, save_file
 
     recipe = recipe or ClassifierRecipe()
-    cfg = _plain(dataset_cfg)
+    cfg = plain_config(dataset_cfg)
     if num_classes is None:
         num_classes = cfg.get("num_classes") if isinstance(cfg, Mapping) else None
         if not num_classes:

@@ -335,9 +335,9 @@ class SampleQuality(Callback):
         self._disabled = False
 
     def state_dict(self) -> dict:
-        from vsa.eval.classifier import _plain
+        from vsa.eval import plain_config
 
-        return {"last_step": self.last_step, "dataset": _plain(self.dataset)}
+        return {"last_step": self.last_step, "dataset": plain_config(self.dataset)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = int(state_dict.get("last_step", 0))
