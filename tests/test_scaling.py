@@ -346,6 +346,7 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
             r["val_loss"] *= 0.99
             rows.append(twin)
             seconds.append(twin)
+    rows[0].update(class_acc=0.8, fd=2.5)  # sample quality, where a run measured it
     eager = dict(rows[0], compile="eager", step_time_s=5.0, seed=2)  # other mode: not in the timing table
     rows.append(eager)
     summary = summarize(rows, n_bootstrap=300)
@@ -372,4 +373,5 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     write_report(write_report_rows, tmp_path / "out", n_bootstrap=50)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "GPU-time multiplier" in text and "seed spread" in text and "| sta |" in text
+    assert "class acc | FD |" in text and "| 0.8 | 2.5 |" in text
     assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0

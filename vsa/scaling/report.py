@@ -552,10 +552,12 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
             lines.append(f"| {label} | {preset} | {_fmt(share, '.1%')} |")
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    quality = any(r.get("class_acc") is not None or r.get("fd") is not None for r in rows)
     lines += ["", "## Runs", "",
               "| model | params | attention | sparsity | budget | FLOPs | steps | seed | val loss raw | val loss EMA "
-              "| val s.e. | step ms | compile | wall-clock s |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| val s.e. | step ms | compile | wall-clock s |" + (" class acc | FD |" if quality else ""),
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+              + ("---:|---:|" if quality else "")]
     for r in sorted(rows, key=lambda r: (r["attention"], str(r.get("sparsity")), r["params"], r["budget"],
                                          r.get("seed", 0))):
         step_ms = None if not r.get("step_time_s") else 1e3 * r["step_time_s"]
@@ -563,7 +565,8 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
                      f"| {r['budget']:.3g} | {r['flops']:.3g} | {r['steps']} | {r.get('seed', '-')} | "
                      f"{_fmt(r.get('val_loss_raw'))} | {_fmt(r.get('val_loss_ema'))} | "
                      f"{_fmt(r.get('val_loss_se'), '.2g')} | {_fmt(step_ms, '.1f')} | {compile_mode(r)} | "
-                     f"{_fmt(r.get('wall_clock_s'), '.1f')} |")
+                     f"{_fmt(r.get('wall_clock_s'), '.1f')} |"
+                     + (f" {_fmt(r.get('class_acc'), '.3g')} | {_fmt(r.get('fd'), '.3g')} |" if quality else ""))
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![IsoFLOP](isoflop.png)", ""]
     if summary["gpu_time"]:
         lines += ["![loss vs GPU time](loss_vs_gpu_time.png)", ""]

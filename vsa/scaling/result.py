@@ -199,6 +199,11 @@ def validation_losses(trainer: L.Trainer, module, datamodule, run_dir: Path,
     return raw_loss, ema_loss, note, error
 
 
+def _metric(trainer: L.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
 def _write_json(path: Path, row: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(row, indent=1) + "\n")
@@ -282,6 +287,9 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "val_samples": len(datamodule.val_set) if hasattr(datamodule, "val_set") else None,
         "val_n_t": int(module.validation["n_t"]),
         "train_loss": None if train_loss is None else float(train_loss),
+        # sample quality of the final validation (vsa.eval; when callbacks.sample_quality is on)
+        "class_acc": _metric(trainer, "val/class_acc"),
+        "fd": _metric(trainer, "val/fd"),
         "wall_clock_s": None if recorder is None else recorder.wall_clock_s,
         "train_time_s": None if recorder is None else recorder.train_time_s,
         "tokens_per_s": tokens_per_s,
