@@ -66,6 +66,22 @@ def test_every_experiment_composes_into_a_buildable_model(experiment):
         assert model.cfg.attention == "vsa" and 0 < model.sparsity < 1
 
 
+SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_only_the_default_run_sets_its_own_timestep_shift():
+    """The default 512-token CPU run trains and samples at shift 3 (docs/sample_quality.md); every
+    experiment and sweep keeps the resolution shift (null), so none inherits the default's 3."""
+    assert compose_train([]).module.timesteps.shift == 3.0
+    for experiment in EXPERIMENTS:
+        extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
+        cfg = compose_train([f"experiment={experiment}", *extra])
+        assert cfg.module.timesteps.shift is None, experiment
+    for sweep in SWEEPS:
+        cfg = compose_train([f"sweep={sweep}"])
+        assert cfg.module.timesteps.shift is None, sweep
+
+
 @pytest.mark.parametrize("size", PAIRS)
 def test_vsa_and_full_experiments_differ_only_in_attention(size):
     vsa = OmegaConf.to_container(compose_train([f"experiment=vsa_{size}"]), resolve=True)
