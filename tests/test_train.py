@@ -133,6 +133,7 @@ def test_ema_validation_and_sample_videos(tmp_path, monkeypatch):
                                            "trainer.enable_progress_bar=false"])
     run_dir = tmp_path / "full"
     assert set(csv_column(run_dir, "val/loss")) == {1, 3}  # after steps 2 and 4 (0-based step - 1)
+    assert csv_column(run_dir, "val/loss_ema") == csv_column(run_dir, "val/loss")  # EMA weights, labelled
     assert metrics["val/loss"] > 0 and csv_column(run_dir, "train/sparsity")[0] == 0.5
     tokens = csv_column(run_dir, "perf/tokens_per_sec")
     mfu = csv_column(run_dir, "perf/mfu")

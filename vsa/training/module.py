@@ -253,6 +253,16 @@ class VideoDiffusionModule(L.LightningModule):
         loss = validation_loss(self.model, x0, cond, seed=self.validation["seed"] + batch_idx,
                                n_t=self.validation["n_t"])
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        if self._validates_ema():  # the same number, under a name that says which weights made it
+            self.log("val/loss_ema", loss, batch_size=x0.shape[0], sync_dist=True)
+
+    def _validates_ema(self) -> bool:
+        """Whether validation runs on EMA weights: Lightning's weight-averaging callbacks swap the
+        averaged weights in for validation."""
+        from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+
+        trainer = self._trainer
+        return trainer is not None and any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:
