@@ -19,9 +19,11 @@ log_dir=${LOG_DIR:-logs}
 runs=$log_dir/train/multiruns/$sweep
 mkdir -p "$rows"
 $python -m vsa.scaling.rows restore "$rows" "$runs" || exit 1
-timeout "$seconds" $python train.py -m "sweep=$sweep" "paths.log_dir=$log_dir" "$@"
+# SIGTERM first (the run in flight stops); SIGKILL 30 s later if it has not ended (a SIGTERM that
+# reaches torch.compile's worker processes mid-compilation can leave the run waiting on them).
+timeout -k 30 "$seconds" $python train.py -m "sweep=$sweep" "paths.log_dir=$log_dir" "$@"
 status=$?
-[ $status -eq 124 ] && echo "sweep_piece: stopped after ${seconds}s (the run in flight is lost)"
+[ $status -eq 124 ] || [ $status -eq 137 ] && echo "sweep_piece: stopped after ${seconds}s (the run in flight is lost)"
 [ -d "$runs" ] && $python -m vsa.scaling.rows collect "$runs" "$rows"
 $python - "$rows" <<'PY'
 import glob, json, sys
