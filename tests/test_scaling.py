@@ -347,11 +347,14 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
             rows.append(twin)
             seconds.append(twin)
     rows[0].update(class_acc=0.8, fd=2.5)  # sample quality, where a run measured it
+    for r in rows:
+        r["device"] = "NVIDIA H200"
     eager = dict(rows[0], compile="eager", step_time_s=5.0, seed=2)  # other mode: not in the timing table
-    rows.append(eager)
+    other_gpu = dict(rows[0], step_time_s=9.0, seed=3, device="NVIDIA H100")  # other device: loss only
+    rows += [eager, other_gpu]
     summary = summarize(rows, n_bootstrap=300)
     assert set(summary["groups"]) == {"full", "vsa", "sta"}
-    assert summary["groups"]["full"]["n_points"] == 12 and summary["groups"]["full"]["n_rows"] == 12 + 6 + 1
+    assert summary["groups"]["full"]["n_points"] == 12 and summary["groups"]["full"]["n_rows"] == 12 + 6 + 2
     seed = summary["noise"]["seed"]
     assert seed["n_points"] == 6 + 6 + 1 and 0.005 < seed["relative_std"] < 0.02
     assert summary["noise"]["val_se_median"] == 0.002
@@ -360,7 +363,7 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     assert abs(m["multiplier"] / 2.5 - 1) < 0.1 and boot["low"] <= m["multiplier"] <= boot["high"]
     assert boot["ratio"] == pytest.approx(boot["high"] / boot["low"]) and "seed spread" in boot["note"]
     timing = summary["timing"]
-    assert timing["mode"] == "reduce-overhead"
+    assert timing["mode"] == "reduce-overhead" and timing["device"] == "NVIDIA H200"
     assert timing["step_time_s"]["5M/full"] == pytest.approx(0.2) and timing["step_time_s"]["10M/vsa"] == 0.08
     g = summary["gpu_time"]["vsa"]
     # full: steps = C / 1e13 at 0.2 s; vsa: steps = C / 2.5e12 at ~0.08 s -> per FLOP VSA is 1.6x slower,
@@ -372,6 +375,6 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
         (write_report_rows / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
     write_report(write_report_rows, tmp_path / "out", n_bootstrap=50)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "GPU-time multiplier" in text and "seed spread" in text and "| sta |" in text
+    assert "GPU-time multiplier" in text and "on NVIDIA H200" in text and "seed spread" in text and "| sta |" in text
     assert "class acc | FD |" in text and "| 0.8 | 2.5 |" in text
     assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0

@@ -11,7 +11,7 @@ when a sweep holds several sparsities):
   both cover, reported at the lowest loss both reach, with a bootstrap interval; from the fits too
   when both are determined;
 - the same comparison in GPU time: loss vs measured GPU-seconds (steps x the median step time of
-  the run's configuration on the sweep's device), envelopes and the time multiplier;
+  the run's configuration on one device: the one that timed the most configurations), envelopes and the time multiplier;
 - the measurement noise: the validation set's standard error per run, and the spread between
   seeds where a point was run with several;
 - the attention share of the training FLOPs per model.
@@ -146,14 +146,33 @@ def perturbed_losses(points: list[Point], rel_seed_std: float | None, rng) -> li
 
 # ----------------------------------------------------------------------------- timing
 
-def step_time_table(rows: list[dict], mode: str) -> dict[tuple[str, str], float]:
-    """Median step time (s) per (preset, attention label) over the rows run in compile `mode`.
-    A step's cost depends on the model, attention, batch and tokens, not on the run's budget, so
-    every run of a configuration gets the same per-step time: its measured median."""
-    times: dict[tuple[str, str], list[float]] = {}
+def timing_device(rows: list[dict], mode: str) -> str | None:
+    """The device whose step times the GPU-time comparison uses for compile `mode`: the one that
+    times the most configurations in that mode (ties: the most rows, then the name). Step times
+    from different GPUs (an H100 and an H200 row of one sweep) are never mixed."""
+    configs: dict[str, set] = {}
+    counts: dict[str, int] = {}
     for label, group in group_rows(rows).items():
         for r in group:
             if compile_mode(r) == mode and r.get("step_time_s"):
+                device = str(r.get("device"))
+                configs.setdefault(device, set()).add((r["preset"], label))
+                counts[device] = counts.get(device, 0) + 1
+    if not configs:
+        return None
+    return max(sorted(configs), key=lambda d: (len(configs[d]), counts[d]))
+
+
+def step_time_table(rows: list[dict], mode: str) -> dict[tuple[str, str], float]:
+    """Median step time (s) per (preset, attention label) over the rows run in compile `mode` on
+    the timing device (`timing_device`). A step's cost depends on the model, attention, batch and
+    tokens, not on the run's budget, so every run of a configuration gets the same per-step time:
+    its measured median."""
+    device = timing_device(rows, mode)
+    times: dict[tuple[str, str], list[float]] = {}
+    for label, group in group_rows(rows).items():
+        for r in group:
+            if compile_mode(r) == mode and r.get("step_time_s") and str(r.get("device")) == device:
                 times.setdefault((r["preset"], label), []).append(float(r["step_time_s"]))
     return {key: float(np.median(values)) for key, values in times.items()}
 
@@ -431,7 +450,7 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
         "groups": {}, "multipliers": {}, "gpu_time": {}, "notes": notes,
         "noise": {"val_se_min": min(ses) if ses else None, "val_se_median": float(np.median(ses)) if ses else None,
                   "val_se_max": max(ses) if ses else None, "seed": spread},
-        "timing": {"mode": mode,
+        "timing": {"mode": mode, "device": timing_device(usable, mode) if mode else None,
                    "step_time_s": {f"{preset}/{label}": t for (preset, label), t in sorted(table.items())}},
     }
     if spread["n_points"] == 0:
@@ -512,7 +531,8 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
         timing = summary["timing"]
         lines += ["## GPU-time multiplier over full attention (equal loss)", "",
                   f"GPU-seconds of a run = its steps x the median step time of its configuration (model, "
-                  f"attention) over the runs in compile mode `{timing['mode']}` on the sweep's device: "
+                  f"attention) over the runs in compile mode `{timing['mode']}` on {timing['device']} (rows from "
+                  "other devices give losses, not times): "
                   "training steps only (no compilation, autotuning or validation).", "",
                   "| attention | at loss | T_full / T_sparse (envelopes) | 90% bootstrap | high / low | note |",
                   "|---|---:|---:|---|---:|---|"]
