@@ -392,11 +392,11 @@ def test_ctrl_c_saves_the_step_it_reached(tmp_path):
 
 @pytest.mark.slow
 def test_readme_commands_after_the_first_run_do_what_the_readme_says(tmp_path):
-    """README "Training and sampling", as a new user types it after the set-up's `python train.py`:
+    """README "Train and sample", as a new user types it after the set-up's `python train.py`:
     each command, in order, with logs in a temporary folder and 4 training steps
     (trainer.max_steps does not name a run, so the folders are the README's)."""
     readme = (REPO / "README.md").read_text()
-    block = readme.split("## Training and sampling", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = readme.split("## Train and sample", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [line for line in block.strip().splitlines() if line.startswith("python ")]
     assert len(commands) >= 5
     logs = tmp_path / "logs"
