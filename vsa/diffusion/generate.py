@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from vsa.diffusion import guided_velocity, sample_ode
-from vsa.models import VideoDiT
+from vsa.diffusion.samplers import guided_velocity, sample_ode
+
+if TYPE_CHECKING:  # (a model is used through its interface: cfg, null_condition, calls)
+    from vsa.models import VideoDiT
 
 
 def default_labels(model: VideoDiT, num_videos: int, labels: Sequence[int] | None = None) -> list[int] | None:
