@@ -33,7 +33,7 @@ def test_ddp_two_cpu_processes_fit_through_train_py(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert "distributed_backend=gloo" in output
 
-    # The run name holds the overrides that change training (vsa/training/run_folder.py).
+    # The run name holds the overrides that change training (vsa/run_name.py).
     run_dir = tmp_path / "logs" / "train" / "runs" / ("tiny+data.datamodule.val_size:0+trainer:ddp+"
                                                       "trainer.accelerator:cpu+trainer.devices:2+"
                                                       "trainer.precision:32-true")

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from vsa.diffusion import flow_matching_loss, sample_timesteps
+from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift
 from vsa.eval import ClassifierRecipe, SampleMetrics, frechet_distance
 from vsa.eval.classifier import stack_items
 from vsa.eval.samples import generate_and_score
 from vsa.models import DiTConfig, VideoDiT
-from vsa.training.module import timestep_shift
 
 # A cheap classifier recipe for 3x4x16x16 videos.
 RECIPE = ClassifierRecipe(input_size=(4, 16, 16), steps=60, batch_size=16, train_samples=256,

@@ -220,7 +220,7 @@ def test_sbatch_script_runs_ddp_through_srun_and_requeues_itself(slurm_cluster, 
                                capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
-    # The run folder: tiny + the script's and COMMON's training overrides (vsa/training/run_folder.py).
+    # The run folder: tiny + the script's and COMMON's training overrides (vsa/run_name.py).
     checkpoints = (tmp_path / "logs" / "train" / "runs").glob
     output = tmp_path / f"slurm-vsa-train-{job_id}.out"
     start = time.monotonic()

@@ -296,7 +296,7 @@ def test_run_names_come_from_the_overrides_that_change_training():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from vsa.training.run_folder import run_name_from_overrides
+    from vsa.run_name import run_name_from_overrides
 
     ignores = OmegaConf.load(CONFIGS / "train.yaml").run_name_ignores
     name = run_name_from_overrides  # noqa: N806

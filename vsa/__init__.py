@@ -2,7 +2,7 @@
 
 from vsa.layout import TileLayout
 from vsa.ops import block_sparse_attention, video_sparse_attention
-from vsa.training.run_folder import register_resolver
+from vsa.run_name import register_resolver
 
 register_resolver()  # configs/train.yaml's run_name: ${run_name:${experiment_name}}
 

@@ -8,6 +8,7 @@ normalised input (from which VSA projects its gates). Backends that ignore some 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,23 @@ class AttentionBackend(nn.Module):
 
     One instance lives in each transformer block, so a backend may own parameters (VSA's gates).
     Subclasses are constructed as `Backend(width, n_heads, head_dim, **options)`.
+
+    A backend also describes itself, so that FLOP accounting, presets and sampling need no list
+    of backend names (a new backend is one more entry in `BACKENDS`); the class-level answers
+    take the backend's options as a dict:
+
+    - `needs_sparsity`: it reads ctx.sparsity / ctx.topk, and cannot run without one of them.
+    - `needs_gates`: it projects learned gates from ctx.x_norm; `swap_in_options` gives the
+      options for swapping it into a model trained without it (train dense, sample sparse).
+    - `gate_weights`: matmul weights per token of its own projections (FLOPs, parameter counts);
+      `param_variants`: option sets that change its parameter count (the preset table).
+    - `kv_tokens` / `coarse_flops`: L_kv_eff and the extra FLOPs of docs/design.md's formula.
+    - `kept_fraction`: the fraction of (query, key) token pairs it computes on a layout.
     """
+
+    needs_sparsity: bool = False
+    needs_gates: bool = False
+    param_variants: dict[str, dict] = {"": {}}  # label -> options; "": the backend's defaults
 
     def __init__(self, width: int, n_heads: int, head_dim: int):
         super().__init__()
@@ -50,6 +67,34 @@ class AttentionBackend(nn.Module):
         self.width = width
         self.n_heads = n_heads
         self.head_dim = head_dim
+
+    @classmethod
+    def swap_in_options(cls, options: dict) -> dict:
+        """Options for this backend swapped into a trained model that did not train it."""
+        return dict(options)
+
+    @classmethod
+    def gate_weights(cls, width: int, **options) -> int:
+        """Matmul weights per token of the backend's own projections (none by default)."""
+        return 0
+
+    @classmethod
+    def kv_tokens(cls, grid, tile, order: str, options: dict, sparsity: float | None = None,
+                  topk: int | None = None) -> float:
+        """Key tokens each query token attends to, on average, for the token grid `grid` cut into
+        `tile`s in `order` (L_kv_eff of the FLOP formula): all of them by default."""
+        return math.prod(grid)
+
+    @classmethod
+    def coarse_flops(cls, grid, tile, width: int) -> float:
+        """FLOPs per layer beyond 4 x L x L_kv_eff x width (VSA's coarse stage); none by default."""
+        return 0.0
+
+    @classmethod
+    def kept_fraction(cls, layout: TileLayout, options: dict, sparsity: float | None = None,
+                      topk: int | None = None) -> float:
+        """Fraction of (query, key) token pairs computed on `layout`: all by default."""
+        return 1.0
 
     def reset_parameters(self) -> None:
         """(Re)initialise the backend's own parameters; the model calls it after its own init."""

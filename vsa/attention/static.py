@@ -53,6 +53,19 @@ class StaticPatternAttention(AttentionBackend):
         # and hashable: the key of the map cache.
         self.options = tuple(sorted(patterns.pattern_options(self.pattern, **options).items()))
 
+    @classmethod
+    def kv_tokens(cls, grid, tile, order: str, options: dict, sparsity=None, topk=None) -> float:
+        """The kept fraction of real (query, key) token pairs of the tile map, times L."""
+        layout = TileLayout(grid, tile, order=order)
+        return cls.kept_fraction(layout, options) * layout.seq_len
+
+    @classmethod
+    def kept_fraction(cls, layout: TileLayout, options: dict, sparsity=None, topk=None) -> float:
+        """The kept fraction of real (query, key) token pairs of the tile map on `layout`."""
+        options = {k: v for k, v in dict(options).items() if k != "impl"}
+        layout = layout.to("cpu")
+        return patterns.kept_token_fraction(layout, *patterns.build_map(cls.pattern, layout, **options))
+
     def block_map(self, layout: TileLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """The map of this pattern on `layout`: q2k_idx int32 [n_tiles, K], q2k_cnt int32 [n_tiles]."""
         return patterns.build_map(self.pattern, layout, **dict(self.options))

@@ -16,17 +16,24 @@ The sparsity (or top-k) is read from the context on every call, so a schedule ca
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from vsa.attention.base import AttentionBackend, AttentionContext
-from vsa.ops import video_sparse_attention
+from vsa.layout import TileLayout
+from vsa.ops import resolve_topk, video_sparse_attention
 
 GATE_VARIANTS = ("pretrain", "adapt")
 
 
 class VideoSparseAttention(AttentionBackend):
     """Coarse + top-k fine block-sparse attention with learned gates (see module docstring)."""
+
+    needs_sparsity = True
+    needs_gates = True
+    param_variants = {gates: {"gates": gates} for gates in ("adapt", "pretrain")}
 
     def __init__(self, width: int, n_heads: int, head_dim: int, gates: str = "pretrain"):
         super().__init__(width, n_heads, head_dim)
@@ -37,12 +44,37 @@ class VideoSparseAttention(AttentionBackend):
         self.gate_proj = nn.Linear(width, n_gates * width)
         self.reset_parameters()
 
-    @staticmethod
-    def gate_weights(width: int, gates: str = "pretrain") -> int:
+    @classmethod
+    def swap_in_options(cls, options: dict) -> dict:
+        """A VSA swapped in after training has no learned gates: "adapt" gates (G_c = 0, G_f = 1)
+        make it output its fine stage, which at sparsity 0 is dense attention."""
+        return {**options, "gates": "adapt"}
+
+    @classmethod
+    def gate_weights(cls, width: int, gates: str = "pretrain") -> int:
         """Weights of the gate projection that multiply each token (for FLOP accounting)."""
         if gates not in GATE_VARIANTS:
             raise ValueError(f"unknown VSA gate variant {gates!r}; choose one of {GATE_VARIANTS}")
         return (2 if gates == "pretrain" else 1) * width * width
+
+    @classmethod
+    def kv_tokens(cls, grid, tile, order: str, options: dict, sparsity: float | None = None,
+                  topk: int | None = None) -> float:
+        """K x tile volume: the fine stage's key tiles (K from topk, else from sparsity)."""
+        n_tiles = TileLayout(grid, tile, order=order).n_tiles
+        k = resolve_topk(n_tiles, topk=topk) if topk is not None else resolve_topk(n_tiles, sparsity=sparsity)
+        return k * math.prod(tile)
+
+    @classmethod
+    def coarse_flops(cls, grid, tile, width: int) -> float:
+        """The coarse stage: dense attention over the tile means, 4 x (L / tile volume)^2 x width."""
+        return 4 * (math.prod(grid) / math.prod(tile)) ** 2 * width
+
+    @classmethod
+    def kept_fraction(cls, layout: TileLayout, options: dict, sparsity: float | None = None,
+                      topk: int | None = None) -> float:
+        """The fine stage's K / n_tiles (its coarse stage not counted)."""
+        return resolve_topk(layout.n_tiles, topk, None if topk is not None else sparsity) / layout.n_tiles
 
     def reset_parameters(self) -> None:
         if self.gates == "adapt":

@@ -8,6 +8,7 @@
 - `LatentShardDataset`, `write_latent_shard` (latents.py): precomputed safetensors shards.
 - `IdentityCodec`, `SpaceToDepthCodec`, `DiffusersVAECodec`, `build_codec` (codecs.py).
 - `VideoDataModule` (datamodule.py): train / fixed-validation loaders.
+- `to_uint8_frames`, `save_grid`, `write_mp4` (media.py): writing videos as mp4 files and PNG grids.
 
 Names are imported on first use, so `import vsa.data.synthetic` does not pay for Lightning.
 """
@@ -34,6 +35,9 @@ _EXPORTS = {
     "DiffusersVAECodec": "vsa.data.codecs",
     "build_codec": "vsa.data.codecs",
     "VideoDataModule": "vsa.data.datamodule",
+    "to_uint8_frames": "vsa.data.media",
+    "save_grid": "vsa.data.media",
+    "write_mp4": "vsa.data.media",
 }
 
 __all__ = [
@@ -51,7 +55,10 @@ __all__ = [
     "VideoFolderDataset",
     "build_codec",
     "read_clip",
+    "save_grid",
+    "to_uint8_frames",
     "write_latent_shard",
+    "write_mp4",
 ]
 
 if TYPE_CHECKING:
@@ -61,6 +68,7 @@ if TYPE_CHECKING:
     from vsa.data.footage import FootageDataset
     from vsa.data.latents import LatentShardDataset, write_latent_shard
     from vsa.data.long_range import LongRangeVideoDataset
+    from vsa.data.media import save_grid, to_uint8_frames, write_mp4
     from vsa.data.photos import PhotoPanDataset
     from vsa.data.synthetic import SyntheticVideoDataset
     from vsa.data.videos import UnreadableVideoWarning, VideoFolderDataset

@@ -1,4 +1,5 @@
-"""Rectified-flow training objective, timestep sampling, ODE samplers with CFG, validation."""
+"""Rectified-flow training objective, timestep sampling, ODE samplers with CFG, generation from a
+model (`generate`: seeded noise, class labels, guidance), validation."""
 
 from vsa.diffusion.flow import (
     flow_matching_loss,
@@ -6,8 +7,10 @@ from vsa.diffusion.flow import (
     resolution_shift,
     sample_timesteps,
     shift_timesteps,
+    timestep_shift,
     velocity_target,
 )
+from vsa.diffusion.generate import check_sampling, default_labels, generate
 from vsa.diffusion.samplers import guided_velocity, sample, sample_ode, timestep_grid
 from vsa.diffusion.validation import (
     validation_loss,
@@ -17,7 +20,10 @@ from vsa.diffusion.validation import (
 )
 
 __all__ = [
+    "check_sampling",
+    "default_labels",
     "flow_matching_loss",
+    "generate",
     "guided_velocity",
     "interpolate",
     "resolution_shift",
@@ -26,6 +32,7 @@ __all__ = [
     "sample_timesteps",
     "shift_timesteps",
     "timestep_grid",
+    "timestep_shift",
     "validation_loss",
     "validation_losses",
     "validation_noise",

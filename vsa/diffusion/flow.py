@@ -68,6 +68,12 @@ def resolution_shift(seq_len: int, base_seq_len: int = 4096, base_shift: float =
     return max(1.0, base_shift * math.sqrt(seq_len / base_seq_len))
 
 
+def timestep_shift(seq_len: int, shift: float | None = None, base_seq_len: int = 4096,
+                   base_shift: float = 1.0) -> float:
+    """The shift of training and sampling times: `shift` if given, else the resolution shift."""
+    return float(shift) if shift is not None else resolution_shift(seq_len, base_seq_len, base_shift)
+
+
 def sample_timesteps(batch_size: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
                      device: torch.device | str | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:

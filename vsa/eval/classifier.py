@@ -212,12 +212,18 @@ def train_classifier(dataset: Dataset, num_classes: int, recipe: ClassifierRecip
     hold_videos, hold_labels = stack_items(dataset, hold_idx)
     logits, features = predict(net, hold_videos)
     accuracy = float((logits.argmax(1) == hold_labels).float().mean())
-    from vsa.eval.metrics import feature_stats
-
     mu, sigma = feature_stats(features)
     summary = {"holdout_accuracy": accuracy, "train_samples": len(train_idx),
                "holdout_samples": len(hold_idx), "final_loss": float(loss.detach()), "mu": mu, "sigma": sigma}
     return net, summary
+
+
+def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [D], covariance [D, D]) of features [N, D], in float64."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {tuple(features.shape)}")
+    f = features.detach().double().cpu()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
 
 
 def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,

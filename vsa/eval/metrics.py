@@ -23,15 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vsa.eval.classifier import ClassifierRecipe, VideoClassifier, classifier_for, predict
-
-
-def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [D], covariance [D, D]) of features [N, D], in float64."""
-    if features.dim() != 2 or features.shape[0] < 2:
-        raise ValueError(f"features must be [N >= 2, D], got shape {tuple(features.shape)}")
-    f = features.detach().double().cpu()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+from vsa.eval.classifier import ClassifierRecipe, VideoClassifier, classifier_for, feature_stats, predict
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,

@@ -44,7 +44,7 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
 
     Generation runs in chunks of `batch_size` videos with seeds seed, seed + 1, ... per chunk.
     """
-    from vsa.sampling import generate
+    from vsa.diffusion import generate
 
     num_classes = model.cfg.num_classes
     if not num_classes:
@@ -85,10 +85,11 @@ def dataset_config(ckpt_path: str | Path, checkpoint: dict, override: Mapping | 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score a checkpoint (configs/eval.yaml); returns the scores and the written paths."""
+    from vsa.checkpoint import CHECKPOINT_KEY, model_from_checkpoint, read_checkpoint
+    from vsa.config import check_missing, config_section
     from vsa.data.codecs import build_codec
-    from vsa.sampling import model_from_checkpoint, read_checkpoint, save_grid, to_uint8_frames
-    from vsa.training.module import CHECKPOINT_KEY, timestep_shift
-    from vsa.training.run import check_missing, config_section
+    from vsa.data.media import save_grid, to_uint8_frames
+    from vsa.diffusion import timestep_shift
 
     check_missing(cfg)
     with config_section("ckpt_path"):

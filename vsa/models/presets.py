@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from vsa.attention import BACKENDS
 from vsa.models.config import DiTConfig
 from vsa.models.dit import VideoDiT, count_params
 
@@ -34,11 +35,12 @@ PRESETS: dict[str, dict[str, int]] = {
     "1.4B": dict(depth=33, width=1792, head_dim=128),
 }
 
-# Attention set-ups whose parameter counts the preset names must match.
-BACKEND_VARIANTS: dict[str, dict] = {
-    "full": dict(attention="full"),
-    "vsa adapt": dict(attention="vsa", attention_options={"gates": "adapt"}),
-    "vsa pretrain": dict(attention="vsa", attention_options={"gates": "pretrain"}),
+# Attention set-ups whose parameter counts the preset names must match: full attention (as every
+# backend without parameters of its own), and each variant of the backends with learned gates.
+BACKEND_VARIANTS: dict[str, dict] = {"full": dict(attention="full")} | {
+    f"{name} {label}".strip(): dict(attention=name, attention_options=dict(options))
+    for name, backend in BACKENDS.items() if backend.needs_gates
+    for label, options in backend.param_variants.items()
 }
 
 
@@ -75,9 +77,9 @@ def _format_count(n: int) -> str:
 def preset_table() -> str:
     """Markdown table of the presets and their parameter counts under each attention backend."""
     lines = [
-        "| preset | depth | width | heads | head dim | params (full) | params (vsa adapt) "
-        "| params (vsa pretrain) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | depth | width | heads | head dim | "
+        + " | ".join(f"params ({label})" for label in BACKEND_VARIANTS) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(BACKEND_VARIANTS),
     ]
     for name, arch in PRESETS.items():
         counts = [preset_params(name, **variant) for variant in BACKEND_VARIANTS.values()]

@@ -18,19 +18,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vsa.attention import BACKENDS
+from vsa.checkpoint import load_model
+from vsa.config import ConfigError, check_missing, config_section
 from vsa.data.codecs import build_codec
+from vsa.data.media import save_grid, to_uint8_frames, write_mp4
+from vsa.diffusion import check_sampling, generate, timestep_shift
 from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
-from vsa.sampling.checkpoint import load_model
-from vsa.sampling.generate import check_sampling, generate
-from vsa.sampling.media import save_grid, to_uint8_frames, write_mp4
-from vsa.training.module import timestep_shift
-from vsa.training.run import ConfigError, check_missing, config_section
 
 log = logging.getLogger(__name__)
 
 
-def _autocast(precision: str, device: torch.device):
+def precision_autocast(precision: str, device: torch.device):
+    """The autocast context of `precision` on `device`: "bf16" -> bf16 autocast, "32" -> none,
+    "auto" -> bf16 on CUDA, fp32 elsewhere (a ConfigError for anything else)."""
     if precision not in ("auto", "32", "bf16"):
         raise ConfigError(f"precision must be auto, 32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -40,6 +42,11 @@ def _autocast(precision: str, device: torch.device):
         log.warning("precision=bf16 on the CPU is slow (about 14x slower than fp32 on a 2-core "
                     "machine: CPUs without bf16 matrix units emulate it); precision=auto uses fp32 here")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def needs_sparsity(model: VideoDiT) -> bool:
+    """Whether the model's attention backend reads a sparsity / top-k (VSA)."""
+    return type(model.blocks[0].attn.backend).needs_sparsity
 
 
 def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
@@ -52,10 +59,9 @@ def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
     if name == model.cfg.attention:
         return
     options = dict(options or {})
-    if name == "vsa":
-        # A backend swapped in after training has no learned gates: "adapt" gates (G_c = 0,
-        # G_f = 1) make VSA output its fine stage, which at sparsity 0 is dense attention.
-        options["gates"] = "adapt"
+    if name in BACKENDS:  # (an unknown name fails in set_attention, with the known ones)
+        # A backend swapped in after training has no learned gates (VSA: "adapt" gates).
+        options = BACKENDS[name].swap_in_options(options)
     model.set_attention(name, **options)
     model.sparsity, model.topk = sparsity, topk
 
@@ -78,8 +84,9 @@ def sample(cfg: DictConfig) -> dict:
                            swap.sparsity, swap.topk)
     if cfg.sparsity is not None or cfg.topk is not None:  # explicit values win; topk over sparsity
         model.sparsity, model.topk = cfg.sparsity, cfg.topk
-    if model.cfg.attention == "vsa" and model.sparsity is None and model.topk is None:
-        raise ConfigError("attention=vsa needs a sparsity: add sparsity=<value in [0, 1)> (or topk=<K>)")
+    if needs_sparsity(model) and model.sparsity is None and model.topk is None:
+        raise ConfigError(f"attention={model.cfg.attention} needs a sparsity: add sparsity=<value in "
+                          "[0, 1)> (or topk=<K>)")
     if cfg.get("tile") is not None:
         with config_section("tile"):
             tile = cfg.tile
@@ -94,7 +101,7 @@ def sample(cfg: DictConfig) -> dict:
     labels = None if cfg.labels is None else list(cfg.labels)
 
     start = time.perf_counter()
-    with config_section("sampling"), _autocast(str(cfg.precision), device):
+    with config_section("sampling"), precision_autocast(str(cfg.precision), device):
         latents = generate(model, latent_shape, cfg.num_videos, labels=labels, steps=cfg.steps,
                            method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift, seed=cfg.seed,
                            device=device, progress=True)
@@ -113,7 +120,7 @@ def sample(cfg: DictConfig) -> dict:
     latents_path = out / "latents.pt"
     torch.save(latents.cpu(), latents_path)
     per_video = seconds / cfg.num_videos
-    attention = model.cfg.attention + (f" (sparsity {model.sparsity})" if model.cfg.attention == "vsa" else "")
+    attention = model.cfg.attention + (f" (sparsity {model.sparsity})" if needs_sparsity(model) else "")
     attention += f", tile {'x'.join(map(str, model.cfg.tile))}"
     print(f"{cfg.num_videos} videos, {cfg.steps} {cfg.method} steps, {attention}, on {device}: "
           f"{seconds:.2f} s ({per_video:.2f} s per video) -> {out}")

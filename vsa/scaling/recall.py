@@ -92,7 +92,7 @@ def _attention_config(name: str) -> dict | None:
 def parse_pattern(text: str) -> RecallPattern:
     """Read a spec `name[@sparsity][:key=value]...` (see the module docstring), e.g. "vsa",
     "vsa@0.75", "vsa:topk=16", "random", "sta32", "sta:window=2x4x4", "grat_b:radius=1"."""
-    from vsa.sampling.compare import parse_pattern as parse_backend_spec
+    from vsa.attention.spec import parse_pattern as parse_backend_spec
 
     known = "vsa, random, grat_b, grat_x, sta or an attention config such as sta32"
     label = text.strip()
@@ -404,8 +404,9 @@ def recall_report(path: str | Path, timesteps: Sequence[float] = DEFAULT_TIMESTE
     """Recall of a checkpoint (file or run folder) on `clips` validation clips of its training
     data (`data_config`: None = the run's .hydra/config.yaml); writes recall.json and recall.png
     to `out` (default <run>/recall) and returns the result."""
-    from vsa.sampling.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
-    from vsa.sampling.compare import find_data_config, validation_batches
+    from vsa.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
+    from vsa.training.run_folder import find_data_config
+    from vsa.training.validation_data import validation_batches
 
     specs = [parse_pattern(p) for p in patterns]  # bad specs fail before anything loads
     if clips < 1:

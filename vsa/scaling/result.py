@@ -1,7 +1,7 @@
 """The result row of one scaling-sweep run: `<run folder>/result.json`.
 
-`vsa.training.train` calls `write_result_row` after `trainer.fit` when the config has a `scaling`
-section (configs/sweep/). The row holds what the report needs (docs/scaling.md lists every
+`ResultRowWriter`, a callback the sweeps add (configs/sweep/_scaling.yaml), calls `write_result_row`
+when `fit` ends; `train()` knows nothing of sweeps. The row holds what the report needs (docs/scaling.md lists every
 field): model size, FLOPs actually spent, tokens, the final validation loss of the raw and of the
 EMA weights under the fixed protocol, wall-clock and throughput.
 
@@ -28,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from vsa.config import config_section
 from vsa.diffusion import validation_loss
 from vsa.scaling.budget import run_spec
 from vsa.scaling.rows import RESULT_FILE
@@ -312,3 +313,30 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
     log.info(f"result row {run_dir / RESULT_FILE}: {row['preset']} {row['attention']} budget "
              f"{row['budget']:.3g} -> {steps} steps, {row['flops']:.3g} FLOPs, val_loss {chosen}")
     return row
+
+
+class ResultRowWriter(Callback):
+    """Writes the run's result row (`write_result_row`) when `fit` ends, on global rank 0.
+
+    `run`: the parts of the run's config the row reads (configs/sweep/_scaling.yaml passes them by
+    interpolation: experiment_name, seed, paths.output_dir, and the scaling, model, data, trainer
+    and callbacks.sparsity_schedule sections, from which `run_spec` derives the FLOPs). Errors
+    come out as one-line ConfigErrors of the `scaling` section.
+
+    A relaunch of a finished run (its checkpoint at trainer.max_steps) still fits, taking no step,
+    so that the row gets written (`fit_when_finished`); a run stopped by a signal, or before
+    max_steps, writes none yet.
+    """
+
+    fit_when_finished = True
+
+    def __init__(self, run: dict) -> None:
+        self.run = OmegaConf.create(run)
+        self.row: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
+            return  # stopped by SIGTERM / SIGINT: the relaunch finishes the run and writes the row
+        with config_section("scaling"):
+            self.row = write_result_row(self.run, trainer, pl_module, trainer.datamodule)
+

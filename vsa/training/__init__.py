@@ -11,7 +11,7 @@ from vsa._lazy import lazy_exports
 
 _EXPORTS = {
     "train": "vsa.training.run",
-    "ConfigError": "vsa.training.run",
+    "ConfigError": "vsa.config",
     "load_init_weights": "vsa.training.run",
     "VideoDiffusionModule": "vsa.training.module",
     "WarmupSchedule": "vsa.training.module",
@@ -44,12 +44,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from vsa.config import ConfigError
     from vsa.training.callbacks import RunCheckpoint, SampleVideos, SparsitySchedule, TrainingSpeed
     from vsa.training.checkpoint_io import AtomicCheckpointIO
     from vsa.training.data import ResumableDataModule, ResumableSampler
     from vsa.training.flops import forward_flops, training_flops
     from vsa.training.module import VideoDiffusionModule, WarmupSchedule
-    from vsa.training.run import ConfigError, load_init_weights, train
+    from vsa.training.run import load_init_weights, train
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -222,7 +222,8 @@ class SampleVideos(Callback):
         if trainer.sanity_checking or step < self.last_step + self.every_n_steps:
             return
         self.last_step = step
-        from vsa.sampling import generate, save_grid, to_uint8_frames, write_mp4
+        from vsa.data.media import save_grid, to_uint8_frames, write_mp4
+        from vsa.diffusion import generate
 
         with trainer.precision_plugin.forward_context():
             latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos,

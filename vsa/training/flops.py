@@ -6,7 +6,9 @@ One multiply-add = 2 FLOPs; training = 3 x forward (activation recomputation not
                                                    tokens (biases are adds, not multiply-adds)
     self_attention  depth * 4 * L * L_kv_eff * d   d = width; L_kv_eff = L (full) or K * 64 (VSA,
                     (+ depth * 4 * (L/64)^2 * d    K = ceil((1 - sparsity) * n_tiles) clamped to
-                     for VSA's coarse stage)       [1, n_tiles], or K = topk)
+                     for VSA's coarse stage)       [1, n_tiles], or K = topk); each backend gives
+                                                   its own (`AttentionBackend.kv_tokens`,
+                                                   `coarse_flops`, `gate_weights`)
     cross_attention depth * 4 * L * L_txt * d
     conditioning    the small per-sample and per-text-token matmuls outside the formula above:
                     the timestep MLP (256*d + d^2), the adaLN-single MLP (6 d^2), and for text
@@ -23,13 +25,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from vsa.attention import BACKENDS, VideoSparseAttention
-from vsa.layout import TileLayout
+from vsa.attention import BACKENDS, AttentionBackend
 from vsa.models.config import DiTConfig, check_sparsity
 from vsa.models.dit import TIMESTEP_FREQ_DIM
-from vsa.ops import patterns, resolve_topk
-
-STATIC_PATTERNS = tuple(patterns.PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -54,14 +52,11 @@ class FlopCount:
         return 3.0 * self.forward
 
 
-def _gate_weights(cfg: DiTConfig) -> int:
-    """Matmul weights per token that an attention backend itself adds (VSA's gate projection)."""
-    if cfg.attention in ("full", *STATIC_PATTERNS):
-        return 0
-    if cfg.attention == "vsa":
-        return VideoSparseAttention.gate_weights(cfg.width, **cfg.attention_options)
-    raise ValueError(f"no FLOP formula for attention backend {cfg.attention!r}; "
-                     f"known: 'full', 'vsa', {STATIC_PATTERNS} (registered backends: {sorted(BACKENDS)})")
+def _backend(cfg: DiTConfig) -> type[AttentionBackend]:
+    if cfg.attention not in BACKENDS:
+        raise ValueError(f"no FLOP formula for attention backend {cfg.attention!r}; registered "
+                         f"backends: {sorted(BACKENDS)}")
+    return BACKENDS[cfg.attention]
 
 
 def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: float | None = None,
@@ -86,29 +81,19 @@ def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: floa
     in_features = cfg.in_channels * cfg.patch_volume
     out_features = cfg.out_channels * cfg.patch_volume
 
-    per_block = 4 * w * w + 2 * w * cfg.mlp_width + _gate_weights(cfg)  # qkv + out, MLP, gates
+    backend = _backend(cfg)
+    # qkv + out, MLP, the backend's own projections (VSA's gates)
+    per_block = 4 * w * w + 2 * w * cfg.mlp_width + backend.gate_weights(w, **cfg.attention_options)
     if cfg.text_dim:
         per_block += 2 * w * w  # cross-attention q and out projections (on video tokens)
     params_per_token = in_features * w + depth * per_block + w * out_features
 
-    if cfg.attention == "vsa":
+    if backend.needs_sparsity:
         topk = cfg.topk if topk is None else topk
         sparsity = cfg.sparsity if sparsity is None else sparsity
         check_sparsity(sparsity, topk)
-        tile_volume = math.prod(cfg.tile)
-        n_tiles = TileLayout(grid, cfg.tile, order=cfg.tile_order).n_tiles
-        k = resolve_topk(n_tiles, topk=topk) if topk is not None else resolve_topk(
-            n_tiles, sparsity=sparsity)
-        kv_tokens = k * tile_volume
-        coarse = 4 * (L / tile_volume) ** 2 * w
-    elif cfg.attention in STATIC_PATTERNS:
-        # Static maps: the kept fraction of real (query, key) token pairs of the tile map.
-        layout = TileLayout(grid, cfg.tile, order=cfg.tile_order)
-        options = {k: v for k, v in cfg.attention_options.items() if k != "impl"}
-        kept = patterns.kept_token_fraction(layout, *patterns.build_map(cfg.attention, layout, **options))
-        kv_tokens, coarse = kept * L, 0.0
-    else:
-        kv_tokens, coarse = L, 0.0
+    kv_tokens = backend.kv_tokens(grid, cfg.tile, cfg.tile_order, cfg.attention_options, sparsity, topk)
+    coarse = backend.coarse_flops(grid, cfg.tile, w)
     self_attention = depth * (4 * L * kv_tokens * w + coarse)
 
     conditioning = 2 * (TIMESTEP_FREQ_DIM * w + w * w + 6 * w * w)

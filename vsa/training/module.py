@@ -17,14 +17,13 @@
 - `flops_per_batch` / `tokens_per_batch` / `samples_per_batch` are updated every training step
   (the Lightning convention read by throughput callbacks); FLOPs come from the analytic counter
   at the model's current sparsity.
-- Checkpoints carry, under the key "vsa", everything `vsa.sampling` needs to rebuild and run the
+- Checkpoints carry, under the key "vsa" (`vsa.checkpoint`), everything `vsa.sampling` needs to rebuild and run the
   model without the training config: the DiTConfig, the latent shape, the codec, the timestep
   shift recipe, the fps and the current sparsity.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from vsa.checkpoint import CHECKPOINT_KEY, sampling_spec
 from vsa.data.codecs import build_codec
-from vsa.diffusion import flow_matching_loss, resolution_shift, sample_timesteps, validation_loss
+from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift, validation_loss
 from vsa.models import VideoDiT
 from vsa.training.flops import training_flops
 
-CHECKPOINT_KEY = "vsa"
 # torch.compile modes accepted for the blocks (None = torch's default).
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -74,12 +73,6 @@ class WarmupSchedule:
         # A run shorter than its warm-up (a benchmark of a long recipe) never gets here.
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def timestep_shift(seq_len: int, shift: float | None = None, base_seq_len: int = 4096,
-                   base_shift: float = 1.0) -> float:
-    """The shift of training and sampling times: `shift` if given, else the resolution shift."""
-    return float(shift) if shift is not None else resolution_shift(seq_len, base_seq_len, base_shift)
 
 
 def step_seed(seed: int, *indices: int) -> int:
@@ -295,16 +288,8 @@ class VideoDiffusionModule(L.LightningModule):
     # ---- checkpoints -------------------------------------------------------------------------
 
     def sampling_spec(self) -> dict:
-        """What a sampler needs besides the weights (stored in every checkpoint)."""
-        return {
-            "dit_config": dataclasses.asdict(self.model.cfg),
-            "latent_shape": None if self.latent_shape is None else list(self.latent_shape),
-            "codec": dict(self.codec_spec),
-            "timesteps": dict(self.timesteps),
-            "fps": self.fps,
-            "sparsity": self.model.sparsity,
-            "topk": self.model.topk,
-        }
+        """What a sampler needs besides the weights (stored in every checkpoint: `vsa.checkpoint`)."""
+        return sampling_spec(self.model, self.latent_shape, self.codec_spec, self.timesteps, self.fps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.sampling_spec()

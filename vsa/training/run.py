@@ -8,7 +8,6 @@ reports as one line naming the config section; `HYDRA_FULL_ERROR=1` shows the tr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.errors import CompactHydraException, InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
@@ -26,6 +24,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from vsa.checkpoint import CHECKPOINT_KEY, find_checkpoint, model_state, read_checkpoint
+from vsa.config import ConfigError, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
 from vsa.training.callbacks import RunCheckpoint, StepProgressBar
@@ -33,48 +33,6 @@ from vsa.training.checkpoint_io import AtomicCheckpointIO
 from vsa.training.module import VideoDiffusionModule
 
 WANDB_ID_FILE = "wandb_run_id.txt"
-_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, ImportError,
-                AttributeError)
-
-
-class ConfigError(CompactHydraException, ValueError):
-    """A bad configuration value; Hydra prints its message alone (no traceback)."""
-
-
-@contextlib.contextmanager
-def config_section(name: str):
-    """Turn errors raised while building config section `name` into one-line ConfigErrors."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if cause is not None and not isinstance(cause, _USER_ERRORS):
-            raise
-        message = str(cause) if cause is not None else str(exc).splitlines()[0]
-        raise ConfigError(f"{name}: {message}") from exc
-    except _USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        raise ConfigError(f"{name}: {message}") from exc
-
-
-def check_missing(cfg: DictConfig) -> None:
-    """Raise a ConfigError naming every mandatory value (`???`) left unset."""
-    def walk(node, prefix: str):
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if value == "???":
-                yield name
-            yield from walk(value, name)
-
-    # (OmegaConf.missing_keys would resolve interpolations, and fail on those leading to a `???`.)
-    missing = sorted(walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), ""))
-    if missing:
-        example = " ".join(f"{key}=..." for key in missing)
-        raise ConfigError(f"missing mandatory value(s): {', '.join(missing)}; set them on the command "
-                          f"line, e.g. `{example}`")
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -98,8 +56,6 @@ def check_values(cfg: DictConfig) -> None:
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint this launch resumes from: ckpt_path=last -> the run folder's last.ckpt when
     it exists; a path -> that file (a run folder -> its checkpoints/last.ckpt); null -> None."""
-    from vsa.sampling.checkpoint import find_checkpoint
-
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return None
@@ -115,7 +71,6 @@ def check_resume(cfg: DictConfig, run_dir: Path, ckpt: Path) -> dict:
     """Read the resume checkpoint (tensors mapped, not loaded) and, when it is the run folder's
     own, refuse a training config that differs from the run's recorded one. Returns the
     checkpoint dict."""
-    from vsa.sampling.checkpoint import read_checkpoint
     from vsa.training.run_folder import config_differences, recorded_config
 
     with config_section("ckpt_path"):
@@ -136,8 +91,6 @@ def check_resume(cfg: DictConfig, run_dir: Path, ckpt: Path) -> dict:
 def check_checkpoint_model(checkpoint: dict, model: VideoDiT, ckpt: Path) -> None:
     """One line instead of Lightning's state_dict mismatch when the checkpoint holds another model."""
     import dataclasses
-
-    from vsa.training.module import CHECKPOINT_KEY
 
     saved = checkpoint[CHECKPOINT_KEY].get("dit_config", {})
     own = dataclasses.asdict(model.cfg)
@@ -199,6 +152,18 @@ def build_callbacks(cfg: DictConfig) -> list:
     return callbacks
 
 
+def fits_when_finished(cfg: DictConfig) -> bool:
+    """Whether a configured callback has work at the end of every fit, even of a run that is
+    already finished (`fit_when_finished`, e.g. the sweeps' result row): the run then fits again,
+    taking no step, instead of returning at once."""
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None and "_target_" in node:
+            with config_section(f"callbacks.{name}"):
+                if getattr(get_class(node._target_), "fit_when_finished", False):
+                    return True
+    return False
+
+
 def load_init_weights(model: VideoDiT, path: str | os.PathLike) -> list[str]:
     """Load another run's weights (EMA when present) into `model` for finetuning.
 
@@ -206,8 +171,6 @@ def load_init_weights(model: VideoDiT, path: str | os.PathLike) -> list[str]:
     backend's own init, e.g. "adapt" gates G_c = 0, G_f = 1); everything else must match exactly.
     Returns the names of the parameters left at their init.
     """
-    from vsa.sampling.checkpoint import model_state, read_checkpoint
-
     state = model_state(read_checkpoint(path), ema=True)
     own = model.state_dict()
 
@@ -260,7 +223,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; return the final callback metrics (train/loss, val/loss, ...).
 
     A relaunch of a finished run (its checkpoint already at trainer.max_steps) trains nothing,
-    says so and returns {}; a run stopped by Ctrl-C / SIGTERM saves last.ckpt at the step it
+    says so and returns {} (unless a callback asks to see the end of fit: `fits_when_finished`);
+    a run stopped by Ctrl-C / SIGTERM saves last.ckpt at the step it
     reached and exits with status 130 / 143 (`RunCheckpoint`).
     """
     from vsa.training.run_folder import record_config
@@ -275,7 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with config_section("trainer.max_steps"):
         max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
     if (checkpoint is not None and 0 < max_steps <= checkpoint.get("global_step", 0)
-            and not cfg.get("scaling")):  # (a sweep run still writes its result row)
+            and not fits_when_finished(cfg)):
         rank_zero_info(f"{run_dir}: finished (step {checkpoint['global_step']} of trainer.max_steps="
                        f"{max_steps}); nothing to train. To train it longer, relaunch with a larger "
                        "trainer.max_steps; to start it over, add ckpt_path=null; for another run, "
@@ -355,12 +319,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 logger.experiment.finish(exit_code=128 + stopped_by)
         raise SystemExit(128 + stopped_by)
-    if cfg.get("scaling"):  # a scaling-sweep run (configs/sweep/): write its result row
-        from vsa.scaling.result import write_result_row
-
-        with config_section("scaling"):
-            write_result_row(cfg, trainer, module, datamodule)
-
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()

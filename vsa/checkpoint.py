@@ -1,14 +1,39 @@
-"""Rebuilding a VideoDiT from a training checkpoint (no training config needed)."""
+"""The checkpoint schema of `vsa`: what a training checkpoint holds besides Lightning's own
+entries, and rebuilding a VideoDiT from one (no training config needed).
+
+- `CHECKPOINT_KEY` ("vsa"): the entry that holds the sampling spec (`sampling_spec`): the
+  DiTConfig, the latent shape, the codec, the timestep shift recipe, the fps and the sparsity.
+- "state_dict": Lightning's; the model's weights under "model." (with EMAWeightAveraging, the
+  average, and "current_model_state" the raw weights).
+
+Written by `vsa.training` (`VideoDiffusionModule.on_save_checkpoint`), read by training (resume,
+`init_from`), sampling, eval and the scaling diagnostics.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
 import torch
 
 from vsa.models import DiTConfig, VideoDiT
-from vsa.training.module import CHECKPOINT_KEY
+
+CHECKPOINT_KEY = "vsa"  # the checkpoint entry of the sampling spec (the name is part of the format)
+
+
+def sampling_spec(model: VideoDiT, latent_shape, codec: dict, timesteps: dict, fps: int) -> dict:
+    """What a sampler needs besides the weights (stored under CHECKPOINT_KEY in every checkpoint)."""
+    return {
+        "dit_config": dataclasses.asdict(model.cfg),
+        "latent_shape": None if latent_shape is None else list(latent_shape),
+        "codec": dict(codec),
+        "timesteps": dict(timesteps),
+        "fps": fps,
+        "sparsity": model.sparsity,
+        "topk": model.topk,
+    }
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -1,0 +1,96 @@
+"""Generating latents with a VideoDiT: seeded noise -> Euler/Heun ODE with classifier-free guidance."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from vsa.diffusion.samplers import guided_velocity, sample_ode
+
+if TYPE_CHECKING:  # (a model is used through its interface: cfg, null_condition, calls)
+    from vsa.models import VideoDiT
+
+
+def default_labels(model: VideoDiT, num_videos: int, labels: Sequence[int] | None = None) -> list[int] | None:
+    """Class labels of the videos: `labels` (checked), or classes 0, 1, 2, ... cycling."""
+    num_classes = model.cfg.num_classes
+    if not num_classes:
+        if labels:
+            raise ValueError("labels were given but the model is not class-conditional (num_classes=0)")
+        return None
+    if labels is None or len(labels) == 0:
+        return [i % num_classes for i in range(num_videos)]
+    labels = [int(x) for x in labels]
+    if len(labels) != num_videos or min(labels) < 0 or max(labels) >= num_classes:
+        raise ValueError(f"labels must be {num_videos} class ids in [0, {num_classes}), got {labels}")
+    return labels
+
+
+def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, seed: int) -> None:
+    """Raise ValueError (one line, with the fix) for sampling arguments out of range."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(num_videos) or num_videos < 1:
+        raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
+    if not is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be euler or heun, got {method!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be a number >= 0 (1 = no guidance, 4 = the default "
+                         f"guidance, 0 = unconditional), got {cfg_scale!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+@torch.no_grad()
+def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
+             labels: Sequence[int] | None = None, steps: int = 32, method: str = "euler",
+             cfg_scale: float = 4.0, shift: float | Callable[[int], float] = 1.0, seed: int = 0,
+             device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+    """Sample `num_videos` model-space tensors [N, C, T, H, W] (fp32) from a VideoDiT.
+
+    Noise comes from a CPU generator seeded with `seed`, so a seed gives the same videos on every
+    device. `shift` is the timestep shift, or a function of the token count that returns it.
+    Class-conditional models get `labels` (default: classes 0, 1, 2, ...), guided with weight
+    `cfg_scale` against the null class. `progress` shows a bar over model evaluations.
+    """
+    if model.cfg.text_dim:
+        raise ValueError("this model is text-conditional; generate() samples class-conditional or "
+                         "unconditional models only (it has no text embeddings to condition on)")
+    check_sampling(num_videos, steps, method, cfg_scale, int(seed))
+    if latent_shape is None or len(latent_shape) != 4:
+        raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((num_videos, *(int(s) for s in latent_shape)), generator=generator).to(device)
+    if callable(shift):
+        shift = shift(math.prod(model.cfg.token_grid(latent_shape[1:])))
+
+    cond: dict = {}
+    ids = default_labels(model, num_videos, labels)
+    if ids is not None:
+        cond["labels"] = torch.tensor(ids, dtype=torch.long, device=device)
+    uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
+    velocity = guided_velocity(model, cond, uncond, cfg_scale)
+
+    evaluations = steps * (2 if method == "heun" else 1)
+    bar = tqdm(total=evaluations, desc=f"{method} x{steps}", unit="eval", disable=not progress)
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = velocity(x, t)
+        bar.update(1)
+        return v
+
+    was_training = model.training
+    model.eval()
+    try:
+        return sample_ode(counted, noise, steps=steps, method=method, shift=float(shift))
+    finally:
+        model.train(was_training)
+        bar.close()
