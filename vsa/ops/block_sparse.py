@@ -148,7 +148,7 @@ def _unit_rows(LIST, OFF, step, n_units, UNITS: tl.constexpr, BLOCK: tl.constexp
     """Rows of loop step `step` over a tile list: UNITS (1 or 2) consecutive units, a unit being one
     BLOCK-row chunk of a listed tile (unit u = chunk u % CHUNKS of tile LIST[u // CHUNKS]).
     Returns the token rows [UNITS * BLOCK] and their mask (past the list, past a ragged tile).
-    Scalar loads per unit: a per-row gather of the list costs ~10% of the whole kernel."""
+    Scalar loads per unit: a per-row gather of the list was slower (docs/kernel_notes.md, v6)."""
     u0 = step * UNITS
     t0 = tl.load(LIST + u0 // CHUNKS)
     lo0 = tl.load(OFF + t0) + (u0 % CHUNKS) * BLOCK
