@@ -434,3 +434,33 @@ def test_autotune_search_space_from_options_or_environment(monkeypatch):
     monkeypatch.delenv("VSA_AUTOTUNE")
     with kernel_options(autotune="quick"), pytest.raises(RuntimeError, match="unset it for benchmarks"):
         vsa.benchmark.bench(lambda: torch.zeros(1))
+
+
+def test_public_helpers_for_backends():
+    """What the attention backends and integrations use: the impl check and resolution, the dtype
+    check, the unchecked fine stage and VSA's selection alone (torch path: the same as the ops)."""
+    from vsa.ops import check_dtypes, check_impl, fine_attention, resolve_impl, select_key_tiles
+    from vsa.ops.coarse import coarse_stage
+
+    assert check_impl(None) is None and check_impl("torch") == "torch"
+    with pytest.raises(ValueError, match="impl must be None"):
+        check_impl("cuda")
+    x = torch.zeros(1)
+    assert resolve_impl(x) == "torch" and resolve_impl(x, "torch") == "torch"
+    with pytest.raises(TypeError, match="must share one of the dtypes"):
+        check_dtypes(x, x.double(), x)
+
+    layout = TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (x.float() for x in make_qkv(2, layout.seq_len, layout.seq_len, 2, 64, 2.0, gen))
+    idx, cnt = random_lists(2, 2, layout.n_tiles, layout.n_tiles, 3, gen)
+    lists = [x.contiguous() for x in (torch.where(idx >= layout.n_tiles, 0, idx), cnt)]
+    torch.testing.assert_close(fine_attention(q, k, v, layout, *lists, impl="torch"),
+                               block_sparse_attention(q, k, v, layout, idx, cnt, impl="torch"))
+    sel_idx, sel_cnt = select_key_tiles(q, k, v, layout, sparsity=0.5, impl="torch")
+    K = math.ceil(0.5 * layout.n_tiles)
+    assert sel_idx.shape == (2, 2, layout.n_tiles, K) and sel_idx.dtype == torch.int32
+    assert torch.equal(sel_idx, coarse_stage(q, k, v, layout, K, False)[1])
+    assert torch.equal(sel_cnt, torch.full((2, 2, layout.n_tiles), K, dtype=torch.int32))
+    with pytest.raises(ValueError, match="tokens but the layout"):
+        select_key_tiles(q[:, :-1], k[:, :-1], v[:, :-1], layout, topk=2)
