@@ -1,6 +1,6 @@
 """Block shapes and tile-load paths on a GPU: time the fine stage's kernels for several (rows per
-program, rows per walked unit) caps of the dQ and dK/dV kernels (`DQ_BLOCKS`, `DKV_BLOCKS` in
-vsa/ops/block_sparse.py; optionally the forward's `FWD_BLOCKS`) and load paths (`USE_TMA`), then
+program, rows per walked unit) caps of the dQ and dK/dV kernels (`dq_blocks`, `dkv_blocks` of
+`vsa.ops.KernelOptions`; optionally the forward's `fwd_blocks`) and load paths (`tma`), then
 check each choice's bf16 output and gradients against the float64 reference.
 
     python scripts/bench_blocks.py --out docs/results/blocks_h100.json
@@ -8,11 +8,11 @@ check each choice's bf16 output and gradients against the float64 reference.
     python scripts/bench_blocks.py --per-config fwd,dkv --shapes grat_b --out configs.json
     python scripts/bench_blocks.py --variants 64x64/64x64 --loads tma,pointer --out loads.json
 
-A variant "AxB/CxD" sets DQ_BLOCKS = (A, B) (query rows per program, key rows per unit) and
-DKV_BLOCKS = (C, D) (key rows per program, query rows per unit); "AxB/CxD/ExF" also FWD_BLOCKS =
+A variant "AxB/CxD" sets dq_blocks = (A, B) (query rows per program, key rows per unit) and
+dkv_blocks = (C, D) (key rows per program, query rows per unit); "AxB/CxD/ExF" also fwd_blocks =
 (E, F) (the forward's query rows per program, key rows per unit); caps above a tile's size (rounded
 up to a power of two) have no effect. `--loads` runs every variant with each way of loading the
-walked tiles (`USE_TMA` in block_sparse.py: tma, pointer, or auto). Timings first (the autotuner's
+walked tiles (`tma`: tma, pointer, or auto). Timings first (the autotuner's
 key has no sequence length, so the first call of a key picks its config: it must be the benchmark
 shape), then accuracy. Times are CUDA-event medians of forward+backward (triton.testing.do_bench);
 with one load mode and forward cap the forward is the same in every variant.
@@ -31,8 +31,8 @@ import torch
 
 from vsa import TileLayout, block_sparse_attention
 from vsa.benchmark import bench, rel_err, run_meta, write_results
+from vsa.ops import KernelOptions, kernel_options, patterns, resolve_topk
 from vsa.ops import block_sparse as bs
-from vsa.ops import patterns, resolve_topk
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 # name -> (B, H, grid, tile, D, pattern or sparsity)
@@ -48,7 +48,7 @@ CHECK_GRIDS = {(4, 8, 8): [(8, 16, 16)], (4, 4, 4): [(8, 16, 16)]}
 
 
 def parse_variant(text: str) -> tuple[tuple[int, int], ...]:
-    """'AxB/CxD[/ExF]' -> (DQ_BLOCKS, DKV_BLOCKS, FWD_BLOCKS); without /ExF the forward keeps its
+    """'AxB/CxD[/ExF]' -> (dq_blocks, dkv_blocks, fwd_blocks); without /ExF the forward keeps its
     default caps."""
     try:
         parts = [tuple(int(x) for x in part.split("x")) for part in text.split("/")]
@@ -56,7 +56,7 @@ def parse_variant(text: str) -> tuple[tuple[int, int], ...]:
             raise ValueError
     except ValueError:
         raise SystemExit(f"bad variant {text!r}: expected e.g. 128x64/64x32 or 64x64/64x64/128x128") from None
-    return (*parts, bs.FWD_BLOCKS) if len(parts) == 2 else tuple(parts)
+    return (*parts, KernelOptions().fwd_blocks) if len(parts) == 2 else tuple(parts)
 
 
 def selection(layout, H, B, how, gen):
@@ -83,18 +83,19 @@ def shape_call(name):
 LOADS = {"auto": None, "tma": True, "pointer": False}
 
 
-def set_variant(variant) -> None:
-    (bs.DQ_BLOCKS, bs.DKV_BLOCKS, bs.FWD_BLOCKS), load = variant
-    bs.USE_TMA = LOADS[load]
+def variant_options(variant):
+    """The kernel options of a variant ((dq, dkv, fwd) caps, load path), as a context manager."""
+    (dq, dkv, fwd), load = variant
+    return kernel_options(dq_blocks=dq, dkv_blocks=dkv, fwd_blocks=fwd, tma=LOADS[load])
 
 
 def time_shape(name, variants) -> list[dict]:
     fn, (q, k, v) = shape_call(name)
     rows = []
     for text, variant in variants:
-        set_variant(variant)
-        fwd = bench(fn)
-        fb = bench(fn, grad_inputs=[q, k, v])
+        with variant_options(variant):
+            fwd = bench(fn)
+            fb = bench(fn, grad_inputs=[q, k, v])
         rows.append(dict(shape=name, variant=text, fwd_ms=fwd, fwd_bwd_ms=fb, bwd_ms=fb - fwd))
         print(f"{name:9s} {text:14s} fwd {fwd:7.3f} ms  fwd+bwd {fb:7.3f} ms  bwd {fb - fwd:7.3f} ms",
               flush=True)
@@ -116,10 +117,10 @@ def check_shape(name, variants) -> list[dict]:
         ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx,
                                                      cnt, do.double())
         for text, variant in variants:
-            set_variant(variant)
             qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-            out = block_sparse_attention(qg, kg, vg, layout, idx, cnt)
-            out.backward(do)
+            with variant_options(variant):
+                out = block_sparse_attention(qg, kg, vg, layout, idx, cnt)
+                out.backward(do)
             errs = [rel_err(x, r) for x, r in zip((out, qg.grad, kg.grad, vg.grad), ref)]
             rows.append(dict(shape=name, grid=list(grid), variant=text,
                              **{f"rel_err_{n}": e for n, e in zip(("out", "dq", "dk", "dv"), errs)}))
@@ -137,7 +138,7 @@ def per_config(name, kernels) -> list[dict]:
     fn().backward(torch.randn_like(q))  # every kernel autotunes at this shape
     rows = []
     for kname in kernels:
-        kernel = getattr(bs, KERNELS[kname])
+        kernel = getattr(bs, KERNELS[kname]).tuner("full")  # bench() refuses other search spaces
         configs, cache = kernel.configs, dict(kernel.cache)
         picked = {str(c) for c in cache.values()}
         for cfg in configs:

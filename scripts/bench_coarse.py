@@ -5,8 +5,9 @@ softmax, topk, sort) for comparison.
     python scripts/bench_coarse.py --out docs/results/coarse_h100.json
 
 A variant "precision/block_q/warps/d_chunk[/block_k]" sets the knobs of `_coarse_select_kernel`
-(vsa/ops/coarse.py: SELECT_PRECISION, _BLOCK_Q, _SELECT_WARPS, _D_CHUNK, _BLOCK_K); a means variant
-"warps/block" those of `_tile_means_kernel` (_MEANS_WARPS, _MEANS_BLOCK). Each variant's output is
+(`vsa.ops.KernelOptions`: select_precision, select_block_q, select_warps, select_d_chunk,
+select_block_k); a means variant "warps/block" those of `_tile_means_kernel` (means_warps,
+means_block). Each variant's output is
 checked against the default's: probabilities and O_c (max relative difference) and the selection
 (fraction of listed tiles that differ; close scores may swap places at a different rounding).
 Times are CUDA-event medians (triton.testing.do_bench).
@@ -21,7 +22,7 @@ import torch
 
 from vsa import TileLayout
 from vsa.benchmark import run_meta, write_results
-from vsa.ops import coarse, transpose_block_lists
+from vsa.ops import KernelOptions, coarse, kernel_options, transpose_block_lists
 
 # name -> (B, H, grid, D); 87.5% sparse (K = n / 8)
 SHAPES = {
@@ -38,8 +39,8 @@ def parse_variant(text: str) -> dict:
         prec, block_q, warps, d_chunk, *block_k = text.split("/")
         if len(block_k) > 1:
             raise ValueError
-        return dict(SELECT_PRECISION=prec, _BLOCK_Q=int(block_q), _SELECT_WARPS=int(warps),
-                    _D_CHUNK=int(d_chunk), _BLOCK_K=int(block_k[0]) if block_k else 32)
+        return dict(select_precision=prec, select_block_q=int(block_q), select_warps=int(warps),
+                    select_d_chunk=int(d_chunk), select_block_k=int(block_k[0]) if block_k else 32)
     except ValueError:
         raise SystemExit(f"bad variant {text!r}: expected precision/block_q/warps/d_chunk[/block_k]") from None
 
@@ -47,17 +48,9 @@ def parse_variant(text: str) -> dict:
 def parse_means_variant(text: str) -> dict:
     try:
         warps, block = text.split("/")
-        return dict(_MEANS_WARPS=int(warps), _MEANS_BLOCK=int(block))
+        return dict(means_warps=int(warps), means_block=int(block))
     except ValueError:
         raise SystemExit(f"bad means variant {text!r}: expected warps/block") from None
-
-
-def set_knobs(knobs: dict) -> dict:
-    """Set module knobs of vsa.ops.coarse; returns their previous values."""
-    saved = {key: getattr(coarse, key) for key in knobs}
-    for key, value in knobs.items():
-        setattr(coarse, key, value)
-    return saved
 
 
 def do_bench(fn) -> float:
@@ -88,10 +81,9 @@ def run_shape(name, variants, means_variants) -> list[dict]:
     means = lambda: coarse.tile_means(q, k, v, layout.offsets, layout.max_tile_size)
     ref_means = None
     for text in means_variants:
-        saved = set_knobs(parse_means_variant(text))
-        got = means()
-        t = do_bench(means)
-        set_knobs(saved)
+        with kernel_options(**parse_means_variant(text)):
+            got = means()
+            t = do_bench(means)
         ref_means = ref_means or got
         diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref_means))
         rows.append(dict(shape=name, piece="tile means (q, k, v)", variant=text, ms=t, n_tiles=n,
@@ -106,16 +98,15 @@ def run_shape(name, variants, means_variants) -> list[dict]:
 
     ref = None
     for text in variants:
-        saved = set_knobs(parse_variant(text))
         fn = lambda: coarse.coarse_attention_topk(qc, kc, vc, scale, K)
         try:
-            probs, o_c, idx = fn()
-            t = do_bench(fn)
+            with kernel_options(**parse_variant(text)):
+                probs, o_c, idx = fn()
+                t = do_bench(fn)
         except Exception as e:  # a configuration that does not compile is reported, not fatal
             rows.append(dict(shape=name, piece="select kernel", variant=text,
                              error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(f"{name:16s} select {text:18s} failed: {type(e).__name__}", flush=True)
-            set_knobs(saved)
             continue
         if ref is None:
             ref = (probs, o_c, idx)
@@ -126,7 +117,6 @@ def run_shape(name, variants, means_variants) -> list[dict]:
         rows.append(row)
         print(f"{name:16s} select {text:18s} {t:7.3f} ms  vs first: probs {row['max_rel_diff_probs']:.1e}"
               f" o_c {row['max_rel_diff_oc']:.1e} selection {row['selection_diff']:.1e}", flush=True)
-        set_knobs(saved)
 
     idx = ref[2]
     t = do_bench(lambda: transpose_block_lists(idx, None, n))
@@ -149,7 +139,10 @@ def main():
     for text in variants:
         parse_variant(text)
     for text in means_variants:
-        parse_means_variant(text)
+        try:
+            KernelOptions(**parse_means_variant(text))
+        except ValueError as e:
+            raise SystemExit(f"bad means variant {text!r}: {e}") from None
     rows = []
     for name in args.shapes.split(","):
         rows += run_shape(name, variants, means_variants)

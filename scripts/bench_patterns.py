@@ -27,7 +27,6 @@ import torch
 
 from vsa import TileLayout
 from vsa.attention import AttentionContext, build_backend
-from vsa.attention import static as static_backends
 from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
 from vsa.ops import patterns
 
@@ -119,18 +118,14 @@ def time_map_build(name: str, options: dict, layout: TileLayout, keep_block: int
         torch.cuda.synchronize()
         return out, (time.perf_counter() - t0) * 1e3
 
-    dev = str(layout.device)
-    params = tuple(sorted(patterns.pattern_options(name, **options).items()))  # the backends' cache key
-    key = (name, params, layout.grid, layout.tile, dev, BATCH, HEADS)
     cold = []
     for _ in range(reps):
-        patterns.clear_cache()
-        static_backends._batched_map.cache_clear()
-        _, ms = synced(lambda: static_backends._batched_map(*key))
+        patterns.clear_cache()  # the maps and their [B, H, n, K] copies
+        _, ms = synced(lambda: patterns.batched_map(name, layout, BATCH, HEADS, **options))
         cold.append(ms)
     warm = []
     for _ in range(20):
-        _, ms = synced(lambda: static_backends._batched_map(*key))
+        _, ms = synced(lambda: patterns.batched_map(name, layout, BATCH, HEADS, **options))
         warm.append(ms)
     idx, cnt = patterns.build_map(name, layout, **options)
     flex_ms = []

@@ -19,8 +19,7 @@ import argparse
 import torch
 
 from vsa import TileLayout, video_sparse_attention
-from vsa.attention.static import _batched_map
-from vsa.ops.api import _fine
+from vsa.ops import fine_attention, patterns
 
 
 def vsa_call(B=1, H=12, grid=(8, 64, 64), D=128):
@@ -33,11 +32,11 @@ def vsa_call(B=1, H=12, grid=(8, 64, 64), D=128):
 
 def grat_call(B=1, H=24, grid=(32, 48, 80), tile=(4, 8, 8), D=128):
     layout = TileLayout(grid, tile, device="cuda")
-    idx, cnt = _batched_map("grat_b", (), layout.grid, layout.tile, str(layout.device), B, H)
+    idx, cnt = patterns.batched_map("grat_b", layout, B, H)
     q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", dtype=torch.bfloat16)
                .requires_grad_() for _ in range(3))
     g = torch.randn_like(q)
-    return lambda: _fine(q, k, v, layout, layout, idx, cnt, True).backward(g)
+    return lambda: fine_attention(q, k, v, layout, idx, cnt, impl="triton").backward(g)
 
 
 def main():

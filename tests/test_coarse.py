@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vsa import TileLayout
+from vsa.ops import kernel_options
 from vsa.ops.coarse import coarse_attention_topk, coarse_stage, tile_means
 
 B, H = 2, 3
@@ -82,16 +83,15 @@ def test_coarse_attention_topk_matches_torch(n, topk, head_dim, kernel_device):
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("n, topk, head_dim", [(30, 7, 64), (210, 13, 128)])
-def test_coarse_select_precisions(n, topk, head_dim, precision, kernel_device, monkeypatch):
-    """Both product precisions of `_coarse_select_kernel` (the SELECT_PRECISION knob) give fp32-close
-    probabilities, O_c and a top-K selection (tf32x3 runs on the tensor cores of a GPU)."""
-    from vsa.ops import coarse
-
-    monkeypatch.setattr(coarse, "SELECT_PRECISION", precision)
+def test_coarse_select_precisions(n, topk, head_dim, precision, kernel_device):
+    """Both product precisions of `_coarse_select_kernel` (`KernelOptions.select_precision`) give
+    fp32-close probabilities, O_c and a top-K selection (tf32x3 runs on the tensor cores of a GPU)."""
     gen = torch.Generator().manual_seed(7 * n + topk)
     qc, kc, vc = (3 * torch.randn(B, n, H, head_dim, generator=gen) for _ in range(3))
     scale = 1.0 / math.sqrt(head_dim)
-    probs, o_c, q2k_idx = coarse_attention_topk(*(x.to(kernel_device) for x in (qc, kc, vc)), scale, topk)
+    with kernel_options(select_precision=precision):
+        probs, o_c, q2k_idx = coarse_attention_topk(*(x.to(kernel_device) for x in (qc, kc, vc)), scale,
+                                                    topk)
     scores, ref_probs, ref_oc = reference_coarse(qc, kc, vc, scale)
     # Inputs of scale 3: scores up to ~30, so fp32 softmax rounding alone reaches ~1e-5 on O_c (~3).
     torch.testing.assert_close(probs.cpu().double(), ref_probs, rtol=1e-4, atol=1e-6)

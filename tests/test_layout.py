@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vsa import TileLayout
+from vsa.layout import TileFill, int_triple
 
 dims = st.integers(min_value=1, max_value=11)
 tiles = st.integers(min_value=1, max_value=5)
@@ -102,3 +103,71 @@ def test_curve_order_on_an_aligned_grid_gives_the_cubes():
     assert TileLayout((8, 8, 8), order="curve") != TileLayout((8, 8, 8))
     with pytest.raises(ValueError, match="tile order"):
         TileLayout((8, 8, 8), order="hilbert")
+
+
+def test_layout_moves_to_a_device_once_and_keeps_the_copy(monkeypatch):
+    """`to(device)` builds the copy on a device once: later calls (every op call with tensors on
+    that device) return the same object, and the copy leads back to the original."""
+    layout = TileLayout((5, 6, 7))
+    built = []
+    init = TileLayout.__init__
+    monkeypatch.setattr(TileLayout, "__init__", lambda self, *a, **k: built.append(a) or init(self, *a, **k))
+    moved = layout.to("meta")  # a device without data stands in for a GPU on CPU-only machines
+    assert moved.device == torch.device("meta") and moved.offsets.device.type == "meta"
+    assert layout.to("meta") is moved and layout.to(torch.device("meta")) is moved
+    assert moved.to("cpu") is layout and layout.to("cpu") is layout and moved.to("meta") is moved
+    assert len(built) == 1 and moved == layout and moved.fill == layout.fill
+
+
+def test_ops_move_a_layout_of_another_device_once(monkeypatch):
+    """A layout built on another device than the tensors (the usual slip: built on the CPU, used
+    with CUDA tensors) is moved to the tensors' device on the first call and reused after: same
+    result as a layout built there, and no new layout per call."""
+    from vsa import block_sparse_attention, video_sparse_attention
+
+    elsewhere, here = TileLayout((5, 6, 7), device="meta"), TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, here.seq_len, 2, 64, generator=gen) for _ in range(3))
+    idx = torch.arange(here.n_tiles, dtype=torch.int32).expand(1, 2, here.n_tiles, -1).contiguous()
+    cnt = torch.full((1, 2, here.n_tiles), 3, dtype=torch.int32)
+    want_fine = block_sparse_attention(q, k, v, here, idx, cnt)
+    want_vsa = video_sparse_attention(q, k, v, here, topk=3)
+    elsewhere.to("cpu")  # the one copy
+    built = []
+    init = TileLayout.__init__
+    monkeypatch.setattr(TileLayout, "__init__", lambda self, *a, **kw: built.append(a) or init(self, *a, **kw))
+    for _ in range(2):
+        torch.testing.assert_close(block_sparse_attention(q, k, v, elsewhere, idx, cnt), want_fine)
+        torch.testing.assert_close(video_sparse_attention(q, k, v, elsewhere, topk=3), want_vsa)
+    assert built == []
+
+
+def test_tile_fill_kinds():
+    assert TileLayout((8, 8, 8)).fill is TileFill.FULL
+    assert TileLayout((5, 6, 7), order="curve").fill is TileFill.FULL_BUT_LAST
+    assert TileLayout((5, 6, 7)).fill is TileFill.RAGGED
+    assert TileLayout((8, 8, 8)).fill == 2  # an IntEnum: code comparing with ints still works
+
+
+@pytest.mark.parametrize("value, kwargs, expected", [
+    ((4, 8, 8), {}, (4, 8, 8)), ([1, 2.0, 3], {}, (1, 2, 3)), (2, {"scalar": True}, (2, 2, 2)),
+    ((0, 1, 0), {"minimum": 0}, (0, 1, 0)),
+])
+def test_int_triple_accepts(value, kwargs, expected):
+    assert int_triple("tile", value, **kwargs) == expected
+
+
+@pytest.mark.parametrize("value, kwargs, error, message", [
+    (4, {}, TypeError, r"tile must be 3 positive ints \(t, h, w\), got 4"),
+    ("448", {}, TypeError, "tile must be 3 positive ints"),
+    ((4, 8), {}, ValueError, "tile must be 3 positive ints"),
+    ((4, 0, 8), {}, ValueError, "tile must be 3 positive ints"),
+    ((4, 8.5, 8), {}, ValueError, "tile must be 3 positive ints"),
+    ((4, True, 8), {}, ValueError, "tile must be 3 positive ints"),
+    (True, {"scalar": True}, TypeError, r"tile must be an int or 3 positive ints"),
+    (-1, {"scalar": True, "minimum": 0}, ValueError, "tile must be >= 0 on every axis, got -1"),
+    (0, {"scalar": True}, ValueError, "tile must be >= 1 on every axis"),
+])
+def test_int_triple_rejects_with_what_it_takes(value, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        int_triple("tile", value, **kwargs)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
-from vsa.ops import torch_impl, transpose_block_lists
+from vsa.ops import KernelOptions, kernel_options, torch_impl, transpose_block_lists
 from vsa.ops.reference import (
     block_sparse_attention_reference,
     block_sparse_attention_reference_grads,
@@ -128,38 +128,34 @@ def test_block_sparse_matches_reference(case, impl, kernel_device):
 @pytest.mark.parametrize("load", ["tma", "pointer"])
 @pytest.mark.parametrize("case", [FINE_CASES[0], FINE_CASES[1], FINE_CASES[4], FINE_CASES[5]],
                          ids=["ragged-B2", "ragged-D128-s30", "q-kv-differ", "256"])
-def test_tile_loads_match_reference(case, load, monkeypatch, kernel_device):
-    """Both ways of loading the walked tiles (`USE_TMA`): TMA tensor descriptors (the default on
-    Hopper; forced here, also in the interpreter) and per-row pointer loads (the default elsewhere).
-    With TMA the rows past a ragged tile's end hold the next tile's tokens (or zeros past the
-    tensor, or the next batch's tokens) and must be masked out, in the forward and in both backward
-    kernels."""
-    import vsa.ops.block_sparse as bs
-
+def test_tile_loads_match_reference(case, load, kernel_device):
+    """Both ways of loading the walked tiles (`KernelOptions.tma`): TMA tensor descriptors (the
+    default on Hopper; forced here, also in the interpreter) and per-row pointer loads (the default
+    elsewhere). With TMA the rows past a ragged tile's end hold the next tile's tokens (or zeros
+    past the tensor, or the next batch's tokens) and must be masked out, in the forward and in both
+    backward kernels."""
     if kernel_device != "cpu" and load == "tma" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
-    monkeypatch.setattr(bs, "USE_TMA", load == "tma")
-    check_fine_case(case, repr((case, load)), kernel_device)
+    with kernel_options(tma=load == "tma"):
+        check_fine_case(case, repr((case, load)), kernel_device)
 
 
-def test_tma_descriptors_need_mergeable_batch_and_token_strides(monkeypatch):
+def test_tma_descriptors_need_mergeable_batch_and_token_strides():
     """TMA sees [B, S, H, D] as [B * S, H, D]: contiguous tensors and views of a packed qkv qualify;
     a batch stride that is not S token strides (e.g. [S, B, H, D] transposed) falls back to pointer
     loads, and the op still matches the reference."""
     import vsa.ops.block_sparse as bs
 
-    monkeypatch.setattr(bs, "USE_TMA", True)
+    tma = KernelOptions(tma=True)
     B, S, H, D = 2, 128, 2, 64
     x = torch.randn(B, S, H, D)
-    assert bs._tma_pair(x, x, 64) is not None
+    assert bs._tma_pair(x, x, 64, tma) is not None
     packed = torch.randn(B, S, 3, H, D).unbind(2)
-    assert bs._tma_pair(packed[1], packed[2], 64) is not None
+    assert bs._tma_pair(packed[1], packed[2], 64, tma) is not None
     seq_first = torch.randn(S, B, H, D).transpose(0, 1)
-    assert bs._tma_pair(x, seq_first, 64) is None and bs._tma_pair(seq_first, x, 64) is None
-    monkeypatch.setattr(bs, "USE_TMA", False)
-    assert bs._tma_pair(x, x, 64) is None
+    assert bs._tma_pair(x, seq_first, 64, tma) is None and bs._tma_pair(seq_first, x, 64, tma) is None
+    assert bs._tma_pair(x, x, 64, KernelOptions(tma=False)) is None
 
-    monkeypatch.setattr(bs, "USE_TMA", True)
     layout = TileLayout((2, 4, 8))
     gen = torch.Generator().manual_seed(3)
     q, k, v = make_qkv(B, layout.seq_len, layout.seq_len, H, D, 2.0, gen)
@@ -170,20 +166,18 @@ def test_tma_descriptors_need_mergeable_batch_and_token_strides(monkeypatch):
         k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
         return block_sparse_attention(q, k, v, layout, idx, cnt, impl="triton")
 
-    check_against_reference(
-        seq_first_kv, lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
-        (q, k, v), grad_out, torch.float32, "cpu", "qkv")
+    with kernel_options(tma=True):
+        check_against_reference(
+            seq_first_kv, lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
+            (q, k, v), grad_out, torch.float32, "cpu", "qkv")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (on a GPU the autotuner picks)")
 @pytest.mark.parametrize("units", [1, 2])
 @pytest.mark.parametrize("case", [FINE_CASES[3], FINE_CASES[0], FINE_CASES[5]], ids=["even", "ragged", "chunked"])
-def test_units_per_step(case, units, monkeypatch):
+def test_units_per_step(case, units):
     """Both loop shapes of the kernels (one tile chunk per step, two per step with a partial last
     step when the count is odd) against the reference."""
-    import vsa.ops.block_sparse as bs
-
-    monkeypatch.setattr(bs, "INTERPRETER_UNITS", units)
     grid, _, tile, B, H, D, K, scale = case
     gen = torch.Generator().manual_seed(units)
     layout = TileLayout(grid, tile)
@@ -191,10 +185,11 @@ def test_units_per_step(case, units, monkeypatch):
     K = min(K + 1, layout.n_tiles)  # random counts in [1, K]: odd and even
     idx, cnt = random_lists(B, H, layout.n_tiles, layout.n_tiles, K, gen)
     grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    check_against_reference(
-        lambda q, k, v: block_sparse_attention(q, k, v, layout, idx, cnt, impl="triton"),
-        lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
-        (q, k, v), grad_out, torch.float32, "cpu", "qkv")
+    with kernel_options(interpreter_units=units):
+        check_against_reference(
+            lambda q, k, v: block_sparse_attention(q, k, v, layout, idx, cnt, impl="triton"),
+            lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, idx, cnt),
+            (q, k, v), grad_out, torch.float32, "cpu", "qkv")
 
 
 # (dQ rows per program, key rows per unit), (dK/dV key rows per program, query rows per unit)
@@ -206,14 +201,11 @@ BWD_BLOCKS = [((128, 64), (64, 64)), ((64, 64), (128, 32)), ((128, 32), (128, 16
     ((8, 8, 16), None, (4, 8, 8), 1, 2, 64, 3, 1.0),  # 256-token tiles, all full
     ((5, 10, 13), (6, 9, 11), (4, 8, 8), 2, 1, 128, 4, 8.0),  # ragged, q and kv of different grids
 ], ids=["full", "ragged"])
-def test_backward_block_shapes(case, blocks, monkeypatch, kernel_device):
+def test_backward_block_shapes(case, blocks, kernel_device):
     """Backward kernels with row caps other than the default (more rows per program than per unit
     and the reverse) against the reference: several programs and units per tile."""
-    import vsa.ops.block_sparse as bs
-
-    monkeypatch.setattr(bs, "DQ_BLOCKS", blocks[0])
-    monkeypatch.setattr(bs, "DKV_BLOCKS", blocks[1])
-    check_fine_case(case, repr((case, blocks)), kernel_device)
+    with kernel_options(dq_blocks=blocks[0], dkv_blocks=blocks[1]):
+        check_fine_case(case, repr((case, blocks)), kernel_device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -408,32 +400,67 @@ def test_benchmark_meta_records_autotuner_picks(monkeypatch):
     config = triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)
     tuner = triton.autotune(configs=[config], key=["N"])(_noop_kernel)
     tuner.cache[(64,)] = config
-    monkeypatch.setattr(bs, "_dq_kernel", tuner)
+    dq_kernel = bs.TunedKernel(_noop_kernel)
+    dq_kernel.tuners["full"] = tuner
+    monkeypatch.setattr(bs, "_dq_kernel", dq_kernel)
+    monkeypatch.setattr(bs, "_fwd_kernel", bs.TunedKernel(_noop_kernel))  # not launched yet
+    monkeypatch.delenv("VSA_AUTOTUNE", raising=False)
     assert vsa.benchmark.autotuned_configs() == {"_dq_kernel": {"(64,)": str(config)}}
+    with kernel_options(autotune="quick"):  # the picks of the search space in force
+        assert vsa.benchmark.autotuned_configs() == {}
 
 
-def test_autotune_search_space_from_environment(monkeypatch):
-    """VSA_AUTOTUNE=quick narrows the autotuner to 3 configurations (GPU test runs), the default
-    tries 13, a wrong value fails at import naming the choices, and the benchmark helpers refuse
+def test_autotune_search_space_from_options_or_environment(monkeypatch):
+    """The autotuner's search space: `KernelOptions.autotune`, else VSA_AUTOTUNE read when the
+    options are resolved (not at import): "quick" narrows it to 3 configurations (GPU test runs),
+    the default tries 13, a wrong value fails naming the choices, and the benchmark helpers refuse
     the quick space (its timings are not the kernels' speed)."""
-    import os
-    import subprocess
-    import sys
-
     import vsa.benchmark
     import vsa.ops.block_sparse as bs
+    from vsa.ops import current_kernel_options
 
-    code = "import vsa.ops.block_sparse as bs; print(len(bs._configs()), bs.AUTOTUNE)"
-    for value, expected in ((None, "13 full"), ("quick", "3 quick")):
-        env = {k: v for k, v in os.environ.items() if k != "VSA_AUTOTUNE"}
-        if value:
-            env["VSA_AUTOTUNE"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.split()[-2:] == expected.split()
-    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VSA_AUTOTUNE": "fast"},
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "VSA_AUTOTUNE='fast'" in bad.stderr and "'quick'" in bad.stderr
+    monkeypatch.delenv("VSA_AUTOTUNE", raising=False)
+    assert current_kernel_options().search_space() == "full" and len(bs._configs("full")) == 13
+    monkeypatch.setenv("VSA_AUTOTUNE", "quick")
+    assert current_kernel_options().search_space() == "quick" and len(bs._configs("quick")) == 3
+    with kernel_options(autotune="full"):
+        assert current_kernel_options().search_space() == "full"
+    monkeypatch.setenv("VSA_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match=r"VSA_AUTOTUNE='fast'.*'quick'"):
+        current_kernel_options().search_space()
+    with pytest.raises(ValueError, match="autotune must be"):
+        KernelOptions(autotune="fast")
 
-    monkeypatch.setattr(bs, "AUTOTUNE", "quick")
-    with pytest.raises(RuntimeError, match="unset it for benchmarks"):
+    monkeypatch.delenv("VSA_AUTOTUNE")
+    with kernel_options(autotune="quick"), pytest.raises(RuntimeError, match="unset it for benchmarks"):
         vsa.benchmark.bench(lambda: torch.zeros(1))
+
+
+def test_public_helpers_for_backends():
+    """What the attention backends and integrations use: the impl check and resolution, the dtype
+    check, the unchecked fine stage and VSA's selection alone (torch path: the same as the ops)."""
+    from vsa.ops import check_dtypes, check_impl, fine_attention, resolve_impl, select_key_tiles
+    from vsa.ops.coarse import coarse_stage
+
+    assert check_impl(None) is None and check_impl("torch") == "torch"
+    with pytest.raises(ValueError, match="impl must be None"):
+        check_impl("cuda")
+    x = torch.zeros(1)
+    assert resolve_impl(x) == "torch" and resolve_impl(x, "torch") == "torch"
+    with pytest.raises(TypeError, match="must share one of the dtypes"):
+        check_dtypes(x, x.double(), x)
+
+    layout = TileLayout((5, 6, 7))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (x.float() for x in make_qkv(2, layout.seq_len, layout.seq_len, 2, 64, 2.0, gen))
+    idx, cnt = random_lists(2, 2, layout.n_tiles, layout.n_tiles, 3, gen)
+    lists = [x.contiguous() for x in (torch.where(idx >= layout.n_tiles, 0, idx), cnt)]
+    torch.testing.assert_close(fine_attention(q, k, v, layout, *lists, impl="torch"),
+                               block_sparse_attention(q, k, v, layout, idx, cnt, impl="torch"))
+    sel_idx, sel_cnt = select_key_tiles(q, k, v, layout, sparsity=0.5, impl="torch")
+    K = math.ceil(0.5 * layout.n_tiles)
+    assert sel_idx.shape == (2, 2, layout.n_tiles, K) and sel_idx.dtype == torch.int32
+    assert torch.equal(sel_idx, coarse_stage(q, k, v, layout, K, False)[1])
+    assert torch.equal(sel_cnt, torch.full((2, 2, layout.n_tiles), K, dtype=torch.int32))
+    with pytest.raises(ValueError, match="tokens but the layout"):
+        select_key_tiles(q[:, :-1], k[:, :-1], v[:, :-1], layout, topk=2)

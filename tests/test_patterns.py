@@ -716,3 +716,25 @@ def test_bench_alternate_reports_median_round_ratio(monkeypatch):
     assert row["ratio_fwd_median"] == pytest.approx(1.3) and row["ratio_fwd_min"] == pytest.approx(1.2)
     assert row["ratio_fwd_bwd_median"] == pytest.approx(1.1) and row["ratio_fwd_bwd_max"] == pytest.approx(1.2)
     assert row["rounds_fwd_ms"] == [[10.0, 13.0], [10.0, 12.0], [10.0, 14.0]]
+
+
+def test_batched_map_is_shared_and_lists_prefix_segments_first():
+    """`patterns.batched_map`: the [B, H, n, K] copy the kernel reads, cached for the backends and
+    the diffusers integration alike; n_prefix lists extra key segments first and shifts the tiles."""
+    patterns.clear_cache()
+    idx, cnt = patterns.build_map("grat_b", BENCH_LAYOUT)
+    b_idx, b_cnt = patterns.batched_map("grat_b", BENCH_LAYOUT, 2, 3)
+    assert b_idx.shape == (2, 3, *idx.shape) and b_idx.is_contiguous() and b_idx.dtype == torch.int32
+    assert torch.equal(b_idx[1, 2], idx) and torch.equal(b_cnt[0, 1], cnt)
+    same = patterns.batched_map("grat_b", TileLayout((29, 41, 77), (4, 8, 8)), 2, 3, radius=[1, 1, 1])
+    assert same[0] is b_idx  # same tile grid and options, however spelt: one cached copy
+    backend = build_backend("grat_b", 192, 3, 64)
+    assert patterns.batched_map(backend.pattern, BENCH_LAYOUT, 2, 3, **dict(backend.options))[0] is b_idx
+    p_idx, p_cnt = patterns.batched_map("grat_b", BENCH_LAYOUT, 2, 3, n_prefix=2)
+    assert torch.equal(p_cnt, b_cnt + 2)
+    assert torch.equal(p_idx[..., :2], torch.tensor([0, 1], dtype=torch.int32).expand(2, 3, idx.shape[0], 2))
+    assert torch.equal(p_idx[..., 2:], b_idx + 2)
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        patterns.batched_map("grat_b", BENCH_LAYOUT, 1, 1, radius=-1)
+    with pytest.raises(ValueError, match="order"):
+        patterns.batched_map("grat_b", TileLayout((8, 8, 8), order="curve"), 1, 1)

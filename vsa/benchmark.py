@@ -13,14 +13,17 @@ import torch.nn.functional as F
 
 
 def full_autotune() -> str:
-    """The kernels' autotuning search space, refusing the reduced one of test runs
-    (VSA_AUTOTUNE=quick): timings taken with it are not the kernels' speed."""
-    from vsa.ops import block_sparse
+    """The kernels' autotuning search space (`KernelOptions.autotune`, else VSA_AUTOTUNE), refusing
+    the reduced one of test runs ("quick"): timings taken with it are not the kernels' speed."""
+    from vsa.ops import current_kernel_options
 
-    if block_sparse.AUTOTUNE != "full":
-        raise RuntimeError(f"VSA_AUTOTUNE={block_sparse.AUTOTUNE!r} narrows the autotuner to test "
-                           "configurations: unset it for benchmarks")
-    return block_sparse.AUTOTUNE
+    options = current_kernel_options()
+    space = options.search_space()
+    if space != "full":
+        source = f"autotune={options.autotune!r}" if options.autotune else f"VSA_AUTOTUNE={space!r}"
+        raise RuntimeError(f"{source} narrows the autotuner to test configurations: unset it for "
+                           "benchmarks")
+    return space
 
 
 def bench(fn, grad_inputs=None) -> float:
@@ -59,14 +62,17 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def autotuned_configs() -> dict:
-    """The autotuner's picks so far, per fine-stage kernel and key (tiles per step, warps, stages)."""
-    from triton.runtime.autotuner import Autotuner
-
+    """The autotuner's picks so far in the search space in force, per fine-stage kernel and key
+    (tiles per step, warps, stages). In the interpreter (no autotuning) only kernels with an
+    autotuner are listed."""
     from vsa.ops import block_sparse as bs
+    from vsa.ops import current_kernel_options
 
-    kernels = {name: getattr(bs, name) for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
-    return {name: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-            for name, kernel in kernels.items() if isinstance(kernel, Autotuner)}
+    space = current_kernel_options().search_space()
+    tuners = {name: getattr(bs, name).tuners.get(space)
+              for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")}
+    return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()} if tuner is not None else {}
+            for name, tuner in tuners.items() if tuner is not None or not bs.interpreting()}
 
 
 def run_meta(device=None, **extra) -> dict:

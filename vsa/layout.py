@@ -21,22 +21,49 @@ All index tensors are built once per (grid, tile, order, device) and cached.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
+import numbers
 
 import torch
 
 Grid = tuple[int, int, int]
 
 
-def _as_triple(name: str, value) -> Grid:
-    try:
-        triple = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of 3 ints (T, H, W), got {value!r}") from None
-    if len(triple) != 3 or any(v < 1 for v in triple):
-        raise ValueError(f"{name} must be 3 positive ints (T, H, W), got {value!r}")
+def int_triple(name: str, value, minimum: int = 1, scalar: bool = False) -> Grid:
+    """`value` as 3 ints (t, h, w), each >= `minimum`; with `scalar`, one int stands for all three
+    axes. Entries must be integral numbers (4 or 4.0, not 4.5, True or "4"). The one validator of
+    grids, tiles, radii and windows: raises TypeError for a value that is no sequence, ValueError
+    for a sequence of the wrong length or values, naming `name` and what it takes."""
+    ints = "3 positive ints" if minimum == 1 else "3 ints"
+    takes = f"an int or {ints} (t, h, w)" if scalar else f"{ints} (t, h, w)"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and scalar:
+        values = (value, value, value)
+    elif isinstance(value, (str, bytes, numbers.Number)):
+        raise TypeError(f"{name} must be {takes}, got {value!r}")
+    else:
+        try:
+            values = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be {takes}, got {value!r}") from None
+    if len(values) != 3 or not all(_is_integral(v) for v in values):
+        raise ValueError(f"{name} must be {takes}, got {value!r}")
+    triple = tuple(int(v) for v in values)
+    if min(triple) < minimum:
+        if minimum == 1 and not scalar:  # grids and tiles
+            raise ValueError(f"{name} must be {takes}, got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
     return triple  # type: ignore[return-value]
+
+
+def _is_integral(v) -> bool:
+    if isinstance(v, (bool, str, bytes)):
+        return False
+    try:
+        return int(v) == v
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _normalize(device) -> torch.device:
@@ -48,6 +75,15 @@ def _normalize(device) -> torch.device:
 
 
 ORDERS = ("cubes", "curve")
+
+
+class TileFill(enum.IntEnum):
+    """How the tiles of a layout fill the kernels' row blocks (`TileLayout.fill`); the kernels drop
+    row masks where tiles are known to be full."""
+
+    RAGGED = 0  # any tile may be short (ragged edge cubes)
+    FULL_BUT_LAST = 1  # every tile full but possibly the last (Z-order groups)
+    FULL = 2  # every tile holds the tile's volume
 
 
 def morton_codes(grid: Grid) -> torch.Tensor:
@@ -123,8 +159,8 @@ class TileLayout:
     """
 
     def __init__(self, grid, tile=(4, 4, 4), device: torch.device | str = "cpu", order: str = "cubes"):
-        self.grid = _as_triple("grid", grid)
-        self.tile = _as_triple("tile", tile)
+        self.grid = int_triple("grid", grid)
+        self.tile = int_triple("tile", tile)
         self.device = _normalize(device)
         if order not in ORDERS:
             raise ValueError(f"unknown tile order {order!r}; choose one of {ORDERS}")
@@ -141,6 +177,7 @@ class TileLayout:
             # Largest tile: a full tile unless the grid is smaller than the tile along some axis.
             self.max_tile_size = math.prod(min(g, t) for g, t in zip(self.grid, self.tile))
         self._t = _build(self.grid, self.tile, order, str(self.device))
+        self._on_device: dict[torch.device, TileLayout] = {self.device: self}
 
     sizes = property(lambda self: self._t["sizes"])
     offsets = property(lambda self: self._t["offsets"])
@@ -156,18 +193,26 @@ class TileLayout:
         return any(g % t for g, t in zip(self.grid, self.tile))
 
     @property
-    def fill(self) -> int:
-        """How tiles fill the kernels' blocks: 2 (FULL) every tile holds the tile's volume, 1
-        (FULL_BUT_LAST) all but the last (Z-order groups), 0 (RAGGED) anything else."""
+    def fill(self) -> TileFill:
+        """How tiles fill the kernels' blocks: FULL when every tile holds the tile's volume,
+        FULL_BUT_LAST when all but the last do (Z-order groups), RAGGED otherwise."""
         if not self.is_ragged:
-            return 2
-        return 1 if self.order == "curve" else 0
+            return TileFill.FULL
+        return TileFill.FULL_BUT_LAST if self.order == "curve" else TileFill.RAGGED
 
     def to(self, device: torch.device | str) -> TileLayout:
-        """The same layout with its index tensors on `device` (cached)."""
-        if _normalize(device) == self.device:
-            return self
-        return TileLayout(self.grid, self.tile, device, self.order)
+        """The same layout with its index tensors on `device`.
+
+        The copy is made once per device and kept: a layout built on the CPU and used with CUDA
+        tensors (the ops call `layout.to(q.device)`) costs one dictionary lookup per call after the
+        first, and `copy.to(original.device)` returns the original object."""
+        device = _normalize(device)
+        moved = self._on_device.get(device)
+        if moved is None:
+            moved = TileLayout(self.grid, self.tile, device, self.order)
+            moved._on_device = self._on_device  # one cache for all copies of this layout
+            self._on_device[device] = moved
+        return moved
 
     def _check(self, x: torch.Tensor, dim: int) -> int:
         dim = dim % x.dim()

@@ -14,25 +14,11 @@ sparsity / top-k are ignored.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vsa.attention.base import AttentionBackend, AttentionContext
 from vsa.layout import TileLayout
-from vsa.ops import patterns
-from vsa.ops.api import _fine, _use_triton
-from vsa.ops.block_sparse import SUPPORTED_DTYPES
-
-
-@functools.lru_cache(maxsize=64)
-def _batched_map(pattern: str, params: tuple, grid, tile, device: str, batch: int, heads: int):
-    """The pattern's map [n, K] laid out as the kernel reads it: contiguous [B, H, n, K] + [B, H, n]
-    (cached per shape, so a model's blocks share one copy and a call costs one cache lookup)."""
-    layout = TileLayout(grid, tile, device)
-    idx, cnt = patterns.build_map(pattern, layout, **dict(params))
-    return (idx.expand(batch, heads, -1, -1).contiguous(),
-            cnt.expand(batch, heads, -1).contiguous())
+from vsa.ops import check_dtypes, check_impl, fine_attention, patterns
 
 
 class StaticPatternAttention(AttentionBackend):
@@ -46,9 +32,7 @@ class StaticPatternAttention(AttentionBackend):
 
     def __init__(self, width: int, n_heads: int, head_dim: int, impl: str | None = None, **options):
         super().__init__(width, n_heads, head_dim)
-        if impl not in (None, "triton", "torch"):
-            raise ValueError(f"impl must be None (auto), 'triton' or 'torch', got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl(impl)
         # Validated now (a bad config fails when the model is built, not mid-forward), normalised
         # and hashable: the key of the map cache.
         self.options = tuple(sorted(patterns.pattern_options(self.pattern, **options).items()))
@@ -73,15 +57,10 @@ class StaticPatternAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         self.check_inputs(q, k, v, ctx)
-        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"q, k, v must share one of the dtypes {SUPPORTED_DTYPES}; got {q.dtype}, "
-                            f"{k.dtype}, {v.dtype}")
+        check_dtypes(q, k, v)
         layout = ctx.layout.to(q.device)
-        patterns.check_layout(layout)
-        batch, heads = q.shape[0], q.shape[2]
-        idx, cnt = _batched_map(self.pattern, self.options, layout.grid, layout.tile, str(layout.device),
-                                batch, heads)
-        return _fine(q, k, v, layout, layout, idx, cnt, _use_triton(q, self.impl))
+        idx, cnt = patterns.batched_map(self.pattern, layout, q.shape[0], q.shape[2], **dict(self.options))
+        return fine_attention(q, k, v, layout, idx, cnt, impl=self.impl)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options)

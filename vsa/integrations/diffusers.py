@@ -42,11 +42,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vsa.layout import TileLayout
-from vsa.ops import patterns
-from vsa.ops.api import _fine, _use_triton, resolve_topk
-from vsa.ops.block_sparse import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-from vsa.ops.coarse import coarse_stage
+from vsa.layout import TileFill, TileLayout, int_triple
+from vsa.ops import (
+    SUPPORTED_HEAD_DIMS,
+    check_dtypes,
+    check_impl,
+    fine_attention,
+    patterns,
+    resolve_impl,
+    resolve_topk,
+    select_key_tiles,
+)
 
 DEFAULT_TILES = {"wan": (4, 8, 8), "flux": (1, 16, 16)}
 MODES = (*patterns.PATTERNS, "vsa")
@@ -54,12 +60,12 @@ MODES = (*patterns.PATTERNS, "vsa")
 
 @dataclass(frozen=True)
 class _KeySegments:
-    """Key/value token segments for the kernel: the image tiles plus text chunks. `_fine` reads
-    exactly these three attributes of a kv layout."""
+    """Key/value token segments for the kernel: the image tiles plus text chunks. `fine_attention`
+    reads exactly these three attributes of a kv layout."""
 
     offsets: torch.Tensor  # int32 [n_segments + 1]
     max_tile_size: int
-    fill: int  # TileLayout.fill: 2 when every segment has max_tile_size tokens, else 0 (ragged)
+    fill: TileFill  # FULL when every segment has max_tile_size tokens, else RAGGED
 
 
 class SparseAttentionCore:
@@ -78,8 +84,7 @@ class SparseAttentionCore:
                  sparsity: float | None = None, **options):
         if mode not in MODES:
             raise ValueError(f"unknown sparse attention mode {mode!r}; choose one of {MODES}")
-        if impl not in (None, "triton", "torch"):
-            raise ValueError(f"impl must be None (auto), 'triton' or 'torch', got {impl!r}")
+        check_impl(impl)
         if mode == "vsa":
             if options:
                 raise TypeError(f"mode 'vsa' takes topk or sparsity, not {sorted(options)}")
@@ -89,9 +94,9 @@ class SparseAttentionCore:
             if topk is not None or sparsity is not None:
                 raise TypeError(f"topk / sparsity are VSA options; pattern {mode!r} fixes its tiles")
             self.options = patterns.pattern_options(mode, **options)
-        self.mode, self.tile, self.impl = mode, TileLayout((1, 1, 1), tile).tile, impl
+        self.mode, self.tile, self.impl = mode, int_triple("tile", tile), impl
         self.topk, self.sparsity = topk, sparsity
-        self.grid = None if grid is None else TileLayout(grid, self.tile).grid
+        self.grid = None if grid is None else int_triple("grid", grid)
         self._cache: dict = {}
 
     def __repr__(self) -> str:
@@ -138,8 +143,9 @@ class SparseAttentionCore:
             text_off = torch.clamp(torch.arange(n_chunks + 1) * chunk, max=n_text)
             offsets = torch.cat([text_off, n_text + layout.offsets[1:].cpu().long()]).to(torch.int32)
             sizes = offsets[1:] - offsets[:-1]
+            ragged = bool((sizes != sizes.max()).any())
             segments = _KeySegments(offsets.to(layout.device), int(sizes.max()),
-                                    0 if bool((sizes != sizes.max()).any()) else 2)
+                                    TileFill.RAGGED if ragged else TileFill.FULL)
             return segments, n_chunks
 
         return self._cached(("segments", n_text, layout.grid, str(layout.device)), build)
@@ -148,37 +154,20 @@ class SparseAttentionCore:
 
     def _static_map(self, layout: TileLayout, n_chunks: int, batch: int, heads: int):
         """The pattern's map with the text chunks' segments (0 .. n_chunks-1) listed first and the
-        image tiles shifted by n_chunks, as contiguous [B, H, n, K] + [B, H, n] (cached)."""
-        def build():
-            idx, cnt = patterns.build_map(self.mode, layout, **self.options)
-            if n_chunks:
-                text = torch.arange(n_chunks, device=idx.device, dtype=idx.dtype)
-                idx = torch.cat([text.expand(idx.shape[0], n_chunks), idx + n_chunks], dim=1)
-                cnt = cnt + n_chunks
-            return (idx.expand(batch, heads, -1, -1).contiguous(),
-                    cnt.expand(batch, heads, -1).contiguous())
+        image tiles shifted by n_chunks, as contiguous [B, H, n, K] + [B, H, n] (cached with the
+        attention backends' maps)."""
+        return patterns.batched_map(self.mode, layout, batch, heads, n_prefix=n_chunks, **self.options)
 
-        return self._cached(("map", layout.grid, str(layout.device), n_chunks, batch, heads), build)
-
-    def _vsa_map(self, q, k, v, layout: TileLayout, n_chunks: int, use_triton: bool):
+    def _vsa_map(self, q, k, v, layout: TileLayout, n_chunks: int, impl: str):
         """Top-K key tiles per query tile by coarse score (no gradient), plus all text chunks."""
-        n_k = resolve_topk(layout.n_tiles, self.topk, self.sparsity)
-        with torch.no_grad():
-            _, idx = coarse_stage(q.detach(), k.detach(), v.detach(), layout, n_k, use_triton)
-        B, H, n, _ = idx.shape
-        if n_chunks:
-            text = torch.arange(n_chunks, device=idx.device, dtype=idx.dtype)
-            idx = torch.cat([text.expand(B, H, n, n_chunks), idx + n_chunks], dim=-1).contiguous()
-        cnt = torch.full((B, H, n), n_k + n_chunks, dtype=torch.int32, device=idx.device)
-        return idx, cnt
+        idx, cnt = select_key_tiles(q, k, v, layout, self.topk, self.sparsity, impl=impl)
+        return patterns.prepend_keys(idx, cnt, n_chunks)
 
     # ---- attention ---------------------------------------------------------------------------
 
-    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_triton: bool) -> None:
-        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"q, k, v must share one of the dtypes {SUPPORTED_DTYPES}; got {q.dtype}, "
-                            f"{k.dtype}, {v.dtype}")
-        if use_triton and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> None:
+        check_dtypes(q, k, v)
+        if impl == "triton" and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head dim {q.shape[-1]} is not supported by the kernels "
                              f"({SUPPORTED_HEAD_DIMS}); use impl='torch' or a model with such heads")
 
@@ -187,16 +176,16 @@ class SparseAttentionCore:
         """Attention of a [text; image tile-major] sequence, q, k, v [B, n_text + S, H, D]:
         text queries attend to every token (dense), image queries to all text tokens plus the key
         tiles of the pattern. n_text = 0: video/image self-attention alone. Returns [B, L, H, D]."""
-        use_triton = _use_triton(q, self.impl)
-        self._check(q, k, v, use_triton)
+        impl = resolve_impl(q, self.impl)
+        self._check(q, k, v, impl)
         q_img = q[:, n_text:]
         # Keys: the image tiles alone, or the text chunks followed by the image tiles.
         segments, n_chunks = self._segments(n_text, layout) if n_text else (layout, 0)
         if self.mode == "vsa":
-            idx, cnt = self._vsa_map(q_img, k[:, n_text:], v[:, n_text:], layout, n_chunks, use_triton)
+            idx, cnt = self._vsa_map(q_img, k[:, n_text:], v[:, n_text:], layout, n_chunks, impl)
         else:
             idx, cnt = self._static_map(layout, n_chunks, q.shape[0], q.shape[2])
-        o_img = _fine(q_img, k, v, layout, segments, idx, cnt, use_triton)
+        o_img = fine_attention(q_img, k, v, layout, idx, cnt, kv_layout=segments, impl=impl)
         if not n_text:
             return o_img
         o_text = F.scaled_dot_product_attention(q[:, :n_text].transpose(1, 2), k.transpose(1, 2),

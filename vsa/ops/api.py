@@ -5,6 +5,11 @@ On CUDA tensors they run the Triton kernels (registered as `torch.library` custo
 implementations, so `torch.compile(fullgraph=True)` traces through them); on CPU tensors a
 vectorised pure-torch path. `impl="triton"` forces the kernels (on CPU only under
 `TRITON_INTERPRET=1`, for tests), `impl="torch"` forces the torch path.
+
+For callers that validate once and call every step (attention backends, the diffusers
+integration): `check_impl` / `resolve_impl` (which path runs), `check_dtypes`, `fine_attention`
+(the fine stage without the input checks) and `select_key_tiles` (VSA's top-K choice alone).
+Kernel tuning knobs: `vsa.ops.options.KernelOptions`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 
 import torch
 
-from vsa.layout import TileLayout
+from vsa.layout import TileFill, TileLayout
 from vsa.ops.block_sparse import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
@@ -36,7 +41,7 @@ def _bsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch
              max_q_tile: int, max_kv_tile: int, q_fill: int,
              kv_fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse, _ = bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                            max_kv_tile, q_fill, kv_fill)
+                            max_kv_tile, TileFill(q_fill), TileFill(kv_fill))
     return o, lse
 
 
@@ -53,7 +58,7 @@ def _bsa_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor, max_q_tile: int, max_kv_tile: int,
              q_fill: int, kv_fill: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                        max_kv_tile, q_fill, kv_fill)
+                        max_kv_tile, TileFill(q_fill), TileFill(kv_fill))
 
 
 @_bsa_bwd.register_fake
@@ -82,17 +87,36 @@ _bsa_fwd.register_autograd(_bsa_grad, setup_context=_bsa_setup)
 # --------------------------------------------------------------------------------------------------
 
 
-def _use_triton(x: torch.Tensor, impl: str | None) -> bool:
-    if impl not in (None, "triton", "torch"):
+IMPLS = (None, "triton", "torch")
+
+
+def check_impl(impl: str | None) -> str | None:
+    """`impl` if it names a path (None = auto, "triton", "torch"), else a ValueError."""
+    if impl not in IMPLS:
         raise ValueError(f"impl must be None (auto), 'triton' or 'torch', got {impl!r}")
+    return impl
+
+
+def resolve_impl(x: torch.Tensor, impl: str | None = None) -> str:
+    """The path that runs for tensors like `x`: "triton" (the kernels) or "torch". `impl` None picks
+    the kernels for CUDA tensors and torch for the rest; "triton" on CPU tensors needs the Triton
+    interpreter (TRITON_INTERPRET=1 set before importing vsa, for tests)."""
+    check_impl(impl)
     if impl == "torch":
-        return False
+        return "torch"
     if impl == "triton" and not x.is_cuda and not interpreting():
         raise RuntimeError(
             "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing vsa, for "
             "tests); use impl='torch' or impl=None for CPU tensors"
         )
-    return impl == "triton" or x.is_cuda
+    return "triton" if impl == "triton" or x.is_cuda else "torch"
+
+
+def check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise unless q, k, v share one of the kernels' dtypes (float16, bfloat16, float32)."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share one of the dtypes {SUPPORTED_DTYPES}; got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
 
 
 def _check_qkv(q, k, v, layout: TileLayout, kv_layout: TileLayout) -> None:
@@ -141,7 +165,7 @@ def _check_lists(q2k_idx, q2k_cnt, B: int, H: int, n_q: int, n_kv: int) -> None:
     if not q2k_cnt.numel():
         return
     # Both value checks reduce to one flag on the lists' device: one host sync per call (a masked
-    # gather and min/max reads cost four, ~0.6 ms per forward on an H100 at 1x12x32768x128).
+    # gather and min/max reads cost four; measured in docs/history/kernel_notes.md, v8 section 2).
     bad_cnt = ((q2k_cnt < 0) | (q2k_cnt > kmax)).any()
     listed = torch.arange(kmax, device=q2k_idx.device) < q2k_cnt[..., None]
     bad_idx = (listed & ((q2k_idx < 0) | (q2k_idx >= n_kv))).any()
@@ -161,8 +185,26 @@ def _fine(q, k, v, layout, kv_layout, q2k_idx, q2k_cnt, use_triton: bool):
     args = (layout.offsets, kv_layout.offsets, q2k_idx, q2k_cnt, layout.max_tile_size,
             kv_layout.max_tile_size)
     if use_triton:
-        return _bsa_fwd(q, k, v, *args, layout.fill, kv_layout.fill)[0]
+        return _bsa_fwd(q, k, v, *args, int(layout.fill), int(kv_layout.fill))[0]
     return block_sparse_attention_torch(q, k, v, *args)
+
+
+def fine_attention(q, k, v, layout: TileLayout, q2k_idx, q2k_cnt, kv_layout=None,
+                   impl: str | None = None):
+    """`block_sparse_attention` without its input checks (no host sync): for callers that call
+    every step with inputs they have validated once, such as the attention backends.
+
+    Needs what `block_sparse_attention` checks: q/k/v of a supported dtype and head dim, `q2k_idx`
+    / `q2k_cnt` int32 and contiguous on q's device with valid entries. A `TileLayout` on another
+    device is moved to q's (once, `TileLayout.to` keeps the copy). `kv_layout` may also be any
+    object with a layout's `offsets` (int32, on q's device), `max_tile_size` and `fill`, e.g. key
+    segments that are not tiles of a grid. `impl`: None (Triton on CUDA, torch on CPU), "triton" or
+    "torch"."""
+    kv_layout = kv_layout or layout
+    layout = layout.to(q.device)
+    if isinstance(kv_layout, TileLayout):
+        kv_layout = kv_layout.to(q.device)
+    return _fine(q, k, v, layout, kv_layout, q2k_idx, q2k_cnt, resolve_impl(q, impl) == "triton")
 
 
 def block_sparse_attention(q, k, v, layout: TileLayout, q2k_idx, q2k_cnt,
@@ -183,11 +225,9 @@ def block_sparse_attention(q, k, v, layout: TileLayout, q2k_idx, q2k_cnt,
     _check_qkv(q, k, v, layout, kv_layout)
     B, _, H, _ = q.shape
     _check_lists(q2k_idx, q2k_cnt, B, H, layout.n_tiles, kv_layout.n_tiles)
-    use_triton = _use_triton(q, impl)
-    layout, kv_layout = layout.to(q.device), kv_layout.to(q.device)
     q2k_idx = q2k_idx.to(device=q.device, dtype=torch.int32).contiguous()
     q2k_cnt = q2k_cnt.to(device=q.device, dtype=torch.int32).contiguous()
-    return _fine(q, k, v, layout, kv_layout, q2k_idx, q2k_cnt, use_triton)
+    return fine_attention(q, k, v, layout, q2k_idx, q2k_cnt, kv_layout, impl)
 
 
 def resolve_topk(n_tiles: int, topk: int | None = None, sparsity: float | None = None) -> int:
@@ -201,6 +241,25 @@ def resolve_topk(n_tiles: int, topk: int | None = None, sparsity: float | None =
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1) (0 = dense), got {sparsity!r}")
     return max(1, min(n_tiles, math.ceil((1.0 - float(sparsity)) * n_tiles)))
+
+
+def select_key_tiles(q, k, v, layout: TileLayout, topk: int | None = None,
+                     sparsity: float | None = None, impl: str | None = None):
+    """VSA's selection alone: the K key tiles of largest coarse (tile-mean) score for each query
+    tile, as `video_sparse_attention` chooses them (K from `topk` or `sparsity`, exactly one). No
+    gradient. Returns (q2k_idx int32 [B, H, n_tiles, K] ascending, q2k_cnt int32 [B, H, n_tiles],
+    all K), on q's device: the lists `fine_attention` / `block_sparse_attention` take. Inputs as
+    for `video_sparse_attention`, checked only against the layout's length."""
+    if not (q.shape[1] == k.shape[1] == v.shape[1] == layout.seq_len):
+        raise ValueError(f"q, k, v have {q.shape[1]}, {k.shape[1]}, {v.shape[1]} tokens but the "
+                         f"layout {layout.grid} has {layout.seq_len}")
+    n_k = resolve_topk(layout.n_tiles, topk, sparsity)
+    use_triton = resolve_impl(q, impl) == "triton"
+    with torch.no_grad():
+        _, q2k_idx = coarse_stage(q.detach(), k.detach(), v.detach(), layout.to(q.device), n_k,
+                                  use_triton)
+    q2k_cnt = torch.full(q2k_idx.shape[:3], n_k, dtype=torch.int32, device=q.device)
+    return q2k_idx, q2k_cnt
 
 
 def video_sparse_attention(q, k, v, layout: TileLayout, topk: int | None = None,
@@ -231,7 +290,7 @@ def video_sparse_attention(q, k, v, layout: TileLayout, topk: int | None = None,
             if not ok:
                 raise ValueError(f"{name} of shape {tuple(g.shape)} does not broadcast to q's shape "
                                  f"{tuple(q.shape)} ([B, S, H, D])")
-    use_triton = _use_triton(q, impl)
+    use_triton = resolve_impl(q, impl) == "triton"
     layout = layout.to(q.device)
     if use_triton:
         return video_sparse_attention_triton(q, k, v, layout, n_k, gate_c, gate_f)

@@ -21,9 +21,12 @@ is full, all but the last tile's when only the layout's last tile is short (Z-or
 list ascends (`_plain_units`), none for ragged cubes.
 
 On Hopper GPUs the walked tiles (K/V in the forward and dQ kernels, Q/dO in dK/dV) are loaded
-through TMA tensor descriptors (`USE_TMA`, `_unit_load`): one copy per tile, no per-thread address
+through TMA tensor descriptors (`KernelOptions.tma`, `_unit_load`): one copy per tile, no per-thread address
 arithmetic. A program's own rows, other GPUs, the interpreter (unless forced) and layouts TMA cannot
 describe use per-row pointer loads.
+
+Tuning knobs (block caps, load path, the autotuner's search space) come from `KernelOptions`
+(vsa/ops/options.py), resolved once per launch wrapper call.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from vsa.layout import TileFill
+from vsa.ops.options import KernelOptions, current_kernel_options
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -56,26 +62,19 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-# The autotuner's search space, read from the environment at import: "full" (the default; every
-# speed figure uses it) or "quick": UNITS 1 and 2 at 4 warps / 2 stages, plus the 1-stage fallback.
-# For test runs on a GPU, where compiling and timing 13 configurations per kernel for every new
-# shape key is most of the run (test_ops_gpu + test_coarse + test_glue: over 8 minutes with the
-# full space, 82 s with the quick one, then without the 1-stage config, on an H100).
-AUTOTUNE = os.environ.get("VSA_AUTOTUNE", "full")
-if AUTOTUNE not in ("full", "quick"):
-    raise ValueError(f"VSA_AUTOTUNE={AUTOTUNE!r} is not a search space: unset it or use 'full' "
-                     "(benchmarks, training) or 'quick' (GPU test runs)")
-
-
-def _configs() -> list:
+def _configs(space: str) -> list:
     """Warps x pipeline depth x tiles per step to try on a GPU (the interpreter runs one config,
-    chosen by the launch wrapper). UNITS: 1 or 2 (_unit_rows). Both spaces end with an unpipelined
-    config (1 stage): it fits in shared memory when no other does (fp32 inputs at D 128 with
-    128-row dQ programs need 262 KB at 2 stages, the H100 has 227 KB); the autotuner also picks it
-    for the D 128 forward at 64-row blocks, as fast as 2 stages there (docs/kernel_notes.md v10)."""
+    chosen by the launch wrapper) in search space `space` (`KernelOptions.autotune`): "full"
+    (every speed figure uses it) or "quick" (GPU test runs, where compiling and timing every
+    configuration for every new shape key is most of the run: UNITS 1 and 2 at 4 warps / 2
+    stages). UNITS: 1 or 2 (_unit_rows). Both spaces end with an unpipelined config (1 stage): it
+    fits in shared memory when no other does (fp32 inputs at D 128 with 128-row dQ programs need
+    262 KB at 2 stages, the H100 has 227 KB); see docs/history/kernel_notes.md v10 for what it measured."""
     fallback = [triton.Config({"UNITS": 1}, num_warps=4, num_stages=1)]
-    if AUTOTUNE == "quick":
+    if space == "quick":
         return [triton.Config({"UNITS": u}, num_warps=4, num_stages=2) for u in (1, 2)] + fallback
+    if space != "full":
+        raise ValueError(f"unknown autotuner search space {space!r}; use 'full' or 'quick'")
     return [triton.Config({"UNITS": u}, num_warps=w, num_stages=s)
             for u in (1, 2) for w in (4, 8) for s in (2, 3, 4)] + fallback
 
@@ -86,26 +85,39 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if not tma or c.kwargs["UNITS"] == 1]
 
 
-def _tuned(kernel):
-    """Autotuned on a GPU; in the interpreter, launched directly with `_interpreter_options()`."""
-    if interpreting():
-        return kernel
-    return triton.autotune(configs=_configs(), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-# Units (tile chunks) per loop step in the interpreter; tests set 1 or 2 to cover both paths.
-INTERPRETER_UNITS = 2
-
-
-def _interpreter_options(tma: bool = False) -> dict:
-    if not interpreting():
-        return {}
-    return dict(UNITS=1 if tma else INTERPRETER_UNITS, num_warps=4, num_stages=1)
-
-
 # Tuned once per head dim, block shape, tile chunking and load path (and, implicitly, dtype).
 _TUNE_KEY = ["HEAD_D", "BLOCK_M", "BLOCK_N", "EVEN_M", "EVEN_N", "TAIL_M", "TAIL_N", "TMA"]
+
+
+class TunedKernel:
+    """A kernel autotuned over the search space in force at launch: one `triton.autotune` wrapper
+    per space, made on first use (`tuners[space]`, with the autotuner's cache of picks). In the
+    interpreter the kernel itself runs, with `_interpreter_options()`."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.tuners: dict = {}
+
+    def tuner(self, space: str):
+        if space not in self.tuners:
+            self.tuners[space] = triton.autotune(
+                configs=_configs(space), key=_TUNE_KEY,
+                prune_configs_by={"early_config_prune": _prune})(self.kernel)
+        return self.tuners[space]
+
+    def launcher(self, options: KernelOptions):
+        """What to index with the grid and call: the kernel (interpreter) or its autotuner."""
+        if interpreting():
+            return self.kernel
+        return self.tuner(options.search_space())
+
+
+def _interpreter_options(options: KernelOptions, tma: bool = False) -> dict:
+    """UNITS and launch parameters of a tuned kernel in the interpreter (none on a GPU, where the
+    autotuner sets them)."""
+    if not interpreting():
+        return {}
+    return dict(UNITS=1 if tma else options.interpreter_units, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -136,7 +148,7 @@ def _unit_rows(LIST, OFF, step, n_units, UNITS: tl.constexpr, BLOCK: tl.constexp
     """Rows of loop step `step` over a tile list: UNITS (1 or 2) consecutive units, a unit being one
     BLOCK-row chunk of a listed tile (unit u = chunk u % CHUNKS of tile LIST[u // CHUNKS]).
     Returns the token rows [UNITS * BLOCK] and their mask (past the list, past a ragged tile).
-    Scalar loads per unit: a per-row gather of the list costs ~10% of the whole kernel."""
+    Scalar loads per unit: a per-row gather of the list was slower (docs/history/kernel_notes.md, v6)."""
     u0 = step * UNITS
     t0 = tl.load(LIST + u0 // CHUNKS)
     lo0 = tl.load(OFF + t0) + (u0 % CHUNKS) * BLOCK
@@ -298,7 +310,7 @@ def _fwd_kernel(
         tl.store(OUT + o_rows, (acc + o_c).to(OUT.dtype.element_ty), mask=m_mask[:, None])
 
 
-_fwd_kernel = _tuned(_fwd_kernel)
+_fwd_kernel = TunedKernel(_fwd_kernel)
 
 
 @triton.jit
@@ -368,7 +380,7 @@ def _dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_mask[:, None])
 
 
-_dq_kernel = _tuned(_dq_kernel)
+_dq_kernel = TunedKernel(_dq_kernel)
 
 
 @triton.jit
@@ -453,7 +465,7 @@ def _dkv_kernel(
     tl.store(DV + g_ptr, dv.to(DV.dtype.element_ty), mask=n_mask[:, None])
 
 
-_dkv_kernel = _tuned(_dkv_kernel)
+_dkv_kernel = TunedKernel(_dkv_kernel)
 
 
 @triton.jit
@@ -478,41 +490,26 @@ def _delta_kernel(O, DO, DELTA, so_b, so_s, so_h, sd_b, sd_s, sd_h, H, S,
 # --------------------------------------------------------------------------------------------------
 
 
-# Row caps of the kernels' blocks: (rows per program, rows per walked unit), for the forward and
-# dQ (query rows, key unit) and dK/dV (key rows, query unit). `scripts/bench_blocks.py` measures the
-# choices on a GPU.
-FWD_BLOCKS = (128, 64)
-DQ_BLOCKS = (64, 64)
-DKV_BLOCKS = (64, 64)
-
-
 def _block(tile: int, cap: int) -> int:
     """Rows of a block over tiles of up to `tile` tokens: the tile rounded up to a power of two,
     at least 16 (tl.dot), at most `cap`."""
     return max(16, min(cap, triton.next_power_of_2(tile)))
 
 
-def _blocks(max_q_tile: int, max_kv_tile: int, kernel: str) -> tuple[int, int]:
-    """(BLOCK_M query rows, BLOCK_N key rows) of `kernel` ("fwd", "dq" or "dkv"). The forward takes
-    FWD_BLOCKS: up to 128 query rows (a tile of >= 128 tokens shares one key list, so 128 rows per program halve
-    the K/V loads per FLOP, as FlexAttention's 128-row blocks do: GRAT-B forward 18.8 -> 15.5 ms on
-    an H100) and 64-key units; the backward kernels take DQ_BLOCKS / DKV_BLOCKS (128 rows per
-    program AND per unit spilled registers: GRAT-B forward+backward 75 -> 99 ms)."""
+def _blocks(max_q_tile: int, max_kv_tile: int, kernel: str, options: KernelOptions) -> tuple[int, int]:
+    """(BLOCK_M query rows, BLOCK_N key rows) of `kernel` ("fwd", "dq" or "dkv") under the row caps
+    of `options` (rows per program, rows per walked unit). The forward's default takes up to 128
+    query rows (a tile of >= 128 tokens shares one key list, so 128 rows per program halve the K/V
+    loads per FLOP, as FlexAttention's 128-row blocks do) and 64-key units; the backward kernels
+    keep 64 rows (128 rows per program AND per unit spilled registers). Measured in
+    docs/history/kernel_notes.md (v6) and docs/results/blocks_h100.json."""
     if kernel == "fwd":
-        return _block(max_q_tile, FWD_BLOCKS[0]), _block(max_kv_tile, FWD_BLOCKS[1])
+        return _block(max_q_tile, options.fwd_blocks[0]), _block(max_kv_tile, options.fwd_blocks[1])
     if kernel == "dq":
-        return _block(max_q_tile, DQ_BLOCKS[0]), _block(max_kv_tile, DQ_BLOCKS[1])
+        return _block(max_q_tile, options.dq_blocks[0]), _block(max_kv_tile, options.dq_blocks[1])
     if kernel == "dkv":
-        return _block(max_q_tile, DKV_BLOCKS[1]), _block(max_kv_tile, DKV_BLOCKS[0])
+        return _block(max_q_tile, options.dkv_blocks[1]), _block(max_kv_tile, options.dkv_blocks[0])
     raise ValueError(f"unknown kernel {kernel!r}")
-
-
-# Walked tiles (K/V in the forward and dQ, Q/dO in dK/dV) are loaded through TMA tensor
-# descriptors: one copy instruction per tile instead of per-thread address arithmetic and cp.async
-# (ncu showed the shared-memory/LSU pipe as the busiest unit of the GRAT kernels). None: on GPUs of
-# compute capability >= 9 (Hopper), off in the interpreter; True / False force it (tests force it on
-# in the interpreter, which runs the same kernel code).
-USE_TMA: bool | None = None
 
 
 @functools.cache
@@ -521,18 +518,21 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _use_tma(x: torch.Tensor) -> bool:
-    if USE_TMA is not None:
-        return USE_TMA
+def _use_tma(x: torch.Tensor, options: KernelOptions) -> bool:
+    """Whether to load the walked tiles (K/V in the forward and dQ, Q/dO in dK/dV) through TMA
+    tensor descriptors (one copy instruction per tile instead of per-thread address arithmetic):
+    `options.tma`, or by default on GPUs of compute capability >= 9, never in the interpreter."""
+    if options.tma is not None:
+        return options.tma
     return not interpreting() and x.is_cuda and _has_tma(x.device.index)
 
 
-def _tma_pair(a: torch.Tensor, b: torch.Tensor, block_rows: int):
+def _tma_pair(a: torch.Tensor, b: torch.Tensor, block_rows: int, options: KernelOptions):
     """Tensor descriptors over a and b [B, S, H, D], each seen as [B * S, H, D] with
     [block_rows, 1, D] blocks, or None (use pointer loads) when TMA is off or a layout does not
     allow it: the batch stride must be S times the token stride (contiguous, or views of a packed
     qkv), the last stride 1, the other strides and the base 16-byte aligned."""
-    if not _use_tma(a):
+    if not _use_tma(a, options):
         return None
     descs = []
     for x in (a, b):
@@ -546,12 +546,8 @@ def _tma_pair(a: torch.Tensor, b: torch.Tensor, block_rows: int):
     return descs
 
 
-# How the tiles of a layout fill their blocks (`TileLayout.fill`).
-RAGGED, FULL_BUT_LAST, FULL = 0, 1, 2
-
-
 def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, block_m: int, block_n: int,
-                q_fill: int, kv_fill: int, kv_lists_sorted: bool) -> dict:
+                q_fill: TileFill, kv_fill: TileFill, kv_lists_sorted: bool) -> dict:
     """Compile-time options. The interpreter upcasts bf16 (its bf16 arithmetic is wrong); fp32
     inputs get exact fp32 dots (not tf32). EVEN_* drop the row masks when every tile fills its
     blocks exactly; TAIL_* drop them for all but the last tile when only the last tile may be short
@@ -561,35 +557,35 @@ def _launch_cfg(q: torch.Tensor, max_q_tile: int, max_kv_tile: int, block_m: int
     return dict(
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        EVEN_M=q_fill == FULL and m_fits,
-        EVEN_N=kv_fill == FULL and n_fits,
-        TAIL_M=q_fill == FULL_BUT_LAST and m_fits,
-        TAIL_N=kv_fill == FULL_BUT_LAST and n_fits and kv_lists_sorted,
+        EVEN_M=q_fill == TileFill.FULL and m_fits,
+        EVEN_N=kv_fill == TileFill.FULL and n_fits,
+        TAIL_M=q_fill == TileFill.FULL_BUT_LAST and m_fits,
+        TAIL_N=kv_fill == TileFill.FULL_BUT_LAST and n_fits and kv_lists_sorted,
     )
 
-
-
-
 def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, max_kv_tile,
-                q_fill=RAGGED, kv_fill=RAGGED, lists_sorted=False, o_c=None, gate_c=None, gate_f=None):
+                q_fill=TileFill.RAGGED, kv_fill=TileFill.RAGGED, lists_sorted=False, o_c=None,
+                gate_c=None, gate_f=None, options: KernelOptions | None = None):
     """Launch the forward kernel. Returns O [B, Sq, H, D] (q's dtype), LSE2 [B, H, Sq] fp32 and
     OUT: O itself, or with `o_c` (fp32 [B, n_q_tiles, H, D]) the gated combine
     O * gate_f + o_c[tile] * gate_c (gates None = 1, else contiguous [B, Sq, H, D]).
-    `q_fill`/`kv_fill`: RAGGED, FULL_BUT_LAST or FULL (`TileLayout.fill`); `lists_sorted`: every
-    q->k list ascends (lets FULL_BUT_LAST key layouts skip masks, see `_launch_cfg`).
-    `q2k_cnt` None: every list holds all `q2k_idx.shape[-1]` entries (no count tensor needed)."""
+    `q_fill`/`kv_fill`: a `TileFill` (`TileLayout.fill`); `lists_sorted`: every q->k list ascends
+    (lets FULL_BUT_LAST key layouts skip masks, see `_launch_cfg`). `q2k_cnt` None: every list
+    holds all `q2k_idx.shape[-1]` entries (no count tensor needed). `options`: the kernel options
+    (default: those in force, `current_kernel_options()`)."""
+    options = options or current_kernel_options()
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
-    block_m, block_n = _blocks(max_q_tile, max_kv_tile, "fwd")
+    block_m, block_n = _blocks(max_q_tile, max_kv_tile, "fwd", options)
     m_split = math.ceil(max_q_tile / block_m)
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     combine = o_c is not None
     out = torch.empty_like(o) if combine else o
     grid = (n_q * m_split, B * H)
-    descs = _tma_pair(k, v, block_n)
+    descs = _tma_pair(k, v, block_n, options)
     k_in, v_in = descs or (k, v)
-    _fwd_kernel[grid](
+    _fwd_kernel.launcher(options)[grid](
         q, k_in, v_in, o, lse, out, o_c if combine else o, q if gate_c is None else gate_c,
         q if gate_f is None else gate_f, q_offsets, kv_offsets, q2k_idx,
         q2k_idx if q2k_cnt is None else q2k_cnt,
@@ -601,7 +597,7 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
         COMBINE=combine, HAS_GC=gate_c is not None, HAS_GF=gate_f is not None,
         HAS_CNT=q2k_cnt is not None, TMA=descs is not None,
         **_launch_cfg(q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted),
-        **_interpreter_options(descs is not None),
+        **_interpreter_options(options, descs is not None),
     )
     return o, lse, out
 
@@ -657,13 +653,16 @@ def transpose_block_lists(q2k_idx: torch.Tensor, q2k_cnt: torch.Tensor | None, n
 
 
 def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile,
-                 max_kv_tile, q_fill=RAGGED, kv_fill=RAGGED, lists_sorted=False, bias=None, delta=None):
+                 max_kv_tile, q_fill=TileFill.RAGGED, kv_fill=TileFill.RAGGED, lists_sorted=False,
+                 bias=None, delta=None, options: KernelOptions | None = None):
     """Launch the backward kernels. Returns dQ, dK, dV in the inputs' dtype, [B, S, H, D].
 
     `q_fill`, `kv_fill`, `lists_sorted`, `q2k_cnt` (None: full lists): as in `bsa_forward`.
     `bias`: None or per-tile fp32 gradients (for q, k, v; each contiguous [B, n_tiles, H, D]) added
     to every token of the tile, e.g. what reaches q, k, v through VSA's tile means.
-    `delta`: None, or rowsum(dO * O) already computed by the caller (fp32 contiguous [B, H, Sq])."""
+    `delta`: None, or rowsum(dO * O) already computed by the caller (fp32 contiguous [B, H, Sq]).
+    `options`: the kernel options (default: those in force, `current_kernel_options()`)."""
+    options = options or current_kernel_options()
     B, Sq, H, D = q.shape
     Skv = k.shape[1]
     n_q, n_kv = q_offsets.numel() - 1, kv_offsets.numel() - 1
@@ -685,32 +684,32 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
     bias_q, bias_k, bias_v = bias if has_bias else (lse, lse, lse)
 
     def cfg(kernel):
-        block_m, block_n = _blocks(max_q_tile, max_kv_tile, kernel)
+        block_m, block_n = _blocks(max_q_tile, max_kv_tile, kernel, options)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, **_launch_cfg(
             q, max_q_tile, max_kv_tile, block_m, block_n, q_fill, kv_fill, lists_sorted))
 
     c = cfg("dq")
     m_split, n_chunks = math.ceil(max_q_tile / c["BLOCK_M"]), math.ceil(max_kv_tile / c["BLOCK_N"])
-    descs = _tma_pair(k, v, c["BLOCK_N"])
+    descs = _tma_pair(k, v, c["BLOCK_N"], options)
     k_in, v_in = descs or (k, v)
-    _dq_kernel[(n_q * m_split, B * H)](
+    _dq_kernel.launcher(options)[(n_q * m_split, B * H)](
         q, k_in, v_in, do, dq, lse, delta, bias_q, q_offsets, kv_offsets, q2k_idx,
         q2k_idx if q2k_cnt is None else q2k_cnt,
         *strides, H, n_q, Sq, Skv, q2k_idx.shape[-1], scale * LOG2E, scale,
         HEAD_D=D, M_SPLIT=m_split, N_CHUNKS=n_chunks, HAS_BIAS=has_bias,
         HAS_CNT=q2k_cnt is not None, TMA=descs is not None, **c,
-        **_interpreter_options(descs is not None),
+        **_interpreter_options(options, descs is not None),
     )
     k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
     c = cfg("dkv")
     n_split, m_chunks = math.ceil(max_kv_tile / c["BLOCK_N"]), math.ceil(max_q_tile / c["BLOCK_M"])
-    descs = _tma_pair(q, do, c["BLOCK_M"])
+    descs = _tma_pair(q, do, c["BLOCK_M"], options)
     q_in, do_in = descs or (q, do)
-    _dkv_kernel[(n_kv * n_split, B * H)](
+    _dkv_kernel.launcher(options)[(n_kv * n_split, B * H)](
         q_in, k, v, do_in, dk, dv, lse, delta, bias_k, bias_v,
         q_offsets, kv_offsets, k2q_idx, k2q_start,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), H, n_kv, Sq, scale * LOG2E, scale,
         HEAD_D=D, N_SPLIT=n_split, M_CHUNKS=m_chunks, HAS_BIAS=has_bias, TMA=descs is not None,
-        **c, **_interpreter_options(descs is not None),
+        **c, **_interpreter_options(options, descs is not None),
     )
     return dq, dk, dv

@@ -20,27 +20,15 @@ import triton
 import triton.language as tl
 
 from vsa.ops.block_sparse import _load_rows, _tile_program
+from vsa.ops.options import KernelOptions, current_kernel_options
 from vsa.ops.torch_impl import tile_sum_torch
 
-# `_coarse_select_kernel`: at most _BLOCK_Q query tiles per program, fewer when their whole score
-# rows [BLOCK_Q, n_pow2] would exceed _ROW_TILE_ELEMS; products over _BLOCK_K key tiles and
-# _D_CHUNK head dims at a time. SELECT_PRECISION is the precision of its fp32 products: "tf32x3"
-# (three tf32 tensor-core products, ~fp32 accuracy) or "ieee" (exact fp32 on the CUDA cores).
-# `scripts/bench_coarse.py` times the choices; on an H100 (docs/results/coarse_h100.json) tf32x3
-# with 4 warps took 0.118 ms at 512 tiles x 12 heads (D128) against 0.349 ms for ieee with 8 warps,
-# 0.062 vs 0.140 ms at 256 tiles x 32 heads (D64) and 3.5 vs 16.0 ms at 2048 tiles; the selections
-# differed in ~1e-5 of the entries (near-equal scores swapping places).
+# `_coarse_select_kernel` runs at most `select_block_q` query tiles per program (KernelOptions),
+# fewer when their whole score rows [BLOCK_Q, n_pow2] would exceed _ROW_TILE_ELEMS elements.
+# `scripts/bench_coarse.py` times the knobs (docs/results/coarse_h100.json and
+# coarse_knobs_h100.json); the two product precisions select the same tiles but for ~1e-5 of the
+# entries (near-equal scores swapping places).
 _ROW_TILE_ELEMS = 8192
-_BLOCK_Q = 32
-_BLOCK_K = 32
-_D_CHUNK = 32
-_SELECT_WARPS = 4
-SELECT_PRECISION = "tf32x3"
-# `_tile_means_kernel`: rows per chunk (at most) and warps per program. On an H100
-# (docs/results/coarse_knobs_h100.json) 2 warps over 32-row chunks took 0.120 ms for q, k, v at
-# 1x12x32768x128 against 0.140 ms for 4 warps over 64 rows, and 8 warps 0.195 ms.
-_MEANS_BLOCK = 32
-_MEANS_WARPS = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,9 +49,9 @@ def _tile_rows_sum(X, lo, hi, stride_s, HEAD_D: tl.constexpr, BLOCK: tl.constexp
     return tl.sum(acc, 0)
 
 
-def _row_block(max_tile: int) -> tuple[int, int]:
+def _row_block(max_tile: int, options: KernelOptions) -> tuple[int, int]:
     """Rows per chunk and chunks per tile for `_tile_rows_sum`."""
-    block = min(_MEANS_BLOCK, triton.next_power_of_2(max_tile))
+    block = min(options.means_block, triton.next_power_of_2(max_tile))
     return block, math.ceil(max_tile / block)
 
 
@@ -84,7 +72,7 @@ def _tile_sum_triton(x: torch.Tensor, offsets: torch.Tensor, max_tile: int) -> t
     B, _, H, D = x.shape
     n_tiles = offsets.numel() - 1
     out = torch.empty((B, n_tiles, H, D), device=x.device, dtype=torch.float32)
-    block, n_chunks = _row_block(max_tile)
+    block, n_chunks = _row_block(max_tile, current_kernel_options())
     _tile_sum_kernel[(n_tiles, B * H)](
         x, out, offsets, x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H,
@@ -116,21 +104,24 @@ def _tile_means_kernel(
 
 
 def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-               max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               max_tile: int, options: KernelOptions | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 tile means of q, k, v ([B, S, H, D], unit stride along D) in one launch: three
-    contiguous [B, n_tiles, H, D] tensors (separate storages: a custom op's outputs may not alias)."""
+    contiguous [B, n_tiles, H, D] tensors (separate storages: a custom op's outputs may not alias).
+    `options`: the kernel options (default: those in force)."""
+    options = options or current_kernel_options()
     B, _, H, D = q.shape
     assert q.shape == k.shape == v.shape and q.stride(3) == k.stride(3) == v.stride(3) == 1
     n_tiles = offsets.numel() - 1
     qc, kc, vc = (torch.empty((B, n_tiles, H, D), device=q.device, dtype=torch.float32)
                   for _ in range(3))
-    block, n_chunks = _row_block(max_tile)
+    block, n_chunks = _row_block(max_tile, options)
     _tile_means_kernel[(n_tiles, B * H)](
         q, k, v, qc, kc, vc, offsets,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), qc.stride(0), qc.stride(1), qc.stride(2), H,
         HEAD_D=D, BLOCK=block, N_CHUNKS=n_chunks,
-        num_warps=_MEANS_WARPS,
+        num_warps=options.means_warps,
     )
     return qc, kc, vc
 
@@ -229,11 +220,13 @@ def _coarse_select_kernel(
 
 
 def coarse_attention_topk(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float,
-                          topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          topk: int, options: KernelOptions | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse attention among fp32 tile means [B, n, H, D] and the top-`topk` key tiles of each
     query tile, in one launch: probs fp32 [B, H, n, n] (the backward needs them), O_c fp32
     [B, n, H, D] and q2k_idx int32 [B, H, n, topk] (ascending: a fixed accumulation order for the
-    fine stage, and forward memory walks)."""
+    fine stage, and forward memory walks). `options`: the kernel options (default: those in force)."""
+    options = options or current_kernel_options()
     B, n, H, D = qc.shape
     assert qc.shape == kc.shape == vc.shape and 1 <= topk <= n, (qc.shape, kc.shape, vc.shape, topk)
     qc, kc, vc = (x.float().contiguous() for x in (qc, kc, vc))
@@ -241,11 +234,12 @@ def coarse_attention_topk(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     o_c = torch.empty_like(qc)
     q2k_idx = torch.empty((B, H, n, topk), device=qc.device, dtype=torch.int32)
     n_pow2 = max(16, triton.next_power_of_2(n))
-    block_q = max(1, min(_BLOCK_Q, n_pow2, _ROW_TILE_ELEMS // n_pow2))
+    block_q = max(1, min(options.select_block_q, n_pow2, _ROW_TILE_ELEMS // n_pow2))
     _coarse_select_kernel[(triton.cdiv(n, block_q), B * H)](
         qc, kc, vc, probs, o_c, q2k_idx, qc.stride(0), qc.stride(1), qc.stride(2), H, n, topk, scale,
-        HEAD_D=D, BLOCK_Q=block_q, BLOCK_K=min(_BLOCK_K, n_pow2), N_POW2=n_pow2, D_CHUNK=min(D, _D_CHUNK),
-        PRECISION=SELECT_PRECISION, num_warps=_SELECT_WARPS,
+        HEAD_D=D, BLOCK_Q=block_q, BLOCK_K=min(options.select_block_k, n_pow2), N_POW2=n_pow2,
+        D_CHUNK=min(D, options.select_d_chunk), PRECISION=options.select_precision,
+        num_warps=options.select_warps,
     )
     return probs, o_c, q2k_idx
 

@@ -33,30 +33,12 @@ import functools
 
 import torch
 
-from vsa.layout import TileLayout
+from vsa.layout import TileLayout, int_triple
 
 Triple = tuple[int, int, int]
 
 # Elements of the boolean [chunk, n_tiles] mask GRAT-X builds per step (bounds its memory).
 _MASK_CHUNK_ELEMENTS = 1 << 22
-
-
-def _int_triple(name: str, value, minimum: int) -> Triple:
-    """An int (same on every axis) or 3 ints (t, h, w), each >= minimum."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}")
-    if isinstance(value, int):
-        value = (value, value, value)
-    try:
-        triple = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}") from None
-    if len(triple) != 3 or any(isinstance(v, bool) or int(v) != v for v in triple):
-        raise ValueError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}")
-    triple = tuple(int(v) for v in triple)
-    if min(triple) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} on every axis (in tiles), got {value!r}")
-    return triple  # type: ignore[return-value]
 
 
 def check_layout(layout) -> None:
@@ -182,9 +164,9 @@ def pattern_options(name: str, **options) -> dict:
                         f"{sorted(DEFAULT_OPTIONS[name])}, not {unknown}")
     opts = {**DEFAULT_OPTIONS[name], **options}
     if name == "grat_b":
-        return {"radius": _int_triple("grat_b radius", opts["radius"], 0)}
+        return {"radius": int_triple("grat_b radius", opts["radius"], minimum=0, scalar=True)}
     if name == "sta":
-        return {"window": _int_triple("sta window", opts["window"], 1)}
+        return {"window": int_triple("sta window", opts["window"], minimum=1, scalar=True)}
     if not isinstance(opts["lines"], bool):
         raise TypeError(f"grat_x lines must be True or False, got {opts['lines']!r}")
     return {"lines": opts["lines"]}
@@ -227,9 +209,50 @@ def build_map(name: str, layout: TileLayout, **options) -> tuple[torch.Tensor, t
     return PATTERNS[name](layout, **opts)
 
 
+def prepend_keys(idx: torch.Tensor, cnt: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists [..., n_q_tiles, K] + counts [..., n_q_tiles] with key segments 0 .. n-1 listed first
+    in every list and the listed tiles shifted by n: for a key sequence of n extra segments (e.g.
+    Flux's text chunks) followed by the layout's tiles. Contiguous int32."""
+    if not n:
+        return idx, cnt
+    lead = torch.arange(n, device=idx.device, dtype=idx.dtype).expand(*idx.shape[:-1], n)
+    return torch.cat([lead, idx + n], dim=-1).contiguous(), (cnt + n).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _batched(name: str, options: tuple, tile_grid: Triple, device: str, batch: int, heads: int,
+             n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx, cnt = _build(name, tile_grid, options[0][1], device)
+    idx, cnt = prepend_keys(idx, cnt, n_prefix)
+    return (idx.expand(batch, heads, -1, -1).contiguous(), cnt.expand(batch, heads, -1).contiguous())
+
+
+def batched_map(name: str, layout: TileLayout, batch: int, heads: int, n_prefix: int = 0,
+                **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map of pattern `name` laid out as the kernel reads it: contiguous int32 q2k_idx
+    [batch, heads, n_tiles, K] and q2k_cnt [batch, heads, n_tiles] on the layout's device, ready for
+    `fine_attention`. `n_prefix` > 0 lists that many extra key segments first (`prepend_keys`).
+    Cached per (pattern, options, tile grid, device, batch, heads, n_prefix), so the blocks of a
+    model share one copy and a call costs a cache lookup; the tensors are shared, do not modify
+    them in place."""
+    check_layout(layout)
+    try:  # validated once per spelling of the options (a backend calls this every step)
+        opts = _options_key(name, tuple(sorted(options.items())))
+    except TypeError:  # unhashable values, e.g. lists from a config: validate them every call
+        opts = tuple(pattern_options(name, **options).items())
+    return _batched(name, opts, layout.tile_grid, str(layout.device), batch, heads, n_prefix)
+
+
+@functools.lru_cache(maxsize=256)
+def _options_key(name: str, options: tuple) -> tuple:
+    return tuple(pattern_options(name, **dict(options)).items())  # one option per pattern
+
+
 def clear_cache() -> None:
-    """Forget every cached map (the next call builds it again; used to time cold builds)."""
+    """Forget every cached map, batched or not (the next call builds it again; used to time cold
+    builds)."""
     _build.cache_clear()
+    _batched.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from vsa.layout import TileFill
 from vsa.ops.block_sparse import bsa_backward, bsa_forward
 from vsa.ops.coarse import coarse_attention_topk, tile_means
 from vsa.ops.glue import vsa_backward_prep
@@ -37,6 +38,7 @@ def vsa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_c: torch.Ten
     `topk` tiles, so the kernels need no count tensor)."""
     qc, kc, vc = tile_means(q, k, v, offsets, max_tile)
     probs, o_c, q2k_idx = coarse_attention_topk(qc, kc, vc, 1.0 / math.sqrt(q.shape[-1]), topk)
+    fill = TileFill(fill)
     o_f, lse, out = bsa_forward(q, k, v, offsets, offsets, q2k_idx, None, max_tile, max_tile,
                                 fill, fill, lists_sorted=True, o_c=o_c, gate_c=gate_c,
                                 gate_f=gate_f)
@@ -76,6 +78,7 @@ def vsa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # The tile mean's gradient reaches each token of the tile divided by the tile's size.
     inv_size = (1.0 / sizes.to(torch.float32))[None, :, None, None]
     bias = tuple((g * inv_size).contiguous() for g in (d_qc, d_kc, d_vc))
+    fill = TileFill(fill)
     dq, dk, dv = bsa_backward(do_f, q, k, v, o_f, lse, offsets, offsets, q2k_idx, None, max_tile,
                               max_tile, fill, fill, lists_sorted=True, bias=bias, delta=delta)
     return dq, dk, dv, d_gate_c, d_gate_f
@@ -114,5 +117,5 @@ def video_sparse_attention_triton(q, k, v, layout, topk: int, gate_c=None, gate_
     """The fused op on the Triton path; gates are expanded to q's shape (contiguous) if given."""
     gates = [None if g is None else g.expand(q.shape).contiguous() for g in (gate_c, gate_f)]
     out = vsa_fwd(q, k, v, gates[0], gates[1], layout.offsets, layout.sizes,
-                  layout.max_tile_size, layout.fill, topk)[0]
+                  layout.max_tile_size, int(layout.fill), topk)[0]
     return out
