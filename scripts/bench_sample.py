@@ -1,7 +1,7 @@
 """Sampling benchmark on a GPU: full (cuDNN) vs VSA attention in one run (docs/benchmarks.md).
 
 The 1.4B preset at 32,768 tokens (latents 12x32x64x64, patch 1x2x2), class-conditional, 50 Euler
-steps through vsa.sampling.generate (bf16 autocast, compiled blocks), batch 1. Randomly
+steps through vsa.diffusion.generate (bf16 autocast, compiled blocks), batch 1. Randomly
 initialised weights with the zero-initialised parts perturbed, so every block computes (timing does
 not depend on the weights' values). One untimed 2-step warm-up (compilation), then the whole
 50-step sampling is timed once with a CUDA synchronize at both ends.
@@ -18,9 +18,9 @@ import time
 import torch
 
 from vsa.benchmark import run_meta, write_results
+from vsa.diffusion import generate
 from vsa.models import DiTConfig, VideoDiT
 from vsa.models.presets import PRESETS
-from vsa.sampling.generate import generate
 
 
 def build(attention: str, sparsity: float, in_channels: int, compile_blocks: bool,

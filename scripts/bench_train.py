@@ -29,12 +29,11 @@ import time
 import torch
 
 from vsa.benchmark import run_meta, write_results
-from vsa.diffusion import flow_matching_loss
+from vsa.diffusion import flow_matching_loss, timestep_shift
 from vsa.diffusion.flow import sample_timesteps
 from vsa.models import DiTConfig, VideoDiT
 from vsa.models.presets import PRESETS
 from vsa.training.flops import forward_flops
-from vsa.training.module import timestep_shift
 
 H100_SPEC = 989.4e12  # dense bf16, SXM
 CASES = {

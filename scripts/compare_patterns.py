@@ -10,7 +10,7 @@ Pattern specs: name[@sparsity][:key=value]..., e.g. grat_b:radius=2x1x1, grat_x:
 sta:window=3x5x5, vsa@0.875, vsa:topk=8, grat_b:tile=4x4x4 (a per-pattern tile wins over --tile).
 The first `full` spec is the reference (added first when none is listed). Validation data: the
 run's .hydra/config.yaml beside <run>/checkpoints/ (or --data-config FILE; --no-val skips it).
-What is measured, and how: docs/patterns.md and vsa/sampling/compare.py. Writes
+What is measured, and how: docs/patterns.md and vsa/sampling/compare/. Writes
 compare_patterns.json, compare_patterns.md (the table) and one PNG grid per pattern to --out.
 """
 

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from vsa.data.codecs import build_codec
-from vsa.models import DiTBlock, preset_params
+from vsa.models import PRESETS, DiTBlock, build_model, count_params, preset_params
 from vsa.models.presets import nominal_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,25 @@ def test_scaling_presets_match_their_names():
         cfg = compose_train([f"experiment={experiment}"])
         count = preset_params(cfg.model.name, attention="vsa", attention_options={"gates": "pretrain"})
         assert abs(count / nominal_params(cfg.model.name) - 1) < 0.1
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+def test_every_model_config_composes_into_its_preset(model):
+    """configs/model/NAME.yaml holds the preset's numbers: composed into the default run, the
+    model built from it has the preset's depth, width, heads and parameter count."""
+    cfg = compose_train([f"model={model}", "attention=full"])
+    name = cfg.model.name
+    with torch.device("meta"):
+        built = instantiate(cfg.model, in_channels=16, num_classes=0, _convert_="all")
+        extras = {k: v for k, v in OmegaConf.to_container(cfg.model).items()
+                  if k in ("mlp_conv", "mlp_ratio")}  # overrides of the runs that use the file
+        reference = build_model(name, in_channels=16, patch=tuple(cfg.model.patch), attention="full",
+                                tile_order=cfg.model.tile_order, **extras)
+    assert (built.cfg.depth, built.cfg.width, built.cfg.head_dim) == tuple(PRESETS[name][k] for k in
+                                                                           ("depth", "width", "head_dim"))
+    assert count_params(built) == count_params(reference)
+    if not extras:
+        assert count_params(built) == preset_params(name, attention="full")
 
 
 def test_vsa_finetune_adapts_with_a_staircase():

@@ -12,7 +12,7 @@ from vsa.attention import AttentionContext, FullAttention, build_backend
 from vsa.diffusion import flow_matching_loss
 from vsa.layout import TileLayout
 from vsa.models import PRESETS, VideoDiT, build_model, preset_params, preset_table, rope_angles
-from vsa.models.presets import BACKEND_VARIANTS, nominal_params
+from vsa.models.presets import BACKEND_VARIANTS, load_presets, nominal_params
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
@@ -40,6 +40,37 @@ def test_preset_param_count_matches_name(name):
     for variant, options in BACKEND_VARIANTS.items():
         n = preset_params(name, **options)
         assert abs(n / nominal - 1) < 0.10, f"{name} with {variant}: {n:,} params"
+
+
+# The presets as they were defined in Python before they moved into configs/model/*.yaml.
+PRESETS_BEFORE_YAML = {
+    "0.6M": (2, 128, 64), "1M": (4, 128, 64), "2.3M": (2, 256, 128), "5M": (5, 256, 64),
+    "10M": (7, 320, 64), "20M": (10, 384, 64), "60M": (17, 512, 64), "150M": (19, 768, 64),
+    "300M": (28, 896, 64), "600M": (34, 1152, 64), "1.4B": (33, 1792, 128),
+}
+
+
+def test_presets_are_read_from_the_model_config_group_with_the_same_numbers():
+    assert {name: (a["depth"], a["width"], a["head_dim"]) for name, a in PRESETS.items()} == PRESETS_BEFORE_YAML
+    assert list(PRESETS) == list(PRESETS_BEFORE_YAML)  # smallest first
+    # the parameter counts of docs/models.md (the table is regenerated from these files)
+    assert preset_params("60M", attention="full") == 55_647_424
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: 7M\ndepth: 2\nwidth: 100\nhead_dim: 64\n", "not a multiple of head_dim"),
+    ("name: 7M\ndepth: two\nwidth: 128\nhead_dim: 64\n", "`depth` must be a positive int"),
+    ("name: big\ndepth: 2\nwidth: 128\nhead_dim: 64\n", "`name` must be a parameter count"),
+    ("name: 7M\nwidth: 128\nhead_dim: 64\n", "`depth` must be a positive int, got None"),
+])
+def test_a_broken_preset_file_is_named_with_the_problem(tmp_path, text, message):
+    (tmp_path / "7m.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_presets(tmp_path)
+    assert "7m.yaml" in str(info.value)
+    (tmp_path / "7m.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="configs/model"):
+        load_presets(tmp_path)
 
 
 def test_preset_table_is_in_docs():

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vsa.attention import BACKENDS
 from vsa.layout import TileFill, TileLayout, int_triple
 from vsa.ops import (
     SUPPORTED_HEAD_DIMS,
@@ -55,7 +56,9 @@ from vsa.ops import (
 )
 
 DEFAULT_TILES = {"wan": (4, 8, 8), "flux": (1, 16, 16)}
-MODES = (*patterns.PATTERNS, "vsa")
+# The backends that run on the block-sparse kernel: the static patterns and the ones that select
+# their key tiles (VSA), as vsa.attention describes them.
+MODES = (*patterns.PATTERNS, *(name for name, backend in BACKENDS.items() if backend.needs_sparsity))
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class SparseAttentionCore:
         if mode not in MODES:
             raise ValueError(f"unknown sparse attention mode {mode!r}; choose one of {MODES}")
         check_impl(impl)
-        if mode == "vsa":
+        self.selects = BACKENDS[mode].needs_sparsity  # top-K tiles by coarse score (VSA)
+        if self.selects:
             if options:
                 raise TypeError(f"mode 'vsa' takes topk or sparsity, not {sorted(options)}")
             resolve_topk(1, topk, sparsity)  # exactly one of them, in range
@@ -100,7 +104,7 @@ class SparseAttentionCore:
         self._cache: dict = {}
 
     def __repr__(self) -> str:
-        opts = {"topk": self.topk, "sparsity": self.sparsity} if self.mode == "vsa" else self.options
+        opts = {"topk": self.topk, "sparsity": self.sparsity} if self.selects else self.options
         return f"SparseAttentionCore(mode={self.mode!r}, tile={self.tile}, grid={self.grid}, {opts})"
 
     def _cached(self, key, build):
@@ -181,7 +185,7 @@ class SparseAttentionCore:
         q_img = q[:, n_text:]
         # Keys: the image tiles alone, or the text chunks followed by the image tiles.
         segments, n_chunks = self._segments(n_text, layout) if n_text else (layout, 0)
-        if self.mode == "vsa":
+        if self.selects:
             idx, cnt = self._vsa_map(q_img, k[:, n_text:], v[:, n_text:], layout, n_chunks, impl)
         else:
             idx, cnt = self._static_map(layout, n_chunks, q.shape[0], q.shape[2])

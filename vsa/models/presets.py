@@ -1,10 +1,11 @@
 """Model presets, named by their real parameter count, and the builders that use them.
 
-A preset fixes depth, width and head dim; everything else (channels, patch, conditioning,
-attention backend) is an override. Names are checked against the real count (within 10%) for the
-defaults `in_channels=16, patch=(1, 2, 2)`, no class / text conditioning, with every attention
-backend: `full`, `vsa` with "adapt" gates (+width^2 per block) and `vsa` with "pretrain" gates
-(+2 width^2 per block). Dense models sit ~7% under their name, VSA-pretrain ones ~7% over.
+A preset fixes depth, width and head dim, read from its YAML file in configs/model/; everything
+else (channels, patch, conditioning, attention backend) is an override. Names are checked against
+the real count (within 10%) for the defaults `in_channels=16, patch=(1, 2, 2)`, no class / text
+conditioning, with every attention backend: `full`, `vsa` with "adapt" gates (+width^2 per block)
+and `vsa` with "pretrain" gates (+2 width^2 per block). Dense models sit ~7% under their name,
+VSA-pretrain ones ~7% over.
 
     model = build_model("150M", attention="vsa", num_classes=10)
     print(preset_table())        # the markdown table in docs/models.md
@@ -12,28 +13,58 @@ backend: `full`, `vsa` with "adapt" gates (+width^2 per block) and `vsa` with "p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from omegaconf import OmegaConf
 
 from vsa.attention import BACKENDS
 from vsa.models.config import DiTConfig
 from vsa.models.dit import VideoDiT, count_params
 
-PRESETS: dict[str, dict[str, int]] = {
-    # tiny, for CPU tests
-    "0.6M": dict(depth=2, width=128, head_dim=64),
-    "1M": dict(depth=4, width=128, head_dim=64),  # the default `python train.py` model
-    "2.3M": dict(depth=2, width=256, head_dim=128),
-    # small, for the one-GPU scaling sweep (configs/sweep/scaling_micro.yaml)
-    "5M": dict(depth=5, width=256, head_dim=64),
-    "10M": dict(depth=7, width=320, head_dim=64),
-    "20M": dict(depth=10, width=384, head_dim=64),
-    # the scaling ladder
-    "60M": dict(depth=17, width=512, head_dim=64),
-    "150M": dict(depth=19, width=768, head_dim=64),
-    "300M": dict(depth=28, width=896, head_dim=64),
-    "600M": dict(depth=34, width=1152, head_dim=64),
-    "1.4B": dict(depth=33, width=1792, head_dim=128),
-}
+# The presets live in the Hydra config group, one YAML file each (configs/model/60m.yaml:
+# name, depth, width, head_dim), the lightning-hydra-template convention: the numbers are read
+# where a user changes them. Python validates them and counts the parameters.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+ARCH_KEYS = ("depth", "width", "head_dim")
+
+
+def nominal_params(name: str) -> float:
+    """The parameter count a preset's name states ("60M" -> 6e7, "1.4B" -> 1.4e9)."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}
+    return float(name[:-1]) * scale[name[-1]]
+
+
+def load_presets(folder: Path = CONFIG_DIR) -> dict[str, dict[str, int]]:
+    """{name: {depth, width, head_dim}} from the model config group's YAML files, smallest first.
+    Other keys of a file (e.g. mlp_conv) are overrides of the runs that use it, not part of the
+    preset."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        raise FileNotFoundError(f"no model presets in {folder}: they are the YAML files of the repository's "
+                                "configs/model/; install vsa from a checkout (pip install -e .)")
+    presets: dict[str, dict[str, int]] = {}
+    for path in files:
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        name = node.get("name") if isinstance(node, dict) else None
+        if not isinstance(name, str) or name[-1:] not in ("K", "M", "B"):
+            raise ValueError(f"{path}: `name` must be a parameter count such as 60M or 1.4B, got {name!r}")
+        arch = {}
+        for key in ARCH_KEYS:
+            value = node.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{path}: `{key}` must be a positive int, got {value!r}")
+            arch[key] = value
+        if arch["width"] % arch["head_dim"]:
+            raise ValueError(f"{path}: width {arch['width']} is not a multiple of head_dim {arch['head_dim']}")
+        if name in presets:
+            raise ValueError(f"{path}: preset {name!r} is defined twice in {folder}")
+        presets[name] = arch
+    return dict(sorted(presets.items(), key=lambda item: nominal_params(item[0])))
+
+
+PRESETS: dict[str, dict[str, int]] = load_presets()
 
 # Attention set-ups whose parameter counts the preset names must match: full attention (as every
 # backend without parameters of its own), and each variant of the backends with learned gates.
@@ -42,12 +73,6 @@ BACKEND_VARIANTS: dict[str, dict] = {"full": dict(attention="full")} | {
     for name, backend in BACKENDS.items() if backend.needs_gates
     for label, options in backend.param_variants.items()
 }
-
-
-def nominal_params(name: str) -> float:
-    """The parameter count a preset's name states ("60M" -> 6e7, "1.4B" -> 1.4e9)."""
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9}
-    return float(name[:-1]) * scale[name[-1]]
 
 
 def preset_config(name: str, **overrides) -> DiTConfig:

@@ -151,6 +151,7 @@ def global_batch_of(cfg: DictConfig) -> int:
 
 def run_spec(cfg: DictConfig) -> RunSpec:
     """The RunSpec of a composed train config (configs/train.yaml + a sweep)."""
+    from vsa.attention import BACKENDS
     from vsa.models.presets import preset_config
 
     model = {k: v for k, v in _plain(cfg.model).items() if k not in ("_target_", "name")}
@@ -158,7 +159,7 @@ def run_spec(cfg: DictConfig) -> RunSpec:
     dit = preset_config(cfg.model.name, in_channels=latent[0], **model)
     schedule = None
     node = (cfg.get("callbacks") or {}).get("sparsity_schedule")
-    if node is not None and dit.attention == "vsa":
+    if node is not None and BACKENDS[dit.attention].needs_sparsity:
         schedule = (float(node.target), float(node.increment), int(node.interval), float(node.get("start", 0.0)))
     text_len = int((cfg.get("scaling") or {}).get("text_len") or 0)
     return RunSpec(preset=cfg.model.name, dit=dit, latent_shape=latent, text_len=text_len,

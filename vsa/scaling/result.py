@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 
+from vsa.attention import BACKENDS
 from vsa.config import config_section
 from vsa.diffusion import validation_loss
 from vsa.scaling.budget import run_spec
@@ -237,7 +238,8 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
     chosen = ema if source == "ema" else raw
 
     steps = int(trainer.global_step)
-    final_sparsity = module.model.sparsity if spec.dit.attention == "vsa" else None
+    takes_sparsity = BACKENDS[spec.dit.attention].needs_sparsity
+    final_sparsity = module.model.sparsity if takes_sparsity else None
     count = spec.sample_flops(final_sparsity)
     seq_len = count.tokens
     train_loss = trainer.callback_metrics.get("train/loss")
@@ -260,7 +262,7 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "params": int(sum(p.numel() for p in module.model.parameters())),
         "attention": spec.dit.attention,
         "sparsity": final_sparsity,
-        "topk": module.model.topk if spec.dit.attention == "vsa" else None,
+        "topk": module.model.topk if takes_sparsity else None,
         "kept_fraction": count.kv_tokens / seq_len,
         "sparsity_schedule": (None if spec.schedule is None else
                               dict(zip(("target", "increment", "interval", "start"), spec.schedule))),

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vsa.attention import BACKENDS
 from vsa.checkpoint import CHECKPOINT_KEY, sampling_spec
 from vsa.data.codecs import build_codec
 from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift, validation_loss
@@ -236,7 +237,7 @@ class VideoDiffusionModule(L.LightningModule):
         self.tokens_per_batch, self.samples_per_batch = B * L_tokens, B
         # The global batch's mean (ranks hold equal shares): comparable across GPU counts.
         self.log("train/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
-        if self.model.cfg.attention == "vsa" and self.model.sparsity is not None:
+        if BACKENDS[self.model.cfg.attention].needs_sparsity and self.model.sparsity is not None:
             self.log("train/sparsity", self.model.sparsity, batch_size=B)
         return loss
 
