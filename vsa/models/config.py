@@ -37,8 +37,8 @@ class DiTConfig:
     # Kernel (odd, in tokens, the same along t, h, w) of a depthwise 3D convolution over the token
     # grid inside every block's MLP (fc1 -> + conv -> GELU -> fc2; zero-initialised, so a new model
     # computes what it would without it); 0 = none. It gives every token its neighbours directly:
-    # the default CPU run draws whole shapes with 3, scattered blocks without
-    # (docs/sample_quality.md).
+    # the default CPU run draws each object as one moving blob with 3, as scattered 4x4-pixel blocks
+    # without (docs/sample_quality.md).
     mlp_conv: int = 0
     in_channels: int = 16
     out_channels: int | None = None  # None: same as in_channels
