@@ -87,6 +87,8 @@ def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: floa
     out_features = cfg.out_channels * cfg.patch_volume
 
     per_block = 4 * w * w + 2 * w * cfg.mlp_width + _gate_weights(cfg)  # qkv + out, MLP, gates
+    if cfg.mlp_conv:
+        per_block += cfg.mlp_width * cfg.mlp_conv ** 3  # depthwise token convolution (zero padding counted)
     if cfg.text_dim:
         per_block += 2 * w * w  # cross-attention q and out projections (on video tokens)
     params_per_token = in_features * w + depth * per_block + w * out_features
