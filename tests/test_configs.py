@@ -82,6 +82,30 @@ def test_only_the_default_run_sets_its_own_timestep_shift():
         assert cfg.module.timesteps.shift is None, sweep
 
 
+def test_only_the_default_run_uses_its_own_data_and_mlp():
+    """The default CPU run draws one large object per clip (max_objects 1, radius 0.2-0.3), trains
+    800 steps of batch 4 with a token convolution in the MLPs (mlp_conv 3, ratio 2; see
+    docs/sample_quality.md, 2026-12-05). Every experiment and sweep on the synthetic videos keeps
+    the data set's defaults, and every sweep the presets' plain MLP."""
+    from vsa.data import SyntheticVideoDataset
+
+    default = compose_train([])
+    dataset = default.data.datamodule.dataset
+    assert (dataset.max_objects, list(dataset.radius)) == (1, [0.2, 0.3])
+    assert (default.model.mlp_conv, default.model.mlp_ratio) == (3, 2.0)
+    assert (default.data.datamodule.batch_size, default.trainer.max_steps) == (4, 800)
+    runs = [[f"experiment={e}", *(["init_from=/x.ckpt"] if e == "vsa_finetune" else [])]
+            for e in EXPERIMENTS] + [[f"sweep={s}"] for s in SWEEPS]
+    plain = SyntheticVideoDataset(1, 1, 1, 1)
+    for overrides in runs:
+        cfg = compose_train(overrides)
+        dataset = cfg.data.datamodule.dataset
+        if dataset._target_ == "vsa.data.SyntheticVideoDataset":
+            built = instantiate(dataset, num_samples=1)
+            assert (built.max_objects, built.radius) == (plain.max_objects, plain.radius), overrides
+        assert cfg.model.get("mlp_conv", 0) == 0 and cfg.model.get("mlp_ratio", 4.0) == 4.0, overrides
+
+
 @pytest.mark.parametrize("size", PAIRS)
 def test_vsa_and_full_experiments_differ_only_in_attention(size):
     vsa = OmegaConf.to_container(compose_train([f"experiment=vsa_{size}"]), resolve=True)

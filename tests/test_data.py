@@ -82,6 +82,28 @@ def test_synthetic_classes_differ_in_colour_and_shape():
     assert min(gaps) > 0.3 and spread < 0.15, (gaps, spread)
 
 
+def test_synthetic_radius_sets_the_object_size():
+    """`radius` is the (min, max) object radius in shorter-side units; the default is (0.10, 0.18)."""
+    default = SyntheticVideoDataset(20, frames=4, height=32, width=32, max_objects=1)
+    explicit = SyntheticVideoDataset(20, frames=4, height=32, width=32, max_objects=1, radius=[0.10, 0.18])
+    assert all(torch.equal(default[i]["video"], explicit[i]["video"]) for i in range(20))
+
+    def mean_area(radius) -> float:
+        ds = SyntheticVideoDataset(60, frames=4, height=32, width=32, num_classes=3, max_objects=1,
+                                   radius=radius)
+        # frame 0 of orbit / bounce clips only (class 0 wraps and may start off-frame)
+        areas = [float(_foreground(ds[i]["video"])[0].float().sum()) for i in range(60)
+                 if int(ds[i]["label"]) != 0]
+        return sum(areas) / len(areas)
+
+    small, large = mean_area((0.10, 0.10)), mean_area((0.25, 0.25))
+    # circle / square area scales with r^2: (0.25 / 0.10)^2 = 6.25
+    assert 4.0 < large / small < 8.0, (small, large)
+    for bad in ([0.2], (0.3, 0.2), (0.0, 0.1), (0.1, 0.6), "big", None):
+        with pytest.raises(ValueError, match="radius must"):
+            SyntheticVideoDataset(4, 4, 8, 8, radius=bad)
+
+
 def test_synthetic_motion_is_long_range_and_objects_reenter():
     ds = SyntheticVideoDataset(200, frames=16, height=32, width=32, num_classes=4, max_objects=1, seed=1)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")

@@ -361,3 +361,57 @@ def test_curve_tile_order_keeps_full_attention_and_trains_vsa():
     vsa(x, t).square().mean().backward()
     with pytest.raises(ValueError, match="tile_order"):
         build_model("0.6M", tile_order="zigzag")
+
+
+# ---- token convolution in the MLP (mlp_conv) ---------------------------------------------------
+
+def test_mlp_conv_starts_at_zero_and_then_computes_the_plain_model():
+    """A new model with mlp_conv computes what the same weights compute without it (the conv starts
+    at zero), yet its conv weights get gradients."""
+    plain, conv = randomized(tiny(num_classes=3)), tiny(num_classes=3, mlp_conv=3)
+    missing, unexpected = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".mlp.conv." in k for k in missing)
+    x, t, labels = torch.randn(2, 4, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    plain.eval(), conv.eval()
+    torch.testing.assert_close(conv(x, t, labels=labels), plain(x, t, labels=labels))
+    conv(x, t, labels=labels).square().mean().backward()
+    assert all(block.mlp.conv.weight.grad.abs().sum() > 0 for block in conv.blocks)
+
+
+@pytest.mark.parametrize("grid", [(4, 8, 8), (5, 6, 7)])
+def test_mlp_conv_mixes_exactly_the_neighbours_on_the_token_grid(grid):
+    """Through the tile-major order, the convolution of token (t, h, w) reads the 3x3x3 tokens
+    around it on the grid and nothing else (one MLP, random weights)."""
+    from vsa.models.dit import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 32, conv=3)
+    torch.nn.init.normal_(mlp.conv.weight)
+    layout = TileLayout(grid, (4, 4, 4))
+    T, H, W = grid
+    x = torch.randn(1, T * H * W, 16, requires_grad=True)
+    centre = (T // 2, H // 2, W // 2)
+    raster_index = (centre[0] * H + centre[1]) * W + centre[2]
+    tile_index = int((layout.perm == raster_index).nonzero())  # its position in tile order
+    mlp(x, layout)[0, tile_index].sum().backward()
+    touched = layout.from_tiles(x.grad.abs().sum(-1) > 0, dim=1).reshape(T, H, W)
+    expected = torch.zeros(T, H, W, dtype=torch.bool)
+    expected[centre[0] - 1:centre[0] + 2, centre[1] - 1:centre[1] + 2, centre[2] - 1:centre[2] + 2] = True
+    assert torch.equal(touched, expected)
+
+
+def test_mlp_conv_model_is_order_agnostic():
+    """With full attention and the token convolution, tile-major and raster order give one function."""
+    tiled = randomized(tiny(num_classes=3, attention="full", mlp_conv=3))
+    raster = copy.deepcopy(tiled)
+    raster.cfg.tile = (1, 1, 1)
+    x, t, labels = torch.randn(2, 4, 5, 12, 14), torch.rand(2), torch.tensor([1, 2])
+    tiled.eval(), raster.eval()
+    torch.testing.assert_close(tiled(x, t, labels=labels), raster(x, t, labels=labels),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [2, -1, True, 3.0, "3"])
+def test_mlp_conv_rejects_bad_kernels(bad):
+    with pytest.raises(ValueError, match="mlp_conv must be 0"):
+        tiny(mlp_conv=bad)

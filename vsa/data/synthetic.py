@@ -42,6 +42,19 @@ def _sample_seed(seed: int, index: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def _radius_range(radius) -> tuple[float, float]:
+    """(min, max) object radius: two numbers with 0 < min <= max <= 0.5 (shorter-side units)."""
+    try:
+        lo, hi = (float(r) for r in radius)
+    except (TypeError, ValueError):
+        raise ValueError(f"radius must be two numbers (min, max) in units of the frame's shorter "
+                         f"side, e.g. [0.10, 0.18], got {radius!r}") from None
+    if not 0.0 < lo <= hi <= 0.5:
+        raise ValueError(f"radius must satisfy 0 < min <= max <= 0.5 (units of the frame's shorter "
+                         f"side; 0.5 spans the whole frame), got {radius!r}")
+    return lo, hi
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -96,6 +109,8 @@ class SyntheticVideoDataset(Dataset):
             its own hue, so the first 20 classes differ in shape and motion, all differ in colour.
         seed: dataset seed; two datasets with different seeds give different videos.
         max_objects: each clip holds 1..max_objects objects of its class.
+        radius: (min, max) object radius in units of the frame's shorter side; each object draws
+            its radius uniformly from this range (default 0.10-0.18: 3-6 pixels at 32x32).
 
     Items: dict(video=float32 [C, T, H, W] in [-1, 1], label=int64 scalar).
     """
@@ -110,6 +125,7 @@ class SyntheticVideoDataset(Dataset):
         num_classes: int = 10,
         seed: int = 0,
         max_objects: int = 3,
+        radius: tuple[float, float] = (0.10, 0.18),
     ) -> None:
         self.num_samples = _positive_int("num_samples", num_samples)
         self.frames = _positive_int("frames", frames)
@@ -119,6 +135,7 @@ class SyntheticVideoDataset(Dataset):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.max_objects = _positive_int("max_objects", max_objects)
         self.seed = check_seed(seed)
+        self.radius = _radius_range(radius)
         # Pixel-centre coordinates in [0, 1] along each axis, and the clip time in [0, 1].
         self._ys = (torch.arange(self.height, dtype=torch.float32) + 0.5) / self.height
         self._xs = (torch.arange(self.width, dtype=torch.float32) + 0.5) / self.width
@@ -150,7 +167,8 @@ class SyntheticVideoDataset(Dataset):
         n_objects = int(torch.randint(1, self.max_objects + 1, (1,), generator=gen))
         for _ in range(n_objects):
             p = torch.rand(10, generator=gen)
-            radius = 0.10 + 0.08 * float(p[0])  # in units of the frame's shorter side
+            lo, hi = self.radius
+            radius = lo + (hi - lo) * float(p[0])  # in units of the frame's shorter side
             cy, cx = self._trajectory(motion, radius, p)
             self._paint(video, shape, cy, cx, radius, hue + 0.04 * (float(p[9]) - 0.5))
         assert video.shape == (C, T, H, W)
@@ -216,4 +234,5 @@ class SyntheticVideoDataset(Dataset):
     def __repr__(self) -> str:
         return (f"SyntheticVideoDataset(num_samples={self.num_samples}, frames={self.frames}, "
                 f"height={self.height}, width={self.width}, channels={self.channels}, "
-                f"num_classes={self.num_classes}, seed={self.seed})")
+                f"num_classes={self.num_classes}, seed={self.seed}, max_objects={self.max_objects}, "
+                f"radius={self.radius})")

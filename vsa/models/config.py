@@ -34,6 +34,12 @@ class DiTConfig:
     width: int = 768
     head_dim: int = 64
     mlp_ratio: float = 4.0
+    # Kernel (odd, in tokens, the same along t, h, w) of a depthwise 3D convolution over the token
+    # grid inside every block's MLP (fc1 -> + conv -> GELU -> fc2; zero-initialised, so a new model
+    # computes what it would without it); 0 = none. It gives every token its neighbours directly:
+    # the default CPU run draws each object as one moving blob with 3, as scattered 4x4-pixel blocks
+    # without (docs/sample_quality.md).
+    mlp_conv: int = 0
     in_channels: int = 16
     out_channels: int | None = None  # None: same as in_channels
     patch: tuple[int, int, int] = (1, 2, 2)
@@ -69,6 +75,10 @@ class DiTConfig:
         for name in ("depth", "in_channels", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        conv = self.mlp_conv
+        if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or (conv and conv % 2 == 0):
+            raise ValueError(f"mlp_conv must be 0 (no convolution) or an odd kernel size >= 1 in "
+                             f"tokens, e.g. 3, got {conv!r}")
         if self.mlp_ratio <= 0 or self.mlp_width < 1:
             raise ValueError(f"mlp_ratio must give a positive MLP width, got {self.mlp_ratio}")
         if self.num_classes < 0 or self.text_dim < 0:

@@ -104,14 +104,29 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    """fc1 -> GELU -> fc2; with `conv` > 0, fc1's output h gets a depthwise 3D convolution over the
+    token grid added to it, h + conv(h), before the GELU (as SANA's Mix-FFN; in raster order). The
+    convolution starts at zero, so a new MLP computes what it would without it."""
+
+    def __init__(self, width: int, hidden: int, conv: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
+        self.conv = (nn.Conv3d(hidden, hidden, conv, padding=conv // 2, groups=hidden)
+                     if conv else None)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, layout: TileLayout | None = None) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.conv is not None:
+            if layout is None:
+                raise ValueError("an MLP with a token convolution (mlp_conv > 0) needs the tile "
+                                 "layout of its tokens (the block passes ctx.layout)")
+            # [B, S, C] in tile order -> [B, C, T, H, W] (channels-last strides: the fast CPU path)
+            r = layout.from_tiles(h, dim=1).unflatten(1, layout.grid).permute(0, 4, 1, 2, 3)
+            r = self.conv(r).permute(0, 2, 3, 4, 1).flatten(1, 3)
+            h = h + layout.to_tiles(r, dim=1)
+        return self.fc2(self.act(h))
 
 
 class DiTBlock(nn.Module):
@@ -124,7 +139,7 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(cfg) if cfg.text_dim else None
         self.norm_cross = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.text_dim else None
         self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(cfg.width, cfg.mlp_width)
+        self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.mlp_conv)
         # adaLN-single: this block's learned offsets to the shared (shift, scale, gate) x 2.
         self.modulation = nn.Parameter(torch.zeros(6, cfg.width))
 
@@ -137,7 +152,7 @@ class DiTBlock(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), text, text_mask)
         h = modulate(self.norm2(x), shift2, scale2)
-        return x + gate2[:, None] * self.mlp(h)
+        return x + gate2[:, None] * self.mlp(h, ctx.layout)
 
 
 class VideoDiT(nn.Module):
@@ -191,6 +206,10 @@ class VideoDiT(nn.Module):
             if block.cross is not None:  # the text path also starts switched off
                 nn.init.zeros_(block.cross.proj.weight)
         nn.init.zeros_(self.final_modulation)
+        for block in self.blocks:  # the token convolution starts switched off
+            if block.mlp.conv is not None:
+                nn.init.zeros_(block.mlp.conv.weight)
+                nn.init.zeros_(block.mlp.conv.bias)
         for block in self.blocks:  # last, so a backend's own init is not overwritten
             block.attn.backend.reset_parameters()
 
