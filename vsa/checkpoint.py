@@ -21,6 +21,7 @@ import torch
 from vsa.models import DiTConfig, VideoDiT
 
 CHECKPOINT_KEY = "vsa"  # the checkpoint entry of the sampling spec (the name is part of the format)
+RUN_CONFIG_DIR = ".hydra"  # a run folder's saved training config: <run>/.hydra/config.yaml
 
 
 def sampling_spec(model: VideoDiT, latent_shape, codec: dict, timesteps: dict, fps: int) -> dict:
@@ -34,6 +35,13 @@ def sampling_spec(model: VideoDiT, latent_shape, codec: dict, timesteps: dict, f
         "sparsity": model.sparsity,
         "topk": model.topk,
     }
+
+
+def find_data_config(ckpt_path: str | Path) -> Path | None:
+    """The training config saved in the run folder of a checkpoint <run>/checkpoints/*.ckpt:
+    <run>/.hydra/config.yaml, or None where there is none."""
+    path = Path(ckpt_path).expanduser().resolve().parent.parent / RUN_CONFIG_DIR / "config.yaml"
+    return path if path.is_file() else None
 
 
 def find_checkpoint(path: str | Path) -> Path:

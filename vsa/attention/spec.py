@@ -13,6 +13,7 @@ import dataclasses
 import re
 
 from vsa.attention import BACKENDS
+from vsa.layout import int_triple
 
 Triple = tuple[int, int, int]
 
@@ -31,16 +32,13 @@ class PatternSpec:
 
 def parse_tile(value) -> Triple:
     """A tile of 3 positive ints from "4x8x8", "4,8,8" or a sequence of 3 ints."""
-    parts = re.split(r"[x,]", value.strip().lower()) if isinstance(value, str) else value
+    parts = value
+    if isinstance(value, str):
+        parts = [int(p) if p.strip().isdigit() else p for p in re.split(r"[x,]", value.strip().lower())]
     try:
-        tile = tuple(int(p) for p in parts)
-        ok = len(tile) == 3 and min(tile) >= 1 and all(
-            not isinstance(p, bool) and (isinstance(p, str) or int(p) == p) for p in parts)
+        return int_triple("tile", parts)
     except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"tile must be 3 positive ints (t, h, w), e.g. 4x8x8, got {value!r}")
-    return tile  # type: ignore[return-value]
+        raise ValueError(f"tile must be 3 positive ints (t, h, w), e.g. 4x8x8, got {value!r}") from None
 
 
 def _option_value(key: str, text: str):

@@ -73,14 +73,17 @@ def dataset_config(ckpt_path: str | Path, checkpoint: dict, override: Mapping | 
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and isinstance(state.get("dataset"), dict):
             return state["dataset"]
-    run_config = Path(ckpt_path).expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
-    if run_config.is_file():
+    from vsa.checkpoint import find_data_config
+
+    run_config = find_data_config(ckpt_path)
+    if run_config is not None:
         cfg = OmegaConf.load(run_config)
         node = OmegaConf.select(cfg, "data.datamodule.dataset")
         if node is not None:
             return OmegaConf.to_container(node, resolve=False)
     raise ValueError(f"no data set config found for {ckpt_path} (neither in the checkpoint nor in "
-                     f"{run_config}); add data=NAME (e.g. data=synthetic) with the run's overrides")
+                     "its run folder's .hydra/config.yaml); add data=NAME (e.g. data=synthetic) with "
+                     "the run's overrides")
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -5,18 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vsa.layout import ORDERS
+from vsa.layout import ORDERS, int_triple
 from vsa.ops import SUPPORTED_HEAD_DIMS
-
-
-def _triple(name: str, value) -> tuple[int, int, int]:
-    try:
-        triple = tuple(int(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} must be 3 ints (t, h, w), got {value!r}") from None
-    if len(triple) != 3 or min(triple) < 1:
-        raise ValueError(f"{name} must be 3 positive ints (t, h, w), got {value!r}")
-    return triple  # type: ignore[return-value]
 
 
 @dataclass
@@ -61,8 +51,8 @@ class DiTConfig:
     activation_checkpointing: bool | int = False
 
     def __post_init__(self) -> None:
-        self.patch = _triple("patch", self.patch)
-        self.tile = _triple("tile", self.tile)
+        self.patch = int_triple("patch", self.patch)
+        self.tile = int_triple("tile", self.tile)
         self.attention_options = dict(self.attention_options)
         if self.out_channels is None:
             self.out_channels = self.in_channels
@@ -118,7 +108,7 @@ class DiTConfig:
 
     def token_grid(self, video_shape) -> tuple[int, int, int]:
         """Token grid (T', H', W') of an input of shape (T, H, W) (channels excluded)."""
-        shape = _triple("video shape", video_shape)
+        shape = int_triple("video shape", video_shape)
         if any(s % p for s, p in zip(shape, self.patch, strict=True)):
             raise ValueError(
                 f"video grid (T, H, W) = {shape} is not divisible by the patch {self.patch}; crop "

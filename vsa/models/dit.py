@@ -21,11 +21,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vsa.attention import AttentionContext, build_backend
-from vsa.layout import TileLayout
+from vsa.layout import TileLayout, int_triple
 from vsa.models.config import DiTConfig, check_sparsity
 from vsa.models.rope import apply_rope, rope_angles
 
@@ -123,8 +124,9 @@ class MLP(nn.Module):
                 raise ValueError("an MLP with a token convolution (mlp_conv > 0) needs the tile "
                                  "layout of its tokens (the block passes ctx.layout)")
             # [B, S, C] in tile order -> [B, C, T, H, W] (channels-last strides: the fast CPU path)
-            r = layout.from_tiles(h, dim=1).unflatten(1, layout.grid).permute(0, 4, 1, 2, 3)
-            r = self.conv(r).permute(0, 2, 3, 4, 1).flatten(1, 3)
+            t, hh, w = layout.grid
+            r = rearrange(layout.from_tiles(h, dim=1), "b (t h w) c -> b c t h w", t=t, h=hh, w=w)
+            r = rearrange(self.conv(r), "b c t h w -> b (t h w) c")
             h = h + layout.to_tiles(r, dim=1)
         return self.fc2(self.act(h))
 
@@ -235,14 +237,11 @@ class VideoDiT(nn.Module):
         before (up to floating point) and a pattern gets groups of the new size.
         """
         try:
-            values = tuple(tile)
-            ok = len(values) == 3 and all(not isinstance(v, bool) and int(v) == v >= 1 for v in values)
+            tile = int_triple("tile", tile)
         except (TypeError, ValueError):
-            ok = False
-        if not ok:
             raise ValueError(f"tile must be 3 positive ints (t, h, w) in tokens, e.g. [4, 8, 8], "
-                             f"got {tile!r}")
-        self.cfg = dataclasses.replace(self.cfg, tile=tuple(int(v) for v in values))
+                             f"got {tile!r}") from None
+        self.cfg = dataclasses.replace(self.cfg, tile=tile)
         self._geometry.clear()
 
     def compile_blocks(self, **options) -> None:
@@ -293,17 +292,14 @@ class VideoDiT(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, T, H, W] -> raster-order tokens [B, T'*H'*W', C*pt*ph*pw]."""
-        B, C, T, H, W = x.shape
         pt, ph, pw = self.cfg.patch
-        x = x.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
-        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, -1, C * pt * ph * pw)
+        return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Raster-order tokens [B, S, C*pt*ph*pw] -> [B, C, T, H, W]."""
-        B = tokens.shape[0]
-        (pt, ph, pw), (Tn, Hn, Wn) = self.cfg.patch, grid
-        x = tokens.reshape(B, Tn, Hn, Wn, -1, pt, ph, pw)
-        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(B, -1, Tn * pt, Hn * ph, Wn * pw)
+        (pt, ph, pw), (t, h, w) = self.cfg.patch, grid
+        return rearrange(tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
     # ---- conditioning ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ rows at a time (never the S x S matrix), so that each pattern's recall is one ma
 
 Patterns (`parse_pattern`, spec `name[@sparsity][:key=value]...`):
 - `vsa`: the top-K key tiles by coarse score, chosen by the op's own function
-  (`vsa.ops.coarse.coarse_stage`, as `video_sparse_attention` calls it). K: the spec's
+  (`vsa.ops.select_key_tiles`, as `video_sparse_attention` selects). K: the spec's
   (`vsa@0.875`, `vsa:topk=32`), else the model's own (its sparsity / topk), else sparsity 0.875.
   For a model trained with full attention this is "what VSA would have kept".
 - `random`: K distinct random key tiles per query tile and head (K as for vsa); recall ~ K/n_tiles.
@@ -47,8 +47,8 @@ from vsa.attention import AttentionContext
 from vsa.diffusion import interpolate, validation_noise
 from vsa.layout import TileLayout
 from vsa.models import VideoDiT
-from vsa.ops import coarse_stage, resolve_topk
 from vsa.ops import patterns as static_patterns
+from vsa.ops import resolve_topk, select_key_tiles
 
 ATTENTION_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "attention"
 DEFAULT_SPARSITY = 0.875  # VSA's K for a model that has none (configs/attention/vsa.yaml)
@@ -149,10 +149,9 @@ def pattern_topk(pattern: RecallPattern, n_tiles: int, ctx: AttentionContext | N
 
 def vsa_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout,
                   topk: int) -> torch.Tensor:
-    """The key tiles VSA attends to, int32 [B, H, n_tiles, topk]: the op's coarse stage
-    (`coarse_stage`, on the Triton kernels for CUDA tensors as `video_sparse_attention` runs it)."""
-    with torch.no_grad():
-        return coarse_stage(q, k, v, layout.to(q.device), topk, q.is_cuda)[1]
+    """The key tiles VSA attends to, int32 [B, H, n_tiles, topk]: the op's own selection
+    (`vsa.ops.select_key_tiles`, on the Triton kernels for CUDA tensors)."""
+    return select_key_tiles(q, k, v, layout, topk=topk)[0]
 
 
 def selection_mask(pattern: RecallPattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -404,8 +403,7 @@ def recall_report(path: str | Path, timesteps: Sequence[float] = DEFAULT_TIMESTE
     """Recall of a checkpoint (file or run folder) on `clips` validation clips of its training
     data (`data_config`: None = the run's .hydra/config.yaml); writes recall.json and recall.png
     to `out` (default <run>/recall) and returns the result."""
-    from vsa.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
-    from vsa.training.run_folder import find_data_config
+    from vsa.checkpoint import find_checkpoint, find_data_config, model_from_checkpoint, read_checkpoint
     from vsa.training.validation_data import validation_batches
 
     specs = [parse_pattern(p) for p in patterns]  # bad specs fail before anything loads

@@ -18,9 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vsa.checkpoint import RUN_CONFIG_DIR as CONFIG_DIR
 from vsa.run_name import is_ignored
-
-CONFIG_DIR = ".hydra"
 
 
 def config_differences(old: Any, new: Any, ignores, prefix: str = "") -> list[str]:
@@ -62,9 +61,3 @@ def record_config(cfg: DictConfig, run_dir: Path) -> None:
         hydra_cfg = HydraConfig.get()
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
-
-
-def find_data_config(ckpt_path: str | Path) -> Path | None:
-    """The training config Hydra saved beside a run's checkpoints: <run>/.hydra/config.yaml."""
-    path = Path(ckpt_path).expanduser().resolve().parent.parent / CONFIG_DIR / "config.yaml"
-    return path if path.is_file() else None

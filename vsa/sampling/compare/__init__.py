@@ -30,12 +30,12 @@ validation batches come from `vsa.training.validation_data`.
 """
 
 from vsa.attention.spec import PatternSpec, parse_pattern, parse_tile
+from vsa.checkpoint import find_data_config
 from vsa.sampling.compare.patterns import backend_options, check_patterns, configure, kept_fraction
 from vsa.sampling.compare.quality import protocol_loss, video_drift
 from vsa.sampling.compare.report import markdown_report
 from vsa.sampling.compare.run import compare_patterns
 from vsa.sampling.compare.timing import AttentionTimer, Clock, time_evaluations
-from vsa.training.run_folder import find_data_config
 from vsa.training.validation_data import validation_batches
 
 __all__ = ["AttentionTimer", "Clock", "PatternSpec", "backend_options", "check_patterns",

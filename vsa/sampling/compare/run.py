@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vsa.attention.spec import parse_pattern
-from vsa.checkpoint import CHECKPOINT_KEY, model_from_checkpoint, read_checkpoint
+from vsa.checkpoint import CHECKPOINT_KEY, find_data_config, model_from_checkpoint, read_checkpoint
 from vsa.data.codecs import build_codec
 from vsa.data.media import save_grid, to_uint8_frames
 from vsa.diffusion import default_labels, generate, timestep_shift
@@ -25,7 +25,6 @@ from vsa.sampling.compare.quality import protocol_loss, video_drift
 from vsa.sampling.compare.report import markdown_report
 from vsa.sampling.compare.timing import Clock, noise_and_velocity, time_evaluations
 from vsa.sampling.run import needs_sparsity, precision_autocast
-from vsa.training.run_folder import find_data_config
 from vsa.training.validation_data import validation_batches
 
 
