@@ -315,15 +315,18 @@ def test_checkpointing_a_number_of_blocks_gives_the_same_gradients():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compute_the_same_function():
-    """compile_blocks (fullgraph: no graph break in a block, through the VSA custom op) keeps the
-    outputs, the gradients and the state dict's names."""
+@pytest.mark.parametrize("attention,options", [("vsa", {}), ("sta", {"window": (2, 2, 2)})])
+def test_compiled_blocks_compute_the_same_function(attention, options):
+    """compile_blocks (fullgraph: no graph break in a block, through the VSA custom op, and a
+    static pattern's map built outside the blocks) keeps the outputs, the gradients and the state
+    dict's names."""
     torch.manual_seed(0)
-    eager = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5)
+    kw = dict(in_channels=4, num_classes=3, attention=attention, attention_options=options, sparsity=0.5)
+    eager = build_model("0.6M", **kw)
     with torch.no_grad():
         for p in eager.parameters():
             p.normal_(0, 0.1)
-    compiled = build_model("0.6M", in_channels=4, num_classes=3, attention="vsa", sparsity=0.5)
+    compiled = build_model("0.6M", **kw)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks()
     assert compiled.blocks_compiled and list(compiled.state_dict()) == list(eager.state_dict())

@@ -26,12 +26,15 @@ class AttentionContext:
                change it during training. Ignored when `topk` is given.
     topk:      number of key tiles each query tile keeps (VSA); overrides `sparsity`.
     x_norm:    the block's normalised (and modulated) input `[B, S, width]`, for gate projections.
+    prepared:  what the backend's `prepare(layout, batch)` returned (e.g. a static pattern's tile
+               map), built by the caller outside compiled code; None: the backend builds it.
     """
 
     layout: TileLayout
     sparsity: float | None = None
     topk: int | None = None
     x_norm: torch.Tensor | None = None
+    prepared: tuple[torch.Tensor, ...] | None = None
 
 
 class AttentionBackend(nn.Module):
@@ -95,6 +98,13 @@ class AttentionBackend(nn.Module):
                       topk: int | None = None) -> float:
         """Fraction of (query, key) token pairs computed on `layout`: all by default."""
         return 1.0
+
+    def prepare(self, layout: TileLayout, batch: int) -> tuple[torch.Tensor, ...] | None:
+        """Tensors the backend derives from the layout and batch size alone, for
+        `AttentionContext.prepared`. A model builds them once per forward before its blocks run,
+        because building them (cached host-side work) cannot be traced by a fullgraph
+        torch.compile of a block. None (the default): nothing to prepare."""
+        return None
 
     def reset_parameters(self) -> None:
         """(Re)initialise the backend's own parameters; the model calls it after its own init."""

@@ -59,8 +59,13 @@ class StaticPatternAttention(AttentionBackend):
         self.check_inputs(q, k, v, ctx)
         check_dtypes(q, k, v)
         layout = ctx.layout.to(q.device)
-        idx, cnt = patterns.batched_map(self.pattern, layout, q.shape[0], q.shape[2], **dict(self.options))
+        idx, cnt = ctx.prepared if ctx.prepared is not None else self.prepare(layout, q.shape[0])
         return fine_attention(q, k, v, layout, idx, cnt, impl=self.impl)
+
+    def prepare(self, layout: TileLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map as the kernel reads it, [batch, heads, n_tiles, K] + [batch, heads, n_tiles]
+        on the layout's device (cached: every block and step shares one copy)."""
+        return patterns.batched_map(self.pattern, layout, batch, self.n_heads, **dict(self.options))
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options)

@@ -386,7 +386,10 @@ class VideoDiT(nn.Module):
         h = self.patch_embed(tokens)
         c, text, text_mask = self._condition(t, labels, text, text_mask, cond_drop)
         c6 = self.t_block(c).unflatten(1, (6, self.cfg.width))
-        ctx = AttentionContext(layout=layout, sparsity=self.sparsity, topk=self.topk)
+        # Every block has the same kind of backend (set_attention); what it derives from the layout
+        # alone (a static pattern's map) is built here, outside the compiled blocks.
+        ctx = AttentionContext(layout=layout, sparsity=self.sparsity, topk=self.topk,
+                               prepared=self.blocks[0].attn.backend.prepare(layout, x.shape[0]))
         recompute = self.cfg.checkpointed_blocks if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < recompute:
