@@ -218,3 +218,18 @@ def test_unknown_experiment_or_key_fails_clearly():
                             timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "Could not find 'experiment/nope'" in result.stderr and "vsa_1b" in result.stderr
+
+
+def test_a_sweep_point_resumes_whatever_grid_lists_launched_it():
+    """A sweep piece relaunched with other grid lists (scaling.multiples=[1,2] after [4,8,1,2])
+    resumes its interrupted point; a change to what the point trains still refuses."""
+    from vsa.training.run_folder import config_differences
+
+    point = ["sweep=iso_shapes", "model=5m", "attention=vsa75", "scaling.multiple=1"]
+    first = compose_train(point + ["scaling.multiples=[4,8,1,2]", "scaling.attentions=[sta32,vsa75]"])
+    again = compose_train(point + ["scaling.multiples=[1,2]", "scaling.presets=[5m]"])
+    ignores = list(first.run_name_ignores)
+    as_dict = lambda cfg: OmegaConf.to_container(cfg, resolve=False)  # noqa: E731
+    assert config_differences(as_dict(first), as_dict(again), ignores) == []
+    other = compose_train(point[:-1] + ["scaling.multiple=2", "scaling.multiples=[1,2]"])
+    assert config_differences(as_dict(first), as_dict(other), ignores) == ["scaling.multiple: 1 -> 2"]
