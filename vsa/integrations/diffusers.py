@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from vsa.attention import BACKENDS
 from vsa.layout import TileFill, TileLayout, int_triple
@@ -192,8 +193,8 @@ class SparseAttentionCore:
         o_img = fine_attention(q_img, k, v, layout, idx, cnt, kv_layout=segments, impl=impl)
         if not n_text:
             return o_img
-        o_text = F.scaled_dot_product_attention(q[:, :n_text].transpose(1, 2), k.transpose(1, 2),
-                                                v.transpose(1, 2)).transpose(1, 2)
+        q_text, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q[:, :n_text], k, v))
+        o_text = rearrange(F.scaled_dot_product_attention(q_text, k, v), "b h s d -> b s h d")
         return torch.cat([o_text, o_img.to(o_text.dtype)], dim=1)
 
 
@@ -243,14 +244,14 @@ class WanSparseAttnProcessor:
         else:
             query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        query, key, value = (rearrange(t, "b s (h d) -> b s h d", h=attn.heads) for t in (query, key, value))
         if rotary_emb is not None:
             if not isinstance(rotary_emb, (tuple, list)) or len(rotary_emb) != 2:
                 raise TypeError("expected Wan's rotary embedding as (cos, sin) [1, S, 1, D] "
                                 "(diffusers >= 0.35)")
             cos, sin = (f.index_select(1, layout.perm.to(f.device)) for f in rotary_emb)
             query, key = _wan_rotary(query, cos, sin), _wan_rotary(key, cos, sin)
-        out = self.core.attend(query, key, value, layout).flatten(2, 3).type_as(query)
+        out = rearrange(self.core.attend(query, key, value, layout), "b s h d -> b s (h d)").type_as(query)
         out = attn.to_out[1](attn.to_out[0](out))
         return layout.from_tiles(out, dim=1)
 
@@ -288,7 +289,7 @@ class FluxSparseAttnProcessor:
             query, key, value = attn.to_qkv(x).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key, value = (rearrange(t, "b s (h d) -> b s h d", d=attn.head_dim) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
         if joint:
             if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
@@ -297,7 +298,7 @@ class FluxSparseAttnProcessor:
                 e_q = attn.add_q_proj(encoder_hidden_states)
                 e_k = attn.add_k_proj(encoder_hidden_states)
                 e_v = attn.add_v_proj(encoder_hidden_states)
-            e_q, e_k, e_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (e_q, e_k, e_v))
+            e_q, e_k, e_v = (rearrange(t, "b s (h d) -> b s h d", d=attn.head_dim) for t in (e_q, e_k, e_v))
             e_q, e_k = attn.norm_added_q(e_q), attn.norm_added_k(e_k)
             query, key, value = (torch.cat([e, t], dim=1)
                                  for e, t in ((e_q, query), (e_k, key), (e_v, value)))
@@ -308,7 +309,8 @@ class FluxSparseAttnProcessor:
             query = self._apply_rotary_emb(query, rope, sequence_dim=1)
             key = self._apply_rotary_emb(key, rope, sequence_dim=1)
 
-        out = self.core.attend(query, key, value, layout, n_text).flatten(2, 3).to(query.dtype)
+        out = rearrange(self.core.attend(query, key, value, layout, n_text), "b s h d -> b s (h d)")
+        out = out.to(query.dtype)
         if not joint:
             return out.index_select(1, inv)
         text_out, image_out = out.split_with_sizes([n_text, n_image], dim=1)
