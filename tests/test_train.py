@@ -254,6 +254,47 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+def nan_at_calls(monkeypatch, calls: set[int]) -> None:
+    """Make the training loss NaN (keeping its graph) on the given calls, counted from 0."""
+    import vsa.training.module as module
+
+    real, count = module.flow_matching_loss, [0]
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        count[0] += 1
+        return value * float("nan") if count[0] - 1 in calls else value
+
+    monkeypatch.setattr(module, "flow_matching_loss", loss)
+
+
+def test_a_nonfinite_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch):
+    """Default: the NaN at step 3 is found on the next logged step (no per-step host sync); the
+    run stops naming that step and last.ckpt, which still holds step 2 and finite weights."""
+    from vsa.config import RunStopped
+
+    nan_at_calls(monkeypatch, {3})
+    with pytest.raises(RunStopped, match=r"NaN or inf at step 3 \(found at step 4.*stopped without "
+                                         r"saving.*nan/checkpoints/last.ckpt"):
+        run_train(tmp_path, "nan", QUICK + ["trainer.max_steps=8", "trainer.log_every_n_steps=2",
+                                            "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"])
+    ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_nonfinite_loss_is_skipped_and_counted_when_asked(tmp_path, monkeypatch):
+    nan_at_calls(monkeypatch, {1, 3})
+    run_train(tmp_path, "skip", QUICK + ["trainer.max_steps=6", "module.nonfinite_loss=skip",
+                                         "trainer.log_every_n_steps=1", "logger=csv"])
+    ckpt = torch.load(tmp_path / "skip" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert csv_column(tmp_path / "skip", "train/skipped_steps") == {0: 0.0, 1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0, 5: 2.0}
+    with pytest.raises(ConfigError, match=r"nonfinite_loss must be one of \('stop', 'skip'\), got 'ignore'"):
+        run_train(tmp_path, "bad", QUICK + ["module.nonfinite_loss=ignore"])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_gives_one_clear_error(tmp_path):

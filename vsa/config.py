@@ -4,6 +4,8 @@
 - `config_section(name)`: errors raised while building config section `name` become one-line
   ConfigErrors that name the section.
 - `check_missing(cfg)`: one ConfigError naming every mandatory value (`???`) left unset.
+- `RunStopped`: a run that cannot go on (a non-finite loss, a dead data-loader worker); its
+  message says what happened and which checkpoint holds what was saved, printed alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ _USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirector
 
 class ConfigError(CompactHydraException, ValueError):
     """A bad configuration value; Hydra prints its message alone (no traceback)."""
+
+
+class RunStopped(CompactHydraException, RuntimeError):
+    """A run that stopped on a fault; Hydra prints its message alone (no traceback)."""
 
 
 @contextlib.contextmanager

@@ -36,10 +36,15 @@ from torch import nn
 
 from vsa.attention import BACKENDS
 from vsa.checkpoint import CHECKPOINT_KEY, sampling_spec
+from vsa.config import RunStopped
 from vsa.data.codecs import build_codec
 from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift, validation_loss
 from vsa.models import VideoDiT
 from vsa.training.flops import training_flops
+
+# What a non-finite training loss does (VideoDiffusionModule's nonfinite_loss).
+NONFINITE_ACTIONS = ("stop", "skip")
+NO_BAD_STEP = 2**62
 
 # torch.compile modes accepted for the blocks (None = torch's default).
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -102,14 +107,23 @@ class VideoDiffusionModule(L.LightningModule):
             starts fitting: fused norms/RoPE/modulation, one graph per block, ~first steps slow.
         compile_mode: torch.compile mode for the blocks (None = default; "reduce-overhead" adds
             CUDA graphs, which hide the per-op host time: 400M VSA step 178 -> 165 ms on an H100).
+        nonfinite_loss: what a NaN or inf training loss does. "stop" (default): the run stops
+            with RunStopped, naming the first bad step and the last checkpoint, and writes no
+            checkpoint after it; the check costs no host sync: the first bad step is kept on the
+            device and read on the logged steps and before every checkpoint write. "skip": the
+            step is skipped (no backward, no update) and counted in `train/skipped_steps`; this
+            reads the loss on the host every step (one sync).
     """
 
     def __init__(self, model: VideoDiT, codec: dict | None = None, data_key: str = "video",
                  latent_shape: Sequence[int] | None = None, fps: int = 8,
                  optimizer: dict | None = None, lr_schedule: dict | None = None,
                  timesteps: dict | None = None, validation: dict | None = None, seed: int = 0,
-                 compile_blocks: bool = False, compile_mode: str | None = None) -> None:
+                 compile_blocks: bool = False, compile_mode: str | None = None,
+                 nonfinite_loss: str = "stop") -> None:
         super().__init__()
+        if nonfinite_loss not in NONFINITE_ACTIONS:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_ACTIONS}, got {nonfinite_loss!r}")
         if data_key not in ("video", "latents"):
             raise ValueError(f"data_key must be 'video' or 'latents', got {data_key!r}")
         if compile_mode not in COMPILE_MODES:
@@ -131,6 +145,9 @@ class VideoDiffusionModule(L.LightningModule):
         self.seed = int(seed)
         self.compile_blocks = bool(compile_blocks)
         self.compile_mode = compile_mode
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps = 0
+        self._first_bad_step: torch.Tensor | None = None  # stop mode: on the device, NO_BAD_STEP = none
         self.flops_per_batch: float | None = None
         self.tokens_per_batch = 0
         self.samples_per_batch = 0
@@ -224,7 +241,7 @@ class VideoDiffusionModule(L.LightningModule):
             drop.append(torch.rand(1, generator=gen, device=device) < self.model.cfg.cond_dropout)
         return torch.cat(t), torch.stack(noise), torch.cat(drop)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x0 = self.encode(batch)
         cond = self.condition(batch)
         B, L_tokens = x0.shape[0], self.seq_len(x0)
@@ -239,7 +256,49 @@ class VideoDiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         if BACKENDS[self.model.cfg.attention].needs_sparsity and self.model.sparsity is not None:
             self.log("train/sparsity", self.model.sparsity, batch_size=B)
+        return self._guard_nonfinite(loss)
+
+    # ---- non-finite losses -------------------------------------------------------------------
+
+    def _guard_nonfinite(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The loss to train on, or None to skip the step (skip mode, a NaN/inf loss on any rank)."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.nonfinite_loss == "skip":
+            skip = self.trainer.strategy.reduce(bad.float(), reduce_op="max").item() > 0
+            if skip:
+                self.skipped_steps += 1
+                print(f"step {self.global_step}: train/loss is {loss.item()}; step skipped "
+                      f"({self.skipped_steps} so far, module.nonfinite_loss=skip)", flush=True)
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None if skip else loss
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=loss.device)
+        self._first_bad_step = torch.where(bad, torch.clamp(self._first_bad_step, max=self.global_step),
+                                           self._first_bad_step)
         return loss
+
+    def check_finite(self, saving: bool = False) -> None:
+        """Stop mode: raise RunStopped when a step since the run began had a non-finite loss on any
+        rank (every rank calls this at the same steps). `saving`: called before a checkpoint write,
+        which the error then prevents."""
+        if self._first_bad_step is None:
+            return
+        step = int(self.trainer.strategy.reduce(self._first_bad_step.float(), reduce_op="min").item())
+        if step >= NO_BAD_STEP:
+            return
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or "none written by this launch"
+        raise RunStopped(
+            f"train/loss was NaN or inf at step {step} (found at step {self.trainer.global_step}"
+            f"{', before writing a checkpoint' if saving else ''}); stopped without saving, so the "
+            f"last checkpoint stays as it was: {last}. Relaunch the same command to resume from it "
+            "(e.g. with a lower module.optimizer.lr), or add module.nonfinite_loss=skip to skip "
+            "such steps")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # On the logged steps, which read the metrics on the host anyway.
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0 = self.encode(batch)
@@ -293,4 +352,9 @@ class VideoDiffusionModule(L.LightningModule):
         return sampling_spec(self.model, self.latent_shape, self.codec_spec, self.timesteps, self.fps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite(saving=True)  # never write weights a NaN step has reached
         checkpoint[CHECKPOINT_KEY] = self.sampling_spec()
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
