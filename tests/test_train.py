@@ -401,6 +401,34 @@ def test_checkpoint_and_value_errors_are_one_line(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_damaged_last_checkpoint_falls_back_or_stops_touching_nothing(tmp_path):
+    """Resuming (ckpt_path=last) from a truncated last.ckpt: with save_top_k keeping step files,
+    the run resumes from the newest intact one and says so; with nothing else, one line names the
+    file and no file changes."""
+    keep = ["trainer.log_every_n_steps=1", "logger=csv", "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.checkpoint.save_top_k=-1", "+callbacks.checkpoint.filename='{step}'"]
+    run_train(tmp_path, "kept", QUICK + keep + ["trainer.max_steps=4"])
+    folder = tmp_path / "kept" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    (folder / "step=4.ckpt").write_bytes(b"not a checkpoint")
+    run_train(tmp_path, "kept", QUICK + keep + ["trainer.max_steps=6"])  # resumes from step=2.ckpt
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert sorted(csv_column(tmp_path / "kept", "train/loss")) == [0, 1, 2, 3, 4, 5]  # 2, 3 twice
+
+    run_train(tmp_path, "alone", QUICK + ["trainer.max_steps=2", "logger=csv"])
+    last = tmp_path / "alone" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "alone").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"ckpt_path=last: .*alone/checkpoints/last.ckpt is damaged "
+                                          r"\(.*\) and the run folder holds no other intact checkpoint; "
+                                          r"no file was changed"):
+        run_train(tmp_path, "alone", QUICK + ["trainer.max_steps=4", "logger=csv"])
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "alone").rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_ctrl_c_saves_the_step_it_reached(tmp_path):
     """SIGINT mid-run: the run stops after the step in flight, writes last.ckpt of that step
     (not the periodic one, every 1000 steps here) and exits with status 130."""

@@ -62,9 +62,33 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if ckpt_path == "last":
         dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
         last = Path(dirpath or run_dir / "checkpoints") / "last.ckpt"
-        return last if last.is_file() else None
+        return intact_checkpoint(last) if last.is_file() else None
     with config_section("ckpt_path"):
         return find_checkpoint(ckpt_path)
+
+
+def intact_checkpoint(last: Path) -> Path:
+    """`last` when it reads as a checkpoint; else the newest other intact checkpoint of its folder
+    (save_top_k > 0 keeps some), said in one line; else a ConfigError that changes no file."""
+    try:
+        read_checkpoint(last, mmap=True)
+        return last
+    except ValueError as exc:
+        message = str(exc)  # "<path> is not a [readable] checkpoint of vsa.training (<why>); <advice>"
+        damage = message.split("vsa.training (", 1)[-1].rsplit("); ", 1)[0]
+    others = sorted((p for p in last.parent.glob("*.ckpt") if p != last and not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in others:
+        try:
+            step = read_checkpoint(other, mmap=True).get("global_step")
+        except ValueError:
+            continue
+        rank_zero_info(f"{last} is damaged ({damage}); resuming from {other} (step {step}), the newest "
+                       "intact checkpoint of the run")
+        return other
+    raise ConfigError(f"ckpt_path=last: {last} is damaged ({damage}) and the run folder holds no other "
+                      "intact checkpoint; no file was changed. Start the run over with ckpt_path=null "
+                      "(it overwrites this run's checkpoints), or start another with run_name=NEW_NAME")
 
 
 def check_resume(cfg: DictConfig, run_dir: Path, ckpt: Path) -> dict:
