@@ -295,6 +295,51 @@ def test_a_nonfinite_loss_is_skipped_and_counted_when_asked(tmp_path, monkeypatc
         run_train(tmp_path, "bad", QUICK + ["module.nonfinite_loss=ignore"])
 
 
+KILLED_MID_WRITE = """
+import os, sys, time, torch
+sys.path.insert(0, "tests")
+from test_train import QUICK, compose_train
+from vsa.training import train
+real, calls = torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:  # the second checkpoint: half its bytes, then hang until killed
+        f.write(b"PK" + os.urandom(5000)); f.flush(); os.fsync(f.fileno())
+        print("WRITING", flush=True); time.sleep(600)
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+train(compose_train(__import__("pathlib").Path(sys.argv[1]), "k", QUICK + sys.argv[2:]))
+"""
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """SIGKILL in the middle of writing last.ckpt (step 4): the previous last.ckpt (step 2) is
+    intact, the relaunch resumes from it, and the killed write's partial file is removed."""
+    import signal
+
+    overrides = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2", "logger=csv"]
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path), *overrides],
+                               cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("WRITING"):
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert output[-1].startswith("WRITING"), "".join(output)[-3000:]
+    folder = tmp_path / "k" / "checkpoints"
+    assert [p.name for p in folder.glob(".last.ckpt.*.tmp")]  # the killed write's file
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2
+    run_train(tmp_path, "k", QUICK + overrides)
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_gives_one_clear_error(tmp_path):
@@ -427,6 +472,36 @@ def test_a_damaged_last_checkpoint_falls_back_or_stops_touching_nothing(tmp_path
         run_train(tmp_path, "alone", QUICK + ["trainer.max_steps=4", "logger=csv"])
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "alone").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_dead_data_loader_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, monkeypatch):
+    """A worker killed (SIGKILL, as the OOM killer does) mid-run: RunStopped names the step and what
+    last.ckpt holds; the same command then resumes and finishes."""
+    import signal
+
+    from vsa.config import RunStopped
+    from vsa.data.synthetic import SyntheticVideoDataset
+
+    real, calls = SyntheticVideoDataset.__getitem__, [0]
+
+    def getitem(self, index):
+        if torch.utils.data.get_worker_info() is not None:  # in the worker process
+            calls[0] += 1
+            if calls[0] > 40:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, index)
+
+    monkeypatch.setattr(SyntheticVideoDataset, "__getitem__", getitem)
+    command = QUICK + ["trainer.max_steps=30", "data.datamodule.num_workers=1", "logger=csv",
+                       "callbacks.checkpoint.every_n_train_steps=2"]
+    with pytest.raises(RunStopped, match=r"a data-loader worker died at step \d+ \(DataLoader worker .*killed "
+                                         r"by signal.*\); .*w/checkpoints/last.ckpt holds step \d+\. Relaunch"):
+        run_train(tmp_path, "w", command)
+    saved = torch.load(tmp_path / "w" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < saved < 30
+    monkeypatch.undo()
+    run_train(tmp_path, "w", command)
+    assert torch.load(tmp_path / "w" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
 def test_ctrl_c_saves_the_step_it_reached(tmp_path):

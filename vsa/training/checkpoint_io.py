@@ -43,7 +43,26 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         os.fsync(folder)  # make the rename itself durable
     finally:
         os.close(folder)
+    remove_partial_writes(path)
     return path
+
+
+def remove_partial_writes(path: Path) -> list[Path]:
+    """Delete the temporary files of writes of `path` whose process is gone (killed mid-write,
+    e.g. by SIGKILL or a lost node); returns them. A live writer's file is left alone."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(path.name) + 2:].split(".")[0])
+            os.kill(pid, 0)  # raises when no such process
+            continue
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):  # not our name pattern / another user's process
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

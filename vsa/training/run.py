@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from vsa.checkpoint import CHECKPOINT_KEY, find_checkpoint, model_state, read_checkpoint
-from vsa.config import ConfigError, check_missing, config_section
+from vsa.config import ConfigError, RunStopped, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
 from vsa.training.callbacks import RunCheckpoint, StepProgressBar
@@ -60,11 +60,25 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
-        dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
-        last = Path(dirpath or run_dir / "checkpoints") / "last.ckpt"
+        last = last_checkpoint(cfg, run_dir)
         return intact_checkpoint(last) if last.is_file() else None
     with config_section("ckpt_path"):
         return find_checkpoint(ckpt_path)
+
+
+def last_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where the run keeps its last.ckpt."""
+    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
+    return Path(dirpath or run_dir / "checkpoints") / "last.ckpt"
+
+
+def saved_so_far(cfg: DictConfig, run_dir: Path) -> str:
+    """"<path> holds step N", for a message after a fault."""
+    last = last_checkpoint(cfg, run_dir)
+    try:
+        return f"{last} holds step {read_checkpoint(last, mmap=True).get('global_step')}"
+    except (FileNotFoundError, ValueError):
+        return f"no checkpoint was written yet ({last})"
 
 
 def intact_checkpoint(last: Path) -> Path:
@@ -331,7 +345,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt is not None else None)
+    except RuntimeError as exc:
+        # torch.utils.data: "DataLoader worker (pid N) is killed by signal: ..." / "exited unexpectedly"
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise RunStopped(f"a data-loader worker died at step {trainer.global_step} "
+                         f"({str(exc).strip().splitlines()[0]}); {saved_so_far(cfg, run_dir)}. Relaunch "
+                         "the same command to resume (the worker may have run out of memory: fewer "
+                         "data.datamodule.num_workers, or 0 to load in the main process)") from exc
     stopped_by = next((c.stopped_by for c in callbacks if isinstance(c, RunCheckpoint) and c.stopped_by), None)
     if stopped_by is not None:
         import signal
