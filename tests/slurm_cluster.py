@@ -287,6 +287,21 @@ class SlurmCluster:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
 
+    def kill_node(self, node: str) -> list[int]:
+        """Lose `node` as in a crash: SIGKILL every process in its network namespace (its slurmd,
+        job steps and tasks); returns their PIDs. SLURM declares it DOWN after SlurmdTimeout."""
+        if self.network is None:
+            raise RuntimeError("kill_node needs a cluster of several nodes (start_cluster(nodes=...))")
+        ns = self.network.namespace(node)
+        listed = subprocess.run([_which("ip"), "netns", "pids", ns], capture_output=True, text=True)
+        pids = [int(p) for p in listed.stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
     def stop(self) -> None:
         try:
             self.cancel_all()
@@ -344,7 +359,8 @@ def write_config(root: Path, node: str, cpus: int, memory_mb: int,
         "KillWait=5",               # SIGTERM -> SIGKILL grace of a cancelled or requeued job
         "InactiveLimit=0",
         "SlurmctldTimeout=30",
-        "SlurmdTimeout=60",
+        # Several nodes: a node lost mid-job is declared DOWN after 10 s (the jobs' requeue tests).
+        f"SlurmdTimeout={10 if network else 60}",
         "MaxArraySize=1001",
     ]
     nodes = network.nodes if network else [node]

@@ -1,12 +1,16 @@
-"""SLURM across two nodes: each node a network namespace with its own address, hostname and
-/etc/hosts, running its own slurmd, one slurmctld for both (tests/slurm_cluster.py, NodeNetwork).
-DDP runs over gloo between the nodes, found by node name as on a real cluster:
+"""SLURM across nodes: a 3-node test cluster, each node a network namespace with its own address,
+hostname and /etc/hosts, running its own slurmd, one slurmctld for all (tests/slurm_cluster.py,
+NodeNetwork). Jobs take two of the nodes; DDP runs over gloo between them, found by node name as
+on a real cluster:
 
 - scripts/slurm/train.sbatch with --nodes=2, requeued by its own trap after its first checkpoint:
   it comes back, resumes from last.ckpt and ends with the weights of one process with the same
   global batch (and so of an uninterrupted run);
 - `python train.py -m hydra/launcher=slurm trainer=ddp trainer.num_nodes=2`: the same weights;
-- the scaling harness as a job array of 2-node jobs; the report reads its rows.
+- the scaling harness as a job array of 2-node jobs; the report reads its rows;
+- a node killed mid-run (every process in its namespace, slurmd included): SLURM declares it
+  down, requeues the job, which comes back on another node list (n[1,3]) and resumes from
+  last.ckpt to the weights of one process (last: the cluster keeps a dead node).
 
 Skipped where SLURM is missing (see tests/slurm_cluster.py) or network namespaces cannot be made
 (no root, no `ip`), with the reason. Every wait is bounded; on failure every job is cancelled.
@@ -31,11 +35,11 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
-# The tiny CPU recipe without validation, samples or EMA; batch 2 per rank, a checkpoint every 5.
+# The tiny CPU recipe without validation, samples or EMA; batch 2 per rank, a checkpoint every 3 steps.
 RUN = ["experiment=tiny", "trainer.accelerator=cpu", "trainer.precision=32-true",
        "data.datamodule.val_size=0", "callbacks.sample_videos=null", "callbacks.ema=null",
        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
-       f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=5"]
+       f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3"]
 LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
             "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=60"]
 TWO_NODES = ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=cpu",
@@ -44,10 +48,11 @@ TWO_NODES = ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", "trainer
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
+    """Three nodes for 2-node jobs (a third to come back on when one is lost)."""
     reason = ensure_slurm() or namespaces_unavailable()
     if reason:
         pytest.skip(reason)
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm3"), nodes=3)
     yield cluster
     cluster.stop()
 
@@ -83,28 +88,37 @@ def test_the_nodes_are_separate_hosts_that_find_each_other_by_name(two_nodes):
     assert lines == [f"0 n1 {first}", f"1 n2 {first}"], result.stdout
 
 
-def test_sbatch_on_two_nodes_requeues_resumes_and_trains_like_one_process(two_nodes, one_process, tmp_path):
-    cluster = two_nodes
+def sbatch_two_nodes(cluster: SlurmCluster, folder: Path, interrupt, **env: str) -> tuple[dict, str, Path]:
+    """train.sbatch on 2 nodes; `interrupt(job_id)` once its first checkpoint is written. Returns
+    the job's final `scontrol show job` fields, its output and the run folder."""
     script = REPO / "scripts" / "slurm" / "train.sbatch"
     options = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G"]
     submitted = subprocess.run(["sbatch", "--parsable", *options, str(script), *RUN, "data.datamodule.batch_size=2",
-                                "run_name=two"], cwd=tmp_path, env=job_env(cluster), capture_output=True,
+                                "run_name=two"], cwd=folder, env={**job_env(cluster), **env}, capture_output=True,
                                text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
-    run_dir = tmp_path / "logs" / "train" / "runs" / "two"
-    output = tmp_path / f"slurm-vsa-train-{job_id}.out"
+    run_dir = folder / "logs" / "train" / "runs" / "two"
+    output = folder / f"slurm-vsa-train-{job_id}.out"
     start = time.monotonic()
     try:
-        wait_until((run_dir / "checkpoints" / "last.ckpt").is_file, 180, 0.2, what="the first checkpoint")
-        cluster.run("scancel", "--batch", "--signal=USR2", job_id)  # as the time limit's notice does
+        wait_until((run_dir / "checkpoints" / "last.ckpt").is_file, 180, 0.1, what="the first checkpoint")
+        interrupt(job_id)
         wait_until(lambda: finished(cluster, job_id), 300, what=f"job {job_id} to end")
     except BaseException:
         cluster.cancel_all()
         print(output.read_text()[-5000:] if output.is_file() else "no job output")
         raise
-    print(f"2-node sbatch job with one requeue: {time.monotonic() - start:.1f} s")
-    info, text = cluster.job_info(job_id), output.read_text()
+    print(f"2-node sbatch job, interrupted once: {time.monotonic() - start:.1f} s")
+    return cluster.job_info(job_id), output.read_text(), run_dir
+
+
+def test_sbatch_on_two_nodes_requeues_resumes_and_trains_like_one_process(two_nodes, one_process, tmp_path):
+    cluster = two_nodes
+    # As the time limit's notice does: SIGUSR2 to the batch shell, whose trap requeues the job.
+    info, text, run_dir = sbatch_two_nodes(
+        cluster, tmp_path, lambda job_id: cluster.run("scancel", "--batch", "--signal=USR2", job_id))
+    job_id = info["JobId"]
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-5000:])
     assert f"job {job_id} restart 0: 2 node(s) x 1 task(s) on n[1-2]" in text
     assert f"job {job_id} restart 1: 2 node(s)" in text and "DUE TO JOB REQUEUE" in text
@@ -154,3 +168,20 @@ def test_scaling_sweep_of_two_node_jobs_and_its_report(two_nodes, tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "2 runs" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_node_lost_mid_run_comes_back_on_other_nodes_and_resumes(two_nodes, one_process, tmp_path):
+    """Runs last: n2 stays down afterwards."""
+    cluster = two_nodes
+    info, text, run_dir = sbatch_two_nodes(cluster, tmp_path, lambda job_id: cluster.kill_node("n2"),
+                                           LOST_NODE_WAIT_S="60")
+    job_id = info["JobId"]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-5000:])
+    assert f"job {job_id} restart 0: 2 node(s) x 1 task(s) on n[1-2]" in text
+    assert "DUE TO NODE FAILURE" in text or "node(s) n2 lost" in text, text[-5000:]
+    assert f"job {job_id} restart 1: 2 node(s) x 1 task(s) on n[1,3]" in text  # another node list
+    assert "Restoring states from the checkpoint path" in text and "srun exited with status 0" in text
+    assert "down" in cluster.run("sinfo", "-h", "-n", "n2", "-o", "%T").stdout
+    state = final_state(run_dir)
+    assert state["global_step"] == STEPS
+    assert_same_weights(state["state_dict"], one_process)
