@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -286,8 +287,9 @@ class VideoDiffusionModule(L.LightningModule):
         step = int(self.trainer.strategy.reduce(self._first_bad_step.float(), reduce_op="min").item())
         if step >= NO_BAD_STEP:
             return
-        callback = self.trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or "none written by this launch"
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        last = os.path.join(folder, "last.ckpt") if folder else None
+        last = last if last and os.path.isfile(last) else "none written yet"
         raise RunStopped(
             f"train/loss was NaN or inf at step {step} (found at step {self.trainer.global_step}"
             f"{', before writing a checkpoint' if saving else ''}); stopped without saving, so the "
