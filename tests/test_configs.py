@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 PAIRS = ["60m", "150m", "300m", "600m", "1b"]
+DEFAULT_RUN_VARIANTS = ["t2v_shapes"]  # the default run's recipe with another conditioning
 
 
 def compose_train(overrides: list[str], tmp: str = "/tmp/vsa-config-test", hydra: bool = False):
@@ -76,7 +77,8 @@ def test_only_the_default_run_sets_its_own_timestep_shift():
     for experiment in EXPERIMENTS:
         extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
         cfg = compose_train([f"experiment={experiment}", *extra])
-        assert cfg.module.timesteps.shift is None, experiment
+        # t2v_shapes is the default run with captions: its recipe, shift included.
+        assert cfg.module.timesteps.shift == (3.0 if experiment in DEFAULT_RUN_VARIANTS else None), experiment
     for sweep in SWEEPS:
         cfg = compose_train([f"sweep={sweep}"])
         assert cfg.module.timesteps.shift is None, sweep
@@ -94,8 +96,12 @@ def test_only_the_default_run_uses_its_own_data_and_mlp():
     assert (dataset.max_objects, list(dataset.radius)) == (1, [0.2, 0.3])
     assert (default.model.mlp_conv, default.model.mlp_ratio) == (3, 2.0)
     assert (default.data.datamodule.batch_size, default.trainer.max_steps) == (4, 800)
+    for variant in DEFAULT_RUN_VARIANTS:  # the default run's data (with captions) and MLP
+        cfg = compose_train([f"experiment={variant}"])
+        assert cfg.data.datamodule.dataset == {**default.data.datamodule.dataset, "captions": True}
+        assert (cfg.model.mlp_conv, cfg.model.mlp_ratio) == (3, 2.0)
     runs = [[f"experiment={e}", *(["init_from=/x.ckpt"] if e == "vsa_finetune" else [])]
-            for e in EXPERIMENTS] + [[f"sweep={s}"] for s in SWEEPS]
+            for e in EXPERIMENTS if e not in DEFAULT_RUN_VARIANTS] + [[f"sweep={s}"] for s in SWEEPS]
     plain = SyntheticVideoDataset(1, 1, 1, 1)
     for overrides in runs:
         cfg = compose_train(overrides)

@@ -478,3 +478,30 @@ def test_encode_latents_script(video_dir, tmp_path, capsys):
     assert torch.equal(codec.decode(ds[2]["latents"][None])[0], videos[2]["video"])
     assert script.main(args) == 2  # refuses to overwrite without --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_captions_name_the_colour_shape_and_direction_of_the_first_object():
+    from vsa.data.synthetic import CAPTION_WORDS, SHAPES, colour_name
+
+    ds = SyntheticVideoDataset(40, frames=8, height=24, width=24, seed=1, captions=True, max_objects=1)
+    assert "caption" not in SyntheticVideoDataset(4, 8, 24, 24)[0]
+    seen = set()
+    for i in range(40):
+        item = ds[i]
+        label, words = int(item["label"]), item["caption"].split()
+        assert words[:3] == ["a", colour_name(label * (5 ** 0.5 - 1) / 2), SHAPES[label % 5]]
+        assert set(words) <= set(CAPTION_WORDS) and item["caption"] == ds[i]["caption"]  # deterministic
+        assert torch.equal(item["video"], SyntheticVideoDataset(40, 8, 24, 24, seed=1, max_objects=1)[i]["video"])
+        seen.add(" ".join(words[3:]))
+    assert {"moves left", "moves right", "circles clockwise", "waves left"} & seen and len(seen) >= 6
+    # Directions agree with the pixels: a "moves right" object's centre of mass moves right.
+    for i in range(40):
+        item = ds[i]
+        if item["caption"].endswith("moves right") or item["caption"].endswith("moves left"):
+            bright = (item["video"].mean(0) > -0.3).float()  # [T, H, W]: the object, not the dark background
+            xs = torch.arange(24.0)
+            centre = [(f.sum(0) * xs).sum() / f.sum().clamp(min=1) for f in bright[:2]]
+            step = float(centre[1] - centre[0])
+            assert (step > 0) == item["caption"].endswith("right"), (item["caption"], step)
+    with pytest.raises(ValueError, match="captions must be true or false"):
+        SyntheticVideoDataset(4, 4, 8, 8, captions="yes")

@@ -418,3 +418,24 @@ def test_mlp_conv_model_is_order_agnostic():
 def test_mlp_conv_rejects_bad_kernels(bad):
     with pytest.raises(ValueError, match="mlp_conv must be 0"):
         tiny(mlp_conv=bad)
+
+
+def test_a_model_with_a_caption_vocabulary_embeds_its_captions():
+    words = ["a", "red", "blue", "circle", "moves", "left"]
+    model = build_model("0.6M", in_channels=3, num_classes=0, text_dim=32, caption_words=words)
+    text, mask = model.embed_captions(["a red circle moves left", "A BLUE circle"])
+    assert text.shape == (2, 5, 32) and mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert torch.equal(text[0, 0], text[1, 0]) and not torch.equal(text[0, 1], text[1, 1])
+    assert torch.equal(text[1, 3:], torch.zeros(2, 32))  # padding
+    out = model(torch.randn(2, 3, 4, 8, 8), torch.rand(2), text=text, text_mask=mask)
+    assert out.shape == (2, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"caption words \['green'\] are not in the model's vocabulary"):
+        model.embed_captions(["a green circle"])
+    with pytest.raises(ValueError, match="captions must be a non-empty list of strings"):
+        model.embed_captions("a red circle")
+    with pytest.raises(ValueError, match="caption_words needs text_dim > 0"):
+        build_model("0.6M", num_classes=0, caption_words=words)
+    with pytest.raises(ValueError, match="lower-case words without spaces"):
+        build_model("0.6M", num_classes=0, text_dim=32, caption_words=["Red"])
+    with pytest.raises(ValueError, match="no caption vocabulary"):
+        build_model("0.6M", num_classes=0, text_dim=32).embed_captions(["a"])

@@ -146,3 +146,43 @@ def test_checkpoint_arguments_give_one_line_each(dense_checkpoint, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "image.png is not a readable checkpoint" in result.stderr
     assert not (tmp_path / "logs").exists()  # no empty logs/sample/<time>/ after a failure
+
+
+def test_text_to_video_demo_trains_on_captions_and_samples_from_prompts(tmp_path):
+    """experiment=t2v_shapes (captions, a model with its own caption vocabulary), a few steps; then
+    sample.py with prompt= and prompts_file=: the prompts condition the videos (other prompts,
+    other videos; the same prompt, the same videos), and an unknown word is one clear line."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "experiment=t2v_shapes",
+            "trainer.max_steps=3", "data.datamodule.val_size=4", "trainer.val_check_interval=3",
+            "logger=csv", "trainer.enable_progress_bar=false"])
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["state_dict"]["model.word_embed.weight"].shape == (24, 64)  # 23 words + padding
+    # Make the young model's text path matter: perturb its cross-attention output projections.
+    gen = torch.Generator().manual_seed(0)
+    for key in ("state_dict", "current_model_state"):
+        for name, value in state.get(key, {}).items():
+            if "cross.proj" in name or "final_linear" in name:
+                value.add_(0.1 * torch.randn(value.shape, generator=gen))
+    torch.save(state, tmp_path / "perturbed.ckpt")
+    ckpt = tmp_path / "perturbed.ckpt"
+
+    def latents(name: str, *overrides: str) -> torch.Tensor:
+        result = sample(sample_cfg(ckpt, tmp_path / name, list(overrides)))
+        return torch.load(result["latents"], weights_only=True)
+
+    red = latents("red", "prompt=a red circle moves left")
+    assert torch.isfinite(red).all()
+    (tmp_path / "prompts.txt").write_text("a red circle moves left\n\na blue ring circles clockwise\n")
+    both = latents("both", f"prompts_file={tmp_path / 'prompts.txt'}")
+    # Video i has the same noise in both runs: the same prompt gives the same video, another prompt another.
+    torch.testing.assert_close(both[0], red[0])
+    assert (both[1] - red[1]).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match=r"caption words \['purple'\] are not in the model's vocabulary"):
+        latents("bad", "prompt=a purple circle moves left")
+    with pytest.raises(ConfigError, match=r"give prompts, one per video"):
+        latents("none")

@@ -13,6 +13,10 @@ they started.
     ds[0]["video"]   # float32 [3, 16, 64, 64] in [-1, 1]
     ds[0]["label"]   # int64 scalar in [0, num_classes)
 
+With `captions=True` items also carry a caption of the first object, e.g. "a red circle moves
+left" or "a blue ring circles clockwise": its colour (the nearest of six hue names), shape and
+motion with its direction; every word is in CAPTION_WORDS (the text-to-video demo's vocabulary).
+
 Rendering is vectorised over (T, H, W); the only Python loop is over the 1-3 objects of a clip.
 """
 
@@ -28,6 +32,29 @@ from torch.utils.data import Dataset
 SHAPES = ("circle", "square", "diamond", "ring", "cross")
 MOTIONS = ("wrap", "bounce", "orbit", "wave")
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # hue spacing that keeps any number of classes apart
+COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")  # hue 0, 1/6, ..., 5/6 (RGB)
+CAPTION_WORDS = ("a", *COLOURS, *SHAPES, "moves", "bounces", "circles", "waves", "left", "right", "up",
+                 "down", "around", "clockwise", "counterclockwise")
+
+
+def colour_name(hue: float) -> str:
+    """The nearest of COLOURS to a hue in [0, 1) (the RGB rendering's: 0 red, 1/3 green, 2/3 blue)."""
+    return COLOURS[round((hue % 1.0) * len(COLOURS)) % len(COLOURS)]
+
+
+def motion_phrase(motion: str, p: torch.Tensor) -> str:
+    """How an object with trajectory parameters `p` (SyntheticVideoDataset._trajectory) moves, in
+    words: the dominant direction of travel (image axes: y down), or the sense of an orbit."""
+    if motion in ("wrap", "bounce"):
+        angle = 2.0 * math.pi * float(p[3])
+        dy, dx = math.sin(angle), math.cos(angle)
+        direction = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+        return f"{'moves' if motion == 'wrap' else 'bounces'} {direction}"
+    if motion == "orbit":  # theta grows with turns > 0: clockwise on screen (y points down)
+        return "circles clockwise" if p[6] < 0.5 else "circles counterclockwise"
+    if motion == "wave":
+        return "waves right" if p[6] < 0.5 else "waves left"
+    raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
 
 
 def _positive_int(name: str, value) -> int:
@@ -111,8 +138,9 @@ class SyntheticVideoDataset(Dataset):
         max_objects: each clip holds 1..max_objects objects of its class.
         radius: (min, max) object radius in units of the frame's shorter side; each object draws
             its radius uniformly from this range (default 0.10-0.18: 3-6 pixels at 32x32).
+        captions: also give each item a `caption` (str) of its first object (module docstring).
 
-    Items: dict(video=float32 [C, T, H, W] in [-1, 1], label=int64 scalar).
+    Items: dict(video=float32 [C, T, H, W] in [-1, 1], label=int64 scalar[, caption=str]).
     """
 
     def __init__(
@@ -126,6 +154,7 @@ class SyntheticVideoDataset(Dataset):
         seed: int = 0,
         max_objects: int = 3,
         radius: tuple[float, float] = (0.10, 0.18),
+        captions: bool = False,
     ) -> None:
         self.num_samples = _positive_int("num_samples", num_samples)
         self.frames = _positive_int("frames", frames)
@@ -136,6 +165,9 @@ class SyntheticVideoDataset(Dataset):
         self.max_objects = _positive_int("max_objects", max_objects)
         self.seed = check_seed(seed)
         self.radius = _radius_range(radius)
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be true or false, got {captions!r}")
+        self.captions = captions
         # Pixel-centre coordinates in [0, 1] along each axis, and the clip time in [0, 1].
         self._ys = (torch.arange(self.height, dtype=torch.float32) + 0.5) / self.height
         self._xs = (torch.arange(self.width, dtype=torch.float32) + 0.5) / self.width
@@ -152,27 +184,38 @@ class SyntheticVideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         gen = self._generator(index)
         label = int(torch.randint(self.num_classes, (1,), generator=gen))
-        video = self._render(label, gen)
-        return {"video": video, "label": torch.tensor(label, dtype=torch.int64)}
+        video, first = self._render(label, gen)
+        item = {"video": video, "label": torch.tensor(label, dtype=torch.int64)}
+        if self.captions:
+            item["caption"] = self.caption(label, first)
+        return item
+
+    def caption(self, label: int, p: torch.Tensor) -> str:
+        """"a <colour> <shape> <motion phrase>" of an object of class `label` with parameters `p`."""
+        shape, motion = SHAPES[label % len(SHAPES)], MOTIONS[label % len(MOTIONS)]
+        return f"a {colour_name(label * _GOLDEN)} {shape} {motion_phrase(motion, p)}"
 
     def label_of(self, index: int) -> int:
         """The class of sample `index` without rendering it (the generator's first draw)."""
         return int(torch.randint(self.num_classes, (1,), generator=self._generator(index)))
 
-    def _render(self, label: int, gen: torch.Generator) -> torch.Tensor:
+    def _render(self, label: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clip of class `label` and the first object's parameters."""
         shape, motion = SHAPES[label % len(SHAPES)], MOTIONS[label % len(MOTIONS)]
         hue = (label * _GOLDEN) % 1.0
         C, T, H, W = self.channels, self.frames, self.height, self.width
         video = self._background(gen)
         n_objects = int(torch.randint(1, self.max_objects + 1, (1,), generator=gen))
+        first = None
         for _ in range(n_objects):
             p = torch.rand(10, generator=gen)
+            first = p if first is None else first
             lo, hi = self.radius
             radius = lo + (hi - lo) * float(p[0])  # in units of the frame's shorter side
             cy, cx = self._trajectory(motion, radius, p)
             self._paint(video, shape, cy, cx, radius, hue + 0.04 * (float(p[9]) - 0.5))
         assert video.shape == (C, T, H, W)
-        return video.contiguous()
+        return video.contiguous(), first
 
     def _paint(self, video: torch.Tensor, shape: str, cy: torch.Tensor, cx: torch.Tensor, radius: float,
                hue: float) -> None:
@@ -235,4 +278,4 @@ class SyntheticVideoDataset(Dataset):
         return (f"SyntheticVideoDataset(num_samples={self.num_samples}, frames={self.frames}, "
                 f"height={self.height}, width={self.width}, channels={self.channels}, "
                 f"num_classes={self.num_classes}, seed={self.seed}, max_objects={self.max_objects}, "
-                f"radius={self.radius})")
+                f"radius={self.radius}, captions={self.captions})")

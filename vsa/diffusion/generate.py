@@ -50,7 +50,8 @@ def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, s
 
 @torch.no_grad()
 def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
-             labels: Sequence[int] | None = None, steps: int = 32, method: str = "euler",
+             labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+             steps: int = 32, method: str = "euler",
              cfg_scale: float = 4.0, shift: float | Callable[[int], float] = 1.0, seed: int = 0,
              device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
     """Sample `num_videos` model-space tensors [N, C, T, H, W] (fp32) from a VideoDiT.
@@ -58,11 +59,18 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     Noise comes from a CPU generator seeded with `seed`, so a seed gives the same videos on every
     device. `shift` is the timestep shift, or a function of the token count that returns it.
     Class-conditional models get `labels` (default: classes 0, 1, 2, ...), guided with weight
-    `cfg_scale` against the null class. `progress` shows a bar over model evaluations.
+    `cfg_scale` against the null class. Models with a caption vocabulary (`caption_words`) get
+    `prompts`, one per video, guided against the null (all-zero) text. `progress` shows a bar over
+    model evaluations.
     """
-    if model.cfg.text_dim:
-        raise ValueError("this model is text-conditional; generate() samples class-conditional or "
-                         "unconditional models only (it has no text embeddings to condition on)")
+    if model.cfg.text_dim and not model.cfg.caption_words:
+        raise ValueError("this model takes text embeddings from a text encoder; generate() samples "
+                         "class-conditional, unconditional and caption-vocabulary models only")
+    if model.cfg.caption_words and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
+        raise ValueError(f"this model is text-conditional: give prompts, one per video ({num_videos}), "
+                         f"got {prompts!r}")
+    if prompts is not None and not model.cfg.caption_words:
+        raise ValueError("prompts given, but this model is not text-conditional")
     check_sampling(num_videos, steps, method, cfg_scale, int(seed))
     if latent_shape is None or len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
@@ -76,6 +84,8 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     ids = default_labels(model, num_videos, labels)
     if ids is not None:
         cond["labels"] = torch.tensor(ids, dtype=torch.long, device=device)
+    if prompts is not None:
+        cond["text"], cond["text_mask"] = model.embed_captions(list(prompts))
     uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
     velocity = guided_velocity(model, cond, uncond, cfg_scale)
 

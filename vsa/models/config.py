@@ -39,6 +39,11 @@ class DiTConfig:
     tile_order: str = "cubes"
     num_classes: int = 0
     text_dim: int = 0
+    # With text_dim: the model embeds captions itself (VideoDiT.embed_captions), one learned
+    # text_dim vector per word of this vocabulary, trained with the model; the built-in
+    # text-to-video demo (vsa.data.synthetic.CAPTION_WORDS). Empty: the text embeddings come with
+    # the data (an encoder's, written into latent shards).
+    caption_words: tuple[str, ...] = ()
     cond_dropout: float = 0.1
     rope_theta: float = 10000.0
     attention: str = "full"
@@ -78,6 +83,15 @@ class DiTConfig:
                 f"the model conditions on text (text_dim={self.text_dim}) or on class labels "
                 f"(num_classes={self.num_classes}), not both; set one of them to 0"
             )
+        words = self.caption_words
+        if isinstance(words, str) or not all(isinstance(w, str) and w and w == w.lower() and " " not in w
+                                             for w in words):
+            raise ValueError(f"caption_words must be a list of lower-case words without spaces, got {words!r}")
+        self.caption_words = tuple(words)
+        if len(set(self.caption_words)) != len(self.caption_words):
+            raise ValueError("caption_words lists a word twice")
+        if self.caption_words and not self.text_dim:
+            raise ValueError("caption_words needs text_dim > 0 (the width of the word embeddings)")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         check_sparsity(self.sparsity, self.topk)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,9 @@ class VideoDiT(nn.Module):
         self.label_embed = nn.Embedding(cfg.num_classes + 1, w) if cfg.num_classes else None
         self.text_embed = (nn.Sequential(nn.Linear(cfg.text_dim, w), nn.GELU(approximate="tanh"),
                                          nn.Linear(w, w)) if cfg.text_dim else None)
+        # Captions -> text embeddings (0 = padding), when the model brings its own vocabulary.
+        self.word_embed = (nn.Embedding(len(cfg.caption_words) + 1, cfg.text_dim, padding_idx=0)
+                           if cfg.caption_words else None)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(w, 6 * w))  # adaLN-single, shared
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -200,6 +204,10 @@ class VideoDiT(nn.Module):
             nn.init.normal_(layer.weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.weight, std=0.02)
+        if self.word_embed is not None:
+            nn.init.normal_(self.word_embed.weight, std=1.0)
+            with torch.no_grad():
+                self.word_embed.weight[0].zero_()
         nn.init.zeros_(self.t_block[1].weight)
         nn.init.zeros_(self.t_block[1].bias)
         nn.init.zeros_(self.final_linear.weight)
@@ -352,6 +360,27 @@ class VideoDiT(nn.Module):
                     text_mask = text_mask | drop[:, None]
             text = self.text_embed(text)
         return c, text, text_mask
+
+    def embed_captions(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings [B, L, text_dim] and mask [B, L] (True = a word) of captions made of
+        the model's `caption_words` (lower-cased, split at spaces; L = the longest caption), for
+        `forward(text=..., text_mask=...)`. A word outside the vocabulary is an error that lists it."""
+        if self.word_embed is None:
+            raise ValueError("this model has no caption vocabulary (caption_words); pass text embeddings "
+                             "from a text encoder instead")
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions) or not len(captions):
+            raise ValueError(f"captions must be a non-empty list of strings, got {captions!r}")
+        index = {word: i + 1 for i, word in enumerate(self.cfg.caption_words)}
+        rows = [caption.lower().split() for caption in captions]
+        unknown = sorted({word for row in rows for word in row if word not in index})
+        if unknown:
+            raise ValueError(f"caption words {unknown} are not in the model's vocabulary: "
+                             f"{' '.join(self.cfg.caption_words)}")
+        length = max(1, max(len(row) for row in rows))
+        ids = torch.zeros(len(rows), length, dtype=torch.long, device=self.word_embed.weight.device)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor([index[word] for word in row], dtype=torch.long)
+        return self.word_embed(ids), ids > 0
 
     def null_condition(self, cond: dict) -> dict:
         """The unconditional counterpart of `cond` (same keys and shapes), for classifier-free

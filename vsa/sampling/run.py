@@ -66,6 +66,24 @@ def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
     model.sparsity, model.topk = sparsity, topk
 
 
+def read_prompts(cfg: DictConfig) -> list[str] | None:
+    """One prompt per video: `prompt` for all of them, or `prompts_file`'s non-empty lines, cycled
+    over `num_videos`; None when neither is set."""
+    prompt, path = cfg.get("prompt"), cfg.get("prompts_file")
+    if prompt is not None and path is not None:
+        raise ConfigError("give prompt=... or prompts_file=..., not both")
+    if path is not None:
+        with config_section("prompts_file"):
+            lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+            if not lines:
+                raise ValueError(f"{path} holds no prompt (one per line)")
+    elif prompt is not None:
+        lines = [str(prompt)]
+    else:
+        return None
+    return [lines[i % len(lines)] for i in range(cfg.num_videos)]
+
+
 def sample(cfg: DictConfig) -> dict:
     """Sample `cfg.num_videos` videos; return the written paths and the seconds per video."""
     check_missing(cfg)
@@ -99,10 +117,11 @@ def sample(cfg: DictConfig) -> dict:
     shift = cfg.shift if cfg.shift is not None else (
         lambda seq_len: timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"]))
     labels = None if cfg.labels is None else list(cfg.labels)
+    prompts = read_prompts(cfg)
 
     start = time.perf_counter()
     with config_section("sampling"), precision_autocast(str(cfg.precision), device):
-        latents = generate(model, latent_shape, cfg.num_videos, labels=labels, steps=cfg.steps,
+        latents = generate(model, latent_shape, cfg.num_videos, labels=labels, prompts=prompts, steps=cfg.steps,
                            method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift, seed=cfg.seed,
                            device=device, progress=True)
         pixels = build_codec(**spec["codec"]).to(device).decode(latents.float())

@@ -195,7 +195,12 @@ class VideoDiffusionModule(L.LightningModule):
                 raise ValueError(f"label {int(labels.max())} >= num_classes {cfg.num_classes}; set "
                                  "data.num_classes to the number of classes in the data")
             cond["labels"] = torch.where(labels < 0, cfg.num_classes, labels)
-        if cfg.text_dim:
+        if cfg.text_dim and cfg.caption_words:  # the model embeds the captions itself
+            if "caption" not in batch:
+                raise KeyError("the model embeds captions (model.caption_words) but the batch has no "
+                               "`caption`; use a data set with captions (data.datamodule.dataset.captions=true)")
+            cond["text"], cond["text_mask"] = self.model.embed_captions(batch["caption"])
+        elif cfg.text_dim:
             if "text_emb" not in batch:
                 raise KeyError("the model cross-attends to text (text_dim > 0) but the batch has no "
                                "`text_emb`; use latent shards written with text embeddings")
