@@ -158,3 +158,21 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     result = evaluate(cfg)
     assert 0 <= result["class_acc"] <= 1 and result["fd"] >= 0 and result["num_videos"] == 10
     assert (tmp_path / "eval" / "scores.json").is_file() and result["grid"].is_file()
+
+
+def test_prompt_following_reads_colour_and_motion_from_the_pixels():
+    """The data's own clips follow their captions; the same clips under other clips' captions, or
+    noise, mostly do not; a prompt outside the caption grammar is a clear error."""
+    from vsa.data.synthetic import SyntheticVideoDataset
+    from vsa.eval.prompts import prompt_following
+
+    ds = SyntheticVideoDataset(120, 8, 32, 32, captions=True, max_objects=1, radius=(0.2, 0.3), seed=5)
+    items = [ds[i] for i in range(len(ds))]
+    videos, prompts = torch.stack([i["video"] for i in items]), [i["caption"] for i in items]
+    own = prompt_following(videos, prompts)
+    assert own["colour"] == 1.0 and own["motion"] >= 0.95 and own["n"] == 120
+    other = prompt_following(videos, prompts[7:] + prompts[:7])
+    assert other["both"] < 0.3
+    assert prompt_following(torch.rand_like(videos) * 2 - 1, prompts)["both"] < 0.3
+    with pytest.raises(ValueError, match="is not a caption of the moving shapes"):
+        prompt_following(videos[:1], ["a purple circle moves left"])

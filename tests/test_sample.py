@@ -4,6 +4,7 @@ swapped at sampling time (dense -> VSA at sparsity 0 gives the same videos), and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -186,3 +187,10 @@ def test_text_to_video_demo_trains_on_captions_and_samples_from_prompts(tmp_path
         latents("bad", "prompt=a purple circle moves left")
     with pytest.raises(ConfigError, match=r"give prompts, one per video"):
         latents("none")
+
+    from vsa.eval.prompts import main as score_prompts
+
+    score_prompts([str(ckpt), "--videos", "3", "--steps", "2", "--out", str(tmp_path / "scores")])
+    scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
+    assert scores["n"] == 3 and 0 <= scores["both"] <= 1 and len(scores["prompts"]) == 3
+    assert (tmp_path / "scores" / "grid.png").is_file()

@@ -44,12 +44,14 @@ def colour_name(hue: float) -> str:
 
 def motion_phrase(motion: str, p: torch.Tensor) -> str:
     """How an object with trajectory parameters `p` (SyntheticVideoDataset._trajectory) moves, in
-    words: the dominant direction of travel (image axes: y down), or the sense of an orbit."""
-    if motion in ("wrap", "bounce"):
+    words: the dominant direction of travel (image axes: y down), the sense of an orbit, or
+    "bounces around"."""
+    if motion == "wrap":
         angle = 2.0 * math.pi * float(p[3])
         dy, dx = math.sin(angle), math.cos(angle)
-        direction = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
-        return f"{'moves' if motion == 'wrap' else 'bounces'} {direction}"
+        return "moves " + (("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up"))
+    if motion == "bounce":  # it turns at the walls, within the first frames: no one direction
+        return "bounces around"
     if motion == "orbit":  # theta grows with turns > 0: clockwise on screen (y points down)
         return "circles clockwise" if p[6] < 0.5 else "circles counterclockwise"
     if motion == "wave":
@@ -193,7 +195,8 @@ class SyntheticVideoDataset(Dataset):
     def caption(self, label: int, p: torch.Tensor) -> str:
         """"a <colour> <shape> <motion phrase>" of an object of class `label` with parameters `p`."""
         shape, motion = SHAPES[label % len(SHAPES)], MOTIONS[label % len(MOTIONS)]
-        return f"a {colour_name(label * _GOLDEN)} {shape} {motion_phrase(motion, p)}"
+        hue = label * _GOLDEN + 0.04 * (float(p[9]) - 0.5)  # the object's own hue, as painted
+        return f"a {colour_name(hue)} {shape} {motion_phrase(motion, p)}"
 
     def label_of(self, index: int) -> int:
         """The class of sample `index` without rendering it (the generator's first draw)."""
@@ -213,7 +216,7 @@ class SyntheticVideoDataset(Dataset):
             lo, hi = self.radius
             radius = lo + (hi - lo) * float(p[0])  # in units of the frame's shorter side
             cy, cx = self._trajectory(motion, radius, p)
-            self._paint(video, shape, cy, cx, radius, hue + 0.04 * (float(p[9]) - 0.5))
+            self._paint(video, shape, cy, cx, radius, hue + 0.04 * (float(p[9]) - 0.5))  # as caption()
         assert video.shape == (C, T, H, W)
         return video.contiguous(), first
 
