@@ -116,7 +116,8 @@ def score_checkpoint(ckpt_path: str | Path, videos: int = 40, steps: int = 16, c
                      seed: int = 0, out: str | Path | None = None) -> dict:
     """Generate `videos` videos of a text-to-video checkpoint, prompted with the captions of
     held-out clips of the moving shapes (one object, the default run's sizes; seed 1000 + seed, not
-    the training data's), and score them; with `out`, write scores.json and grid.png there."""
+    the training data's), and score them; with `out`, write scores.json and grid.png (the first 12
+    videos, one per row) there."""
     from vsa.checkpoint import load_model
     from vsa.data import build_codec
     from vsa.data.media import save_grid, to_uint8_frames
@@ -139,7 +140,7 @@ def score_checkpoint(ckpt_path: str | Path, videos: int = 40, steps: int = 16, c
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-        save_grid(out / "grid.png", to_uint8_frames(pixels))
+        save_grid(out / "grid.png", to_uint8_frames(pixels[:12]))  # the first 12 (prompts[:12])
     return scores
 
 
