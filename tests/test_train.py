@@ -4,6 +4,7 @@ sparsity schedule, atomic checkpoints and bad input. CPU, tiny models, a few ste
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from vsa.config import RunStopped
 from vsa.training import AtomicCheckpointIO, ConfigError, SparsitySchedule, load_init_weights, train
 from vsa.training.data import ResumableLoader, ResumableSampler
 
@@ -244,10 +246,11 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     def crash_mid_write(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunStopped, match=r"no space left to write .*last.ckpt \(No space left on device\); "
+                                         r"the previous last.ckpt is intact.*relaunch"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1  # the old checkpoint is intact

@@ -15,6 +15,7 @@ the atomic step.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from vsa.config import RunStopped
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -36,6 +39,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise RunStopped(f"no space left to write {path} ({exc.strerror}); {kept}. Free some space (or "
+                         "move the run folder: paths.log_dir=...) and relaunch the same command to "
+                         "resume") from exc
     finally:
         tmp.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
