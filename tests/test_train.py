@@ -377,6 +377,14 @@ def test_throughput_is_read_on_logged_steps_only(tmp_path):
     tokens = csv_column(tmp_path / "speed", "perf/tokens_per_sec")
     assert sorted(losses) == [2, 5, 8, 11]
     assert tokens and set(tokens) <= set(losses) and all(v > 0 for v in tokens.values())
+    # A window longer than the run (10 readings): the last interval's rates, from the second
+    # logged step on (the first interval holds the start-up).
+    run_train(tmp_path, "long", ["experiment=tiny", "trainer.max_steps=12", "trainer.log_every_n_steps=3",
+                                 "trainer.val_check_interval=12", "callbacks.sample_videos=null",
+                                 "trainer.enable_progress_bar=false", "callbacks.speed.window_size=10"])
+    tokens = csv_column(tmp_path / "long", "perf/tokens_per_sec")
+    assert sorted(tokens) == [5, 8, 11] and all(v > 0 for v in tokens.values())
+    assert sorted(csv_column(tmp_path / "long", "perf/step_time")) == [5, 8, 11]
 
 
 # ----------------------------------------------------------------------------- run folders

@@ -117,8 +117,10 @@ class TrainingSpeed(Callback):
     Args:
         peak_flops: the device's peak FLOP/s for MFU; default H100 SXM dense bf16 (989.4e12).
             None: Lightning's table for the detected device and precision (None on CPU: no MFU).
-        window_size: number of clock readings the rates are averaged over (reported once the
-            window is full; a reading every `log_every_n_steps` steps).
+        window_size: number of clock readings the rates are averaged over (a reading every
+            `log_every_n_steps` steps). Until that many readings exist, the rates are those of the
+            last interval between two readings, so they appear from the second logged step on
+            (the first interval, with compilation and warm-up, is never in a rate).
     """
 
     def __init__(self, peak_flops: float | None = 989.4e12, window_size: int = 10) -> None:
@@ -135,9 +137,13 @@ class TrainingSpeed(Callback):
             peak = get_available_flops(trainer.strategy.root_device, dtype)
         self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size,
                                       window_size=self.window_size)
+        # The last interval's rates, reported until the long window is full.
+        self._recent = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=2)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._throughput.reset()
+        self._recent.reset()
+        self._readings = 0
         self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
         self._pending, self._flops = 0, 0.0  # batches and FLOPs since the last clock reading
         self._last = self._now(trainer)
@@ -155,9 +161,11 @@ class TrainingSpeed(Callback):
         now = self._now(trainer)
         self._elapsed += now - self._last
         self._last = now
-        self._throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
-                                lengths=self._tokens, flops=self._flops if self._flops else None)
+        for throughput in (self._throughput, self._recent):
+            throughput.update(time=self._elapsed, batches=self._batches, samples=self._samples,
+                              lengths=self._tokens, flops=self._flops if self._flops else None)
         self._pending, self._flops = 0, 0.0
+        self._readings += 1
         return True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -169,7 +177,8 @@ class TrainingSpeed(Callback):
         self._flops += pl_module.flops_per_batch or 0.0
         if not _is_log_step(trainer, self._batches) or not self._read_clock(trainer):
             return
-        metrics = self._throughput.compute()
+        full = self._readings >= self.window_size
+        metrics = (self._throughput if full else self._recent).compute()
         names = {"device/samples_per_sec": "perf/samples_per_sec",
                  "device/items_per_sec": "perf/tokens_per_sec",
                  "device/mfu": "perf/mfu",
