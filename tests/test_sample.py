@@ -157,9 +157,13 @@ def test_text_to_video_demo_trains_on_captions_and_samples_from_prompts(tmp_path
         cfg = compose("train", overrides=[
             f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "experiment=t2v_shapes",
             "trainer.max_steps=3", "data.datamodule.val_size=4", "trainer.val_check_interval=3",
-            "logger=csv", "trainer.enable_progress_bar=false"])
+            "logger=csv", "trainer.enable_progress_bar=false", "callbacks.sample_videos.every_n_steps=3",
+            "callbacks.sample_videos.steps=2", "callbacks.prompt_following.every_n_steps=3",
+            "callbacks.prompt_following.videos=2", "callbacks.prompt_following.steps=2"])
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert all(0 <= metrics[f"val/prompt_{k}"] <= 1 for k in ("colour", "motion", "both"))
+    assert len(list((tmp_path / "run" / "samples" / "step_0000003").glob("video_*.mp4"))) == 4
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)
     assert state["state_dict"]["model.word_embed.weight"].shape == (24, 64)  # 23 words + padding

@@ -111,31 +111,49 @@ def prompt_following(videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, 
             "both": sum(c and m for c, m in zip(colour_ok, motion_ok)) / n, "n": n}
 
 
+def held_out_prompts(n: int, frames: int, height: int, width: int, seed: int = 0) -> list[str]:
+    """Captions of `n` clips of the moving shapes (one object, the default run's radius) that no
+    training run sees (data seed 1000 + seed)."""
+    clips = SyntheticVideoDataset(n, frames, height, width, captions=True, max_objects=1, radius=(0.2, 0.3),
+                                  seed=1000 + seed)
+    return [clips[i]["caption"] for i in range(n)]
+
+
 @torch.no_grad()
+def generate_and_score_prompts(model, latent_shape: Sequence[int], decode, videos: int = 40, steps: int = 16,
+                               method: str = "euler", cfg_scale: float = 4.0, shift=1.0,
+                               seed: int = 0) -> tuple[dict, torch.Tensor, list[str]]:
+    """Generate `videos` videos of a caption-vocabulary model from held-out prompts, decode them
+    (`decode`: latents -> pixels in [-1, 1]) and score them: (scores, pixels, prompts)."""
+    from vsa.diffusion import generate
+
+    device = next(model.parameters()).device
+    _, frames, height, width = decode(torch.zeros(1, *latent_shape, device=device)).shape[1:]
+    prompts = held_out_prompts(videos, frames, height, width, seed)
+    latents = generate(model, latent_shape, videos, prompts=prompts, steps=steps, method=method,
+                       cfg_scale=cfg_scale, shift=shift, seed=seed, device=device)
+    pixels = decode(latents.float()).float().clamp(-1, 1).cpu()
+    return prompt_following(pixels, prompts), pixels, prompts
+
+
 def score_checkpoint(ckpt_path: str | Path, videos: int = 40, steps: int = 16, cfg_scale: float = 4.0,
                      seed: int = 0, out: str | Path | None = None) -> dict:
-    """Generate `videos` videos of a text-to-video checkpoint, prompted with the captions of
-    held-out clips of the moving shapes (one object, the default run's sizes; seed 1000 + seed, not
-    the training data's), and score them; with `out`, write scores.json and grid.png (the first 12
+    """Prompt following of a text-to-video checkpoint over `videos` held-out prompts
+    (`generate_and_score_prompts`); with `out`, write scores.json and grid.png (the first 12
     videos, one per row) there."""
     from vsa.checkpoint import load_model
     from vsa.data import build_codec
     from vsa.data.media import save_grid, to_uint8_frames
-    from vsa.diffusion import generate, timestep_shift
+    from vsa.diffusion import timestep_shift
 
     model, spec = load_model(ckpt_path)
     codec = build_codec(**spec["codec"])
-    _, frames, height, width = codec.decode(torch.zeros(1, *spec["latent_shape"])).shape[1:]
-    clips = SyntheticVideoDataset(videos, frames, height, width, captions=True, max_objects=1,
-                                  radius=(0.2, 0.3), seed=1000 + seed)
-    prompts = [clips[i]["caption"] for i in range(videos)]
     ts = spec["timesteps"]
-    latents = generate(model, spec["latent_shape"], videos, prompts=prompts, steps=steps, cfg_scale=cfg_scale,
-                       shift=lambda n: timestep_shift(n, ts["shift"], ts["base_seq_len"], ts["base_shift"]),
-                       seed=seed)
-    pixels = codec.decode(latents.float()).clamp(-1, 1)
-    scores = {**prompt_following(pixels, prompts), "steps": steps, "cfg_scale": cfg_scale, "seed": seed,
-              "ckpt_path": str(ckpt_path), "prompts": prompts}
+    scores, pixels, prompts = generate_and_score_prompts(
+        model, spec["latent_shape"], codec.decode, videos, steps, cfg_scale=cfg_scale, seed=seed,
+        shift=lambda n: timestep_shift(n, ts["shift"], ts["base_seq_len"], ts["base_shift"]))
+    scores = {**scores, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "ckpt_path": str(ckpt_path),
+              "prompts": prompts}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

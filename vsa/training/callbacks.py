@@ -213,11 +213,14 @@ class SampleVideos(Callback):
     """
 
     def __init__(self, every_n_steps: int = 1000, num_videos: int = 4, steps: int = 32,
-                 method: str = "euler", cfg_scale: float = 4.0, seed: int = 0) -> None:
+                 method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
+                 prompts: list[str] | None = None) -> None:
         if every_n_steps < 1 or num_videos < 1 or steps < 1:
             raise ValueError("every_n_steps, num_videos and steps must be >= 1")
         self.every_n_steps, self.num_videos, self.steps = every_n_steps, num_videos, steps
         self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
+        # Text-conditional models: the prompts, cycled over the videos.
+        self.prompts = list(prompts) if prompts else None
         self.last_step = 0
 
     def state_dict(self) -> dict:
@@ -234,8 +237,15 @@ class SampleVideos(Callback):
         from vsa.data.media import save_grid, to_uint8_frames, write_mp4
         from vsa.diffusion import generate
 
+        prompts = None
+        if pl_module.model.cfg.caption_words:
+            if not self.prompts:
+                rank_zero_warn("SampleVideos: the model is text-conditional; give it prompts "
+                               "(callbacks.sample_videos.prompts=[...]); no samples written")
+                return
+            prompts = [self.prompts[i % len(self.prompts)] for i in range(self.num_videos)]
         with trainer.precision_plugin.forward_context():
-            latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos,
+            latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos, prompts=prompts,
                                steps=self.steps, method=self.method, cfg_scale=self.cfg_scale,
                                shift=pl_module.time_shift, seed=self.seed, device=pl_module.device)
         videos = to_uint8_frames(pl_module.decode(latents.float()))
@@ -310,6 +320,51 @@ class RunCheckpoint(ModelCheckpoint):
                 and self._last_global_step_saved != trainer.global_step):  # stopped between steps
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+class PromptFollowing(Callback):
+    """Every `every_n_steps` (checked at the end of validation), generate `videos` videos of a
+    text-to-video model of the captioned moving shapes from held-out prompts and log how well they
+    follow them, read from the pixels (`vsa.eval.prompts`): `val/prompt_colour`,
+    `val/prompt_motion` and `val/prompt_both` (fractions; the data's own clips score 1.00 / 0.97 /
+    0.97, other clips' captions 0.12 both). Before the EMA callback, it scores the EMA weights.
+    Models without a caption vocabulary: a warning once, nothing else."""
+
+    def __init__(self, every_n_steps: int = 400, videos: int = 16, steps: int = 16, method: str = "euler",
+                 cfg_scale: float = 4.0, seed: int = 0) -> None:
+        if every_n_steps < 1 or videos < 1 or steps < 1:
+            raise ValueError("every_n_steps, videos and steps must be >= 1")
+        self.every_n_steps, self.videos, self.steps = every_n_steps, videos, steps
+        self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
+        self.last_step = 0
+        self._warned = False
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", 0))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step < self.last_step + self.every_n_steps:
+            return
+        if not pl_module.model.cfg.caption_words or pl_module.data_key != "video":
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn("PromptFollowing: the model has no caption vocabulary or trains on "
+                               "latents; no val/prompt_* (set callbacks.prompt_following=null)")
+            return
+        self.last_step = step
+        from vsa.eval.prompts import generate_and_score_prompts
+
+        with trainer.precision_plugin.forward_context():
+            scores, _, _ = generate_and_score_prompts(
+                pl_module.model, pl_module.latent_shape, pl_module.decode, self.videos, self.steps,
+                method=self.method, cfg_scale=self.cfg_scale, shift=pl_module.time_shift, seed=self.seed)
+        # Every rank generates the same seeded videos: no sync needed.
+        pl_module.log_dict({f"val/prompt_{k}": float(scores[k]) for k in ("colour", "motion", "both")},
+                           on_step=False, on_epoch=True)
 
 
 class SampleQuality(Callback):
