@@ -203,7 +203,28 @@ class TrainingSpeed(Callback):
             self._last = self._now(trainer)  # validation (and sampling) time is not training time
 
 
-class SampleVideos(Callback):
+class ValidationEveryNSteps(Callback):
+    """Base of the callbacks that do something at the end of validation at most every
+    `every_n_steps` training steps (not during the sanity check); `last_step` is saved in
+    checkpoints, so a resumed run keeps the schedule."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.last_step = 0
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_step = int(state_dict.get("last_step", 0))
+
+    def due(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.global_step >= self.last_step + self.every_n_steps
+
+
+class SampleVideos(ValidationEveryNSteps):
     """Every `every_n_steps` (checked at the end of validation), sample a few videos, write them as
     mp4 files + a PNG grid under `<run folder>/samples/step_XXXXXXX/`, and log them to W&B
     (`samples/video`, `samples/grid`) when a WandbLogger is attached.
@@ -215,25 +236,18 @@ class SampleVideos(Callback):
     def __init__(self, every_n_steps: int = 1000, num_videos: int = 4, steps: int = 32,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
                  prompts: list[str] | None = None) -> None:
-        if every_n_steps < 1 or num_videos < 1 or steps < 1:
-            raise ValueError("every_n_steps, num_videos and steps must be >= 1")
-        self.every_n_steps, self.num_videos, self.steps = every_n_steps, num_videos, steps
+        super().__init__(every_n_steps)
+        if num_videos < 1 or steps < 1:
+            raise ValueError("num_videos and steps must be >= 1")
+        self.num_videos, self.steps = num_videos, steps
         self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
         # Text-conditional models: the prompts, cycled over the videos.
         self.prompts = list(prompts) if prompts else None
-        self.last_step = 0
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.last_step = int(state_dict.get("last_step", 0))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if trainer.sanity_checking or step < self.last_step + self.every_n_steps:
+        if not self.due(trainer):
             return
-        self.last_step = step
+        step = self.last_step = trainer.global_step
         from vsa.data.media import save_grid, to_uint8_frames, write_mp4
         from vsa.diffusion import generate
 
@@ -322,7 +336,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-class PromptFollowing(Callback):
+class PromptFollowing(ValidationEveryNSteps):
     """Every `every_n_steps` (checked at the end of validation), generate `videos` videos of a
     text-to-video model of the captioned moving shapes from held-out prompts and log how well they
     follow them, read from the pixels (`vsa.eval.prompts`): `val/prompt_colour`,
@@ -332,23 +346,17 @@ class PromptFollowing(Callback):
 
     def __init__(self, every_n_steps: int = 400, videos: int = 16, steps: int = 16, method: str = "euler",
                  cfg_scale: float = 4.0, seed: int = 0) -> None:
-        if every_n_steps < 1 or videos < 1 or steps < 1:
-            raise ValueError("every_n_steps, videos and steps must be >= 1")
-        self.every_n_steps, self.videos, self.steps = every_n_steps, videos, steps
+        super().__init__(every_n_steps)
+        if videos < 1 or steps < 1:
+            raise ValueError("videos and steps must be >= 1")
+        self.videos, self.steps = videos, steps
         self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
-        self.last_step = 0
         self._warned = False
 
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.last_step = int(state_dict.get("last_step", 0))
-
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if trainer.sanity_checking or step < self.last_step + self.every_n_steps:
+        if not self.due(trainer):
             return
+        step = trainer.global_step
         if not pl_module.model.cfg.caption_words or pl_module.data_key != "video":
             if not self._warned:
                 self._warned = True
@@ -367,7 +375,7 @@ class PromptFollowing(Callback):
                            on_step=False, on_epoch=True)
 
 
-class SampleQuality(Callback):
+class SampleQuality(ValidationEveryNSteps):
     """Every `every_n_steps` (checked at the end of validation), generate `per_class` videos of
     every class with the model under validation, and log how much they look like the data:
     `val/class_acc` (a classifier trained on the data set assigns them their class; chance =
@@ -389,23 +397,20 @@ class SampleQuality(Callback):
     def __init__(self, dataset: dict, every_n_steps: int = 200, per_class: int = 4, steps: int = 16,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
                  cache_dir: str | None = None, recipe: dict | None = None) -> None:
-        if every_n_steps < 1 or per_class < 1 or steps < 1:
-            raise ValueError("every_n_steps, per_class and steps must be >= 1")
+        super().__init__(every_n_steps)
+        if per_class < 1 or steps < 1:
+            raise ValueError("per_class and steps must be >= 1")
         self.dataset = dataset
-        self.every_n_steps, self.per_class, self.steps = every_n_steps, per_class, steps
+        self.per_class, self.steps = per_class, steps
         self.method, self.cfg_scale, self.seed, self.cache_dir = method, cfg_scale, seed, cache_dir
         self.recipe = dict(recipe or {})
-        self.last_step = 0
         self._metrics = None
         self._disabled = False
 
     def state_dict(self) -> dict:
         from vsa.eval import plain_config
 
-        return {"last_step": self.last_step, "dataset": plain_config(self.dataset)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.last_step = int(state_dict.get("last_step", 0))
+        return {**super().state_dict(), "dataset": plain_config(self.dataset)}
 
     def _usable(self, pl_module: L.LightningModule) -> bool:
         if self._disabled:
@@ -422,11 +427,9 @@ class SampleQuality(Callback):
         return problem is None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if (trainer.sanity_checking or step < self.last_step + self.every_n_steps
-                or not self._usable(pl_module)):
+        if not self.due(trainer) or not self._usable(pl_module):
             return
-        self.last_step = step
+        self.last_step = trainer.global_step
         from vsa.eval.samples import generate_and_score, metrics_for
 
         if self._metrics is None:
