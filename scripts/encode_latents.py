@@ -3,11 +3,14 @@
     python scripts/encode_latents.py --src data/clips --dst data/latents --codec space_to_depth \
         --frames 16 --height 64 --width 64 --shard-size 256
     python scripts/encode_latents.py --src data/clips --dst data/latents_wan --codec vae \
-        --vae-path ./weights --vae-subfolder vae --frames 17 --height 256 --width 256 --device cuda
+        --vae-path ./weights --vae-subfolder vae --frames 17 --height 256 --width 256 --device cuda \
+        --text-encoder ./weights --text-max-length 512
 
 Each video gives one clip (the centred one: the dataset in eval mode). Labels are stored when the
-folder's metadata has them, captions as JSON in each shard's metadata. Unreadable videos are skipped
-and listed at the end; nothing is duplicated to fill their place.
+folder's metadata has them, captions as JSON in each shard's metadata. With --text-encoder (a local
+transformers text encoder or diffusers pipeline folder, `vsa.data.text`), each caption's embeddings
+and mask are stored too (`text_emb` [N, L, D], `text_mask` [N, L]), for text-conditioned models.
+Unreadable videos are skipped and listed at the end; nothing is duplicated to fill their place.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from vsa.data.codecs import build_codec
 from vsa.data.latents import write_latent_shard
+from vsa.data.text import TextEncoder
 from vsa.data.videos import VideoFolderDataset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="space_to_depth folding factor")
     p.add_argument("--vae-path", help="local folder of a diffusers VAE (for --codec vae)")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae-path holding config.json")
+    p.add_argument("--text-encoder", help="local folder of a text encoder: store caption embeddings")
+    p.add_argument("--text-max-length", type=int, default=512, help="tokens per caption (padded/truncated)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
@@ -79,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of latents")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --dst")
     args = p.parse_args(argv)
-    for name in ("frames", "height", "width", "stride", "shard_size", "batch_size"):
+    for name in ("frames", "height", "width", "stride", "shard_size", "batch_size", "text_max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_workers < 0:
@@ -116,6 +122,12 @@ def _encode(args: argparse.Namespace) -> int:
     else:
         codec = build_codec("vae", path=args.vae_path, subfolder=args.vae_subfolder)
     codec = codec.to(args.device).eval()
+    text_encoder = None
+    if args.text_encoder:
+        if not videos.has_captions:
+            raise ValueError(f"--text-encoder needs captions, but {args.src} has none: add a `caption` "
+                             "column to its metadata.csv / metadata.jsonl")
+        text_encoder = TextEncoder.from_folder(args.text_encoder, args.text_max_length).to(args.device)
     codec.latent_shape((3, args.frames, args.height, args.width))  # fail early on bad sizes
     meta = {"codec": args.codec, "source": str(Path(args.src).resolve()), "frames": str(args.frames),
             "height": str(args.height), "width": str(args.width), "stride": str(args.stride)}
@@ -125,12 +137,14 @@ def _encode(args: argparse.Namespace) -> int:
         meta["classes"] = json.dumps(videos.classes)
     if args.codec == "vae":
         meta["vae_path"] = str(Path(args.vae_path).resolve())
+    if text_encoder is not None:
+        meta["text_encoder"] = text_encoder.source
     for old in existing:
         old.unlink()
 
     loader = DataLoader(_ReadableItems(videos), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=_collate)
-    buffer: dict[str, list] = {"latents": [], "labels": [], "captions": []}
+    buffer: dict[str, list] = {"latents": [], "labels": [], "captions": [], "text_emb": [], "text_mask": []}
     shards, encoded, start = 0, 0, time.time()
 
     def flush(final: bool) -> None:
@@ -142,8 +156,12 @@ def _encode(args: argparse.Namespace) -> int:
             shard_meta = dict(meta)
             if videos.has_captions:
                 shard_meta["captions"] = json.dumps(buffer["captions"][:take])
+            text = {}
+            if text_encoder is not None:
+                text = {"text_emb": torch.stack(buffer["text_emb"][:take]),
+                        "text_mask": torch.stack(buffer["text_mask"][:take])}
             write_latent_shard(dst / f"shard-{shards:05d}.safetensors", latents, labels=labels,
-                               metadata=shard_meta)
+                               metadata=shard_meta, **text)
             shards += 1
             for key in buffer:
                 del buffer[key][:take]
@@ -157,6 +175,10 @@ def _encode(args: argparse.Namespace) -> int:
             buffer["latents"].extend(z.unbind(0))
             buffer["labels"].extend(labels.unbind(0))
             buffer["captions"].extend(captions)
+            if text_encoder is not None:
+                emb, mask = text_encoder(captions)
+                buffer["text_emb"].extend(emb.to("cpu", DTYPES[args.dtype]).unbind(0))
+                buffer["text_mask"].extend(mask.cpu().unbind(0))
             encoded += z.shape[0]
             flush(final=False)
     flush(final=True)
