@@ -32,7 +32,8 @@ def test_tiny_encoder_pads_with_zeros_and_reloads_identically(encoder_dir, tmp_p
     assert emb.shape == (3, 32, 32) and mask.shape == (3, 32) and mask.dtype == torch.bool
     # One token per byte plus </s>: the empty caption still has its end token (never an all-False mask).
     assert mask.sum(1).tolist() == [len(CAPTIONS[0]) + 1, len(CAPTIONS[1]) + 1, 1]
-    assert torch.all(emb[~mask] == 0) and torch.all(emb[mask].abs().sum(-1) > 0)
+    assert torch.all(emb[~mask] == 0) and torch.all(emb[:2][mask[:2]].abs().sum(-1) > 0)
+    assert torch.all(emb[2] == 0)  # the empty caption is the null text
     # A caption's embedding does not depend on the batch it is in (padding is masked out).
     assert torch.allclose(enc(CAPTIONS[:1])[0][0], emb[0], atol=1e-6)
     again = TextEncoder.from_folder(encoder_dir, max_length=32)
@@ -126,6 +127,37 @@ def test_encode_latents_stores_caption_embeddings_and_a_text_model_trains_on_the
         wrong(batch["latents"], torch.rand(2), text=batch["text_emb"], text_mask=batch["text_mask"])
 
 
+def test_sampling_embeds_prompts_with_the_text_encoder_and_the_empty_prompt_is_the_null_text():
+    from vsa.diffusion import generate
+
+    enc = TextEncoder.tiny(dim=32, max_length=32)
+    torch.manual_seed(0)
+    model = build_model("0.6M", in_channels=4, num_classes=0, text_dim=32)
+    with torch.no_grad():  # a fresh model ignores its text (zero-init): perturb every weight
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    x, t = torch.randn(2, 4, 2, 8, 8), torch.rand(2)
+    cond = dict(zip(("text", "text_mask"), enc(["", ""])))
+    assert torch.allclose(model(x, t, **cond), model(x, t, **model.null_condition(cond)), atol=1e-6)
+    prompted = dict(zip(("text", "text_mask"), enc(["a red circle moves left", "a blue square"])))
+    assert not torch.allclose(model(x, t, **prompted), model(x, t, **cond), atol=1e-3)
+
+    shape, kw = (4, 2, 8, 8), dict(steps=2, seed=3)
+    a = generate(model, shape, 2, prompts=["a red circle", "a blue square"], text_encoder=enc, **kw)
+    b = generate(model, shape, 2, prompts=["a red circle", "a green cross"], text_encoder=enc, **kw)
+    assert a.shape == (2, *shape) and torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    # CFG against the empty prompt is CFG against the null text: guidance changes nothing.
+    empty = [generate(model, shape, 2, prompts=["", ""], text_encoder=enc, cfg_scale=s, **kw) for s in (1.0, 4.0)]
+    assert torch.allclose(empty[0], empty[1], atol=1e-5)
+    with pytest.raises(ValueError, match="text_encoder=PATH"):
+        generate(model, shape, 2, prompts=["a", "b"], **kw)
+    with pytest.raises(ValueError, match="give prompts, one per video"):
+        generate(model, shape, 2, text_encoder=enc, **kw)
+    with pytest.raises(ValueError, match="text_dim=32; use the encoder"):
+        generate(model, shape, 2, prompts=["a", "b"], text_encoder=TextEncoder.tiny(dim=16), **kw)
+
+
 def test_encode_latents_text_encoder_needs_captions(encoder_dir, tmp_path, capsys):
     root = tmp_path / "plain"
     root.mkdir()
@@ -138,3 +170,47 @@ def test_encode_latents_text_encoder_needs_captions(encoder_dir, tmp_path, capsy
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "v.mp4", "caption": "hi"}) + "\n")
     assert _encode_script().main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_on_caption_embeddings_then_sample_py_with_prompts(captioned_dir, encoder_dir, tmp_path):
+    """encode_latents --text-encoder -> train.py data=latents with a text_dim model (its sampling
+    callback embeds prompts with the same encoder) -> sample.py prompt=... text_encoder=PATH."""
+    from hydra import compose, initialize_config_dir
+
+    from vsa.sampling import sample
+    from vsa.training import ConfigError, train
+
+    shards = tmp_path / "shards"
+    assert _encode_script().main([
+        "--src", str(captioned_dir), "--dst", str(shards), "--codec", "space_to_depth", "--frames", "4",
+        "--height", "16", "--width", "16", "--backend", "av", "--text-encoder", str(encoder_dir),
+        "--text-max-length", "32"]) == 0
+    configs = str(REPO / "configs")
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", "model=0.6m", "logger=csv",
+            "attention=full", "trainer.max_steps=4", "trainer.val_check_interval=2",
+            "module.lr_schedule.warmup_steps=1",
+            "callbacks.sample_videos.every_n_steps=2", "callbacks.sample_videos.num_videos=2",
+            "callbacks.sample_videos.steps=2", "data=latents", f"data.root={shards}",
+            "data.datamodule.batch_size=2",
+            "data.datamodule.val_size=1", "data.datamodule.num_workers=0", "data.codec.name=space_to_depth",
+            "data.codec.factor=[1,2,2]", "model.num_classes=0", "model.text_dim=32",
+            "callbacks.sample_quality=null", "trainer.enable_progress_bar=false",
+            "+callbacks.sample_videos.prompts=[a red circle moves left]",
+            f"+callbacks.sample_videos.text_encoder={encoder_dir}", "+callbacks.sample_videos.text_max_length=32"])
+    train(cfg)
+    assert len(list((tmp_path / "run" / "samples" / "step_0000004").glob("video_*.mp4"))) == 2
+
+    def run(name: str, *overrides: str):
+        with initialize_config_dir(config_dir=configs, version_base="1.3"):
+            return sample(compose("sample", overrides=[
+                f"ckpt_path={tmp_path / 'run'}", f"output_dir={tmp_path / name}", "paths.log_dir=/unused",
+                "paths.output_dir=/unused", "num_videos=2", "steps=2", *overrides]))
+
+    result = run("prompted", "prompt=a blue square waves right", f"text_encoder={encoder_dir}", "text_max_length=32")
+    assert len(result["videos"]) == 2 and all(Path(p).is_file() for p in result["videos"])
+    with pytest.raises(ConfigError, match="text_encoder=PATH"):
+        run("no_encoder", "prompt=a blue square")
+    with pytest.raises(ConfigError, match="text_encoder.*does not exist"):
+        run("missing", "prompt=a blue square", f"text_encoder={tmp_path / 'nowhere'}")

@@ -51,7 +51,7 @@ def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, s
 @torch.no_grad()
 def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
              labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
-             steps: int = 32, method: str = "euler",
+             text_encoder: Callable | None = None, steps: int = 32, method: str = "euler",
              cfg_scale: float = 4.0, shift: float | Callable[[int], float] = 1.0, seed: int = 0,
              device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
     """Sample `num_videos` model-space tensors [N, C, T, H, W] (fp32) from a VideoDiT.
@@ -60,17 +60,20 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     device. `shift` is the timestep shift, or a function of the token count that returns it.
     Class-conditional models get `labels` (default: classes 0, 1, 2, ...), guided with weight
     `cfg_scale` against the null class. Models with a caption vocabulary (`caption_words`) get
-    `prompts`, one per video, guided against the null (all-zero) text. `progress` shows a bar over
-    model evaluations.
+    `prompts`, one per video, guided against the null (all-zero) text; models trained on text
+    embeddings (`text_dim` without `caption_words`) get them from `text_encoder` (captions ->
+    (emb [N, L, text_dim], mask [N, L]), e.g. `vsa.data.text.TextEncoder`: the one the training shards
+    were encoded with). `progress` shows a bar over model evaluations.
     """
-    if model.cfg.text_dim and not model.cfg.caption_words:
-        raise ValueError("this model takes text embeddings from a text encoder; generate() samples "
-                         "class-conditional, unconditional and caption-vocabulary models only")
-    if model.cfg.caption_words and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
+    text_conditional = bool(model.cfg.text_dim)
+    if text_conditional and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
         raise ValueError(f"this model is text-conditional: give prompts, one per video ({num_videos}), "
                          f"got {prompts!r}")
-    if prompts is not None and not model.cfg.caption_words:
+    if prompts is not None and not text_conditional:
         raise ValueError("prompts given, but this model is not text-conditional")
+    if text_conditional and not model.cfg.caption_words and text_encoder is None:
+        raise ValueError("this model was trained on text embeddings: give the text encoder its shards were "
+                         "encoded with (sample.py text_encoder=PATH)")
     check_sampling(num_videos, steps, method, cfg_scale, int(seed))
     if latent_shape is None or len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
@@ -84,8 +87,14 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     ids = default_labels(model, num_videos, labels)
     if ids is not None:
         cond["labels"] = torch.tensor(ids, dtype=torch.long, device=device)
-    if prompts is not None:
+    if prompts is not None and model.cfg.caption_words:
         cond["text"], cond["text_mask"] = model.embed_captions(list(prompts))
+    elif prompts is not None:
+        emb, mask = text_encoder(list(prompts))
+        if emb.dim() != 3 or emb.shape[-1] != model.cfg.text_dim:
+            raise ValueError(f"the text encoder gives embeddings {tuple(emb.shape)} but the model expects "
+                             f"width text_dim={model.cfg.text_dim}; use the encoder its shards were encoded with")
+        cond["text"], cond["text_mask"] = emb.to(device, torch.float32), mask.to(device, torch.bool)
     uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
     velocity = guided_velocity(model, cond, uncond, cfg_scale)
 

@@ -23,6 +23,7 @@ from vsa.checkpoint import load_model
 from vsa.config import ConfigError, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.data.media import save_grid, to_uint8_frames, write_mp4
+from vsa.data.text import TextEncoder
 from vsa.diffusion import check_sampling, generate, timestep_shift
 from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
@@ -118,10 +119,15 @@ def sample(cfg: DictConfig) -> dict:
         lambda seq_len: timestep_shift(seq_len, ts["shift"], ts["base_seq_len"], ts["base_shift"]))
     labels = None if cfg.labels is None else list(cfg.labels)
     prompts = read_prompts(cfg)
+    text_encoder = None
+    if cfg.get("text_encoder") is not None:
+        with config_section("text_encoder"):
+            text_encoder = TextEncoder.from_folder(cfg.text_encoder, cfg.text_max_length).to(device)
 
     start = time.perf_counter()
     with config_section("sampling"), precision_autocast(str(cfg.precision), device):
-        latents = generate(model, latent_shape, cfg.num_videos, labels=labels, prompts=prompts, steps=cfg.steps,
+        latents = generate(model, latent_shape, cfg.num_videos, labels=labels, prompts=prompts,
+                           text_encoder=text_encoder, steps=cfg.steps,
                            method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift, seed=cfg.seed,
                            device=device, progress=True)
         pixels = build_codec(**spec["codec"]).to(device).decode(latents.float())

@@ -235,14 +235,18 @@ class SampleVideos(ValidationEveryNSteps):
 
     def __init__(self, every_n_steps: int = 1000, num_videos: int = 4, steps: int = 32,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
-                 prompts: list[str] | None = None) -> None:
+                 prompts: list[str] | None = None, text_encoder: str | None = None,
+                 text_max_length: int = 512) -> None:
         super().__init__(every_n_steps)
         if num_videos < 1 or steps < 1:
             raise ValueError("num_videos and steps must be >= 1")
         self.num_videos, self.steps = num_videos, steps
         self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
-        # Text-conditional models: the prompts, cycled over the videos.
+        # Text-conditional models: the prompts, cycled over the videos; models trained on caption
+        # embeddings also need the encoder's folder (loaded at the first sampling).
         self.prompts = list(prompts) if prompts else None
+        self.text_encoder_path, self.text_max_length = text_encoder, text_max_length
+        self._text_encoder = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.due(trainer):
@@ -251,15 +255,26 @@ class SampleVideos(ValidationEveryNSteps):
         from vsa.data.media import save_grid, to_uint8_frames, write_mp4
         from vsa.diffusion import generate
 
-        prompts = None
-        if pl_module.model.cfg.caption_words:
+        prompts, model_cfg = None, pl_module.model.cfg
+        if model_cfg.text_dim:
             if not self.prompts:
                 rank_zero_warn("SampleVideos: the model is text-conditional; give it prompts "
                                "(callbacks.sample_videos.prompts=[...]); no samples written")
                 return
+            if not model_cfg.caption_words and self._text_encoder is None:
+                if not self.text_encoder_path:
+                    rank_zero_warn("SampleVideos: the model takes caption embeddings; give the text encoder "
+                                   "(callbacks.sample_videos.text_encoder=PATH); no samples written")
+                    return
+                from vsa.data.text import TextEncoder
+
+                self._text_encoder = TextEncoder.from_folder(self.text_encoder_path, self.text_max_length)
             prompts = [self.prompts[i % len(self.prompts)] for i in range(self.num_videos)]
+        if self._text_encoder is not None:
+            self._text_encoder.to(pl_module.device)
         with trainer.precision_plugin.forward_context():
             latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos, prompts=prompts,
+                               text_encoder=self._text_encoder,
                                steps=self.steps, method=self.method, cfg_scale=self.cfg_scale,
                                shift=pl_module.time_shift, seed=self.seed, device=pl_module.device)
         videos = to_uint8_frames(pl_module.decode(latents.float()))
