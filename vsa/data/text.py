@@ -9,8 +9,8 @@ The folder is either a model folder (config.json + tokenizer files side by side)
 pipeline folder (`text_encoder/` and `tokenizer/` subfolders). As Wan's pipeline does, embeddings
 are padded to `max_length` tokens with zeros after each caption's last token, so every caption of
 a data set has the same [L, D] shape and padding carries no signal even where the mask is ignored.
-The empty caption is the null text: all-zero embeddings, the unconditional input that classifier-
-free guidance dropout trains (`VideoDiT.null_condition`), so CFG against "" is CFG against null.
+The encoder is faithful: "" encodes to its end token, as Wan's negative prompt does (sampling a
+VideoDiT maps an empty prompt to its null text instead, `vsa.diffusion.generate`).
 `TextEncoder.tiny()` builds a small random one (a byte-level tokenizer and a 2-layer T5 encoder) for
 tests and smoke runs; `save()` writes it as a folder that `from_folder` reads back.
 """
@@ -128,6 +128,4 @@ class TextEncoder(nn.Module):
                                 truncation=True, return_tensors="pt")
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device).bool()
         emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        empty = torch.tensor([not c.strip() for c in captions], device=device)
-        keep = mask & ~empty[:, None]  # padding and the empty caption (the null text) are zeros
-        return emb * keep[..., None].to(emb.dtype), mask
+        return emb * mask[..., None].to(emb.dtype), mask

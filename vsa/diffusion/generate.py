@@ -63,7 +63,7 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     `prompts`, one per video, guided against the null (all-zero) text; models trained on text
     embeddings (`text_dim` without `caption_words`) get them from `text_encoder` (captions ->
     (emb [N, L, text_dim], mask [N, L]), e.g. `vsa.data.text.TextEncoder`: the one the training shards
-    were encoded with). `progress` shows a bar over model evaluations.
+    were encoded with; an empty prompt is the null text). `progress` shows a bar over model evaluations.
     """
     text_conditional = bool(model.cfg.text_dim)
     if text_conditional and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
@@ -94,7 +94,11 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         if emb.dim() != 3 or emb.shape[-1] != model.cfg.text_dim:
             raise ValueError(f"the text encoder gives embeddings {tuple(emb.shape)} but the model expects "
                              f"width text_dim={model.cfg.text_dim}; use the encoder its shards were encoded with")
-        cond["text"], cond["text_mask"] = emb.to(device, torch.float32), mask.to(device, torch.bool)
+        emb, mask = emb.to(device, torch.float32), mask.to(device, torch.bool)
+        empty = torch.tensor([not p.strip() for p in prompts], device=device)
+        # An empty prompt is the null text: zeros attended in full (what CFG dropout trains).
+        cond["text"] = torch.where(empty[:, None, None], torch.zeros_like(emb), emb)
+        cond["text_mask"] = mask | empty[:, None]
     uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
     velocity = guided_velocity(model, cond, uncond, cfg_scale)
 
