@@ -167,9 +167,11 @@ def test_save_then_diffusers_from_pretrained_gives_the_same_outputs(tmp_path):
         with load_sparse_attention(loaded, folder, sparsity=0.0):  # another sparsity, same gates
             assert not torch.allclose(loaded(x, t * 1000, text, return_dict=False)[0], out, atol=1e-4)
 
-    # And back into training: build_wan(pretrained=...) loads the saved transformer.
-    again = build_wan(pretrained=str(folder), in_channels=4, tile=TILE, sparsity=0.5)
-    assert torch.equal(again.transformer.blocks[0].ffn.net[2].weight, model.transformer.blocks[0].ffn.net[2].weight)
+    # And back into training: build_wan(pretrained=...) loads the saved transformer and its gates.
+    again = build_wan(pretrained=str(folder), in_channels=4, tile=TILE, sparsity=0.5).eval()
+    assert all(torch.equal(a, b) for a, b in zip(again.gates.parameters(), model.gates.parameters(), strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, text=text), ref, rtol=1e-5, atol=1e-5)
 
 
 # ---- train.py ------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def run_train(tmp_path: Path, run_name: str, overrides: list[str]):
 
 QUICK = ["experiment=wan_vsa_finetune", "model=wan_tiny", "logger=csv", "data.datamodule.num_workers=0",
          "data.datamodule.val_size=0", "data.datamodule.batch_size=2", "trainer=cpu",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.ema=null",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "callbacks.speed=null"]
 
 
@@ -227,6 +229,26 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
     ckpt = torch.load(tmp_path / "wan" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(k.startswith("model.gates.") for k in ckpt["state_dict"])
     assert ckpt["vsa"]["dit_config"]["transformer"]["num_layers"] == 2
+
+    # scripts/export_wan.py: the run's checkpoint -> a diffusers folder + gates, same outputs.
+    import importlib.util
+
+    from diffusers import WanTransformer3DModel
+
+    from vsa.checkpoint import load_model
+
+    spec = importlib.util.spec_from_file_location("export_wan", REPO / "scripts" / "export_wan.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path / "wan"), str(tmp_path / "export")]) == 0
+    model, sampling_spec = load_model(tmp_path / "wan")
+    assert model.sparsity == sampling_spec["sparsity"] == 0.5  # where the staircase had got to
+    transformer = WanTransformer3DModel.from_pretrained(str(tmp_path / "export")).eval()
+    x, t, text = inputs(shape=(2, 8, 8))
+    with torch.no_grad(), load_sparse_attention(transformer, tmp_path / "export") as handle:
+        assert handle.core.sparsity == 0.5
+        torch.testing.assert_close(transformer(x, t * 1000, text, return_dict=False)[0],
+                                   model(x, t, text=text), rtol=1e-5, atol=1e-5)
 
 
 # ---- errors --------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ Patterns: "grat_b" (radius), "grat_x" (lines), "sta" (window), all from `vsa.ops
 (O = O_f, i.e. G_c = 0, G_f = 1: what a VSA "adapt" finetune starts from). Everything is
 differentiable (forward and backward kernels), so the patterns can be finetuned in diffusers.
 
+Trained VSA on Wan: `apply_sparse_attention(..., "vsa", gates=wan_gates(transformer))` adds the
+coarse stage, O = O_c * G_c + O_f, with G_c one zero-initialised trainable linear layer per block
+(`vsa.models.wan` finetunes them); `save_sparse_attention` / `load_sparse_attention` keep trained
+gates and settings next to the transformer's `save_pretrained` files (docs/wan.md).
+
 Needs diffusers >= 0.35 (the `WanAttention` / `FluxAttention` processor interface with (cos, sin)
 rotary embeddings). Not supported: attention masks on the replaced modules, context parallelism.
 """
@@ -547,8 +552,6 @@ def load_sparse_attention(transformer, folder, grid=None, impl: str | None = Non
     import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for name in (SETTINGS_FILE, GATES_FILE):
         if not (folder / name).is_file():
@@ -564,6 +567,21 @@ def load_sparse_attention(transformer, folder, grid=None, impl: str | None = Non
     else:
         settings.pop("sparsity", None)
     mode, tile = settings.pop("mode"), settings.pop("tile")
+    return apply_sparse_attention(transformer, mode, tile=tile, grid=grid, impl=impl,
+                                  gates=load_gates(transformer, folder), **settings)
+
+
+def load_gates(transformer, folder) -> nn.ModuleList:
+    """The trained VSA gates in `folder`/vsa_gates.safetensors, for `transformer` (a Wan of the
+    architecture they were trained in), as `wan_gates` lays them out."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / GATES_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {GATES_FILE}: it is not a folder written by "
+                                "save_sparse_attention / WanVideoModel.save_pretrained")
     gates = wan_gates(transformer)
     modules = _self_attentions(transformer, "wan")
     names = {module: name for name, module in transformer.named_modules()}
@@ -577,4 +595,4 @@ def load_sparse_attention(transformer, folder, grid=None, impl: str | None = Non
         for module, gate in zip(modules, gates, strict=True):
             gate.weight.copy_(state[f"{names[module]}.weight"])
             gate.bias.copy_(state[f"{names[module]}.bias"])
-    return apply_sparse_attention(transformer, mode, tile=tile, grid=grid, impl=impl, gates=gates, **settings)
+    return gates

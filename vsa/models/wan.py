@@ -35,7 +35,9 @@ from torch import nn
 
 from vsa.attention import BACKENDS
 from vsa.integrations.diffusers import (
+    GATES_FILE,
     apply_sparse_attention,
+    load_gates,
     save_sparse_attention,
     wan_gates,
 )
@@ -195,24 +197,26 @@ def load_transformer(pretrained: str | Path | None = None, transformer: dict | N
 class WanVideoModel(nn.Module):
     """A diffusers Wan transformer predicting the flow-matching velocity, with VSA in its
     self-attention (see the module docstring). `transformer`: the diffusers model (its weights are
-    the model's `transformer.*`); `gates`: VSA's gates G_c (`gates.*`), None for other attention."""
+    the model's `transformer.*`); `gates`: VSA's gates G_c (`gates.*`; given: trained ones, e.g.
+    `load_gates`; None: zero-initialised), none for other attention."""
 
-    def __init__(self, cfg: WanConfig, transformer, impl: str | None = None):
+    def __init__(self, cfg: WanConfig, transformer, impl: str | None = None,
+                 gates: nn.ModuleList | None = None):
         super().__init__()
         self.cfg = cfg
         self.transformer = transformer
         self.handle = None
         self.gates: nn.ModuleList | None = None
-        backend = BACKENDS.get(cfg.attention)
+        backend = BACKENDS[cfg.attention]
         if cfg.attention != "full":
             options = dict(cfg.attention_options)
             if backend.needs_sparsity:
-                gates = options.pop("gates", "adapt")
-                if gates != "adapt" or options:
+                variant = options.pop("gates", "adapt")
+                if variant != "adapt" or options:
                     raise ValueError(f"Wan finetunes a dense checkpoint with VSA's 'adapt' gates (G_c "
                                      f"zero-initialised, G_f = 1); got attention options "
                                      f"{cfg.attention_options}: set attention.options.gates=adapt")
-                self.gates = wan_gates(transformer)
+                self.gates = wan_gates(transformer) if gates is None else gates
                 options = {"topk": cfg.topk} if cfg.topk is not None else {"sparsity": cfg.sparsity or 0.0}
             self.handle = apply_sparse_attention(transformer, cfg.attention, tile=cfg.tile, impl=impl,
                                                  gates=self.gates, **options)
@@ -350,5 +354,21 @@ def build_wan(pretrained: str | None = None, transformer: dict | None = None,
     if patch is not None and int_triple("patch", patch) != cfg.patch:
         raise ValueError(f"patch {tuple(patch)} differs from the Wan transformer's patch_size {cfg.patch}; "
                          "leave model.patch null for Wan")
-    return WanVideoModel(cfg, model, impl=impl)
+    gates = None
+    if pretrained is not None and BACKENDS[cfg.attention].needs_sparsity:
+        folder = transformer_folder(pretrained)  # an exported finetune brings its trained gates
+        gates = load_gates(model, folder) if (folder / GATES_FILE).is_file() else None
+    return WanVideoModel(cfg, model, impl=impl, gates=gates)
 
+
+def wan_from_config(config: dict, impl: str | None = None) -> WanVideoModel:
+    """A `WanVideoModel` of the architecture and attention in `config` (a `WanConfig` as a dict,
+    e.g. a training checkpoint's spec), with freshly initialised weights to load a state into
+    (the pretrained folder is not read: the checkpoint holds every weight)."""
+    cfg = WanConfig(**config)
+    return WanVideoModel(cfg, load_transformer(transformer=cfg.transformer), impl=impl)
+
+
+def is_wan_config(config: dict) -> bool:
+    """Whether a checkpoint's model config (its spec's "dit_config") describes a Wan model."""
+    return "transformer" in config
