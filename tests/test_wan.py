@@ -112,6 +112,23 @@ def test_sparsity_is_settable_and_reaches_the_processors():
         assert model.handle.core.topk == 2 and model.handle.core.sparsity is None
 
 
+def test_the_flop_formula_counts_the_wan_model():
+    """vsa.training.flops reads the WanConfig like a DiTConfig (the module logs FLOPs with it):
+    within 0.1% of torch's FlopCounterMode. The text cross-attention runs in diffusers' SDPA,
+    which the counter does not see on the CPU: added from the formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vsa.training.flops import forward_flops
+
+    model = tiny(sparsity=0.0).eval()
+    x, t, text = inputs(batch=1, shape=(4, 16, 16))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, text=text)
+    flops = forward_flops(model.cfg, (4, 16, 16), text_len=7, sparsity=model.sparsity)
+    assert flops.params_per_token == 266240  # incl. the gates: one width^2 projection per block
+    assert abs(counter.get_total_flops() + flops.cross_attention - flops.forward) < 1e-3 * flops.forward
+
+
 def test_a_few_finetuning_steps_lower_the_loss():
     """Through VideoDiffusionModule.training_step under a Lightning Trainer, on a fixed batch with
     fixed times and noise (the module's per-step draws pinned), at sparsity 0.5."""

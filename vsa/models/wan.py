@@ -82,6 +82,12 @@ class WanConfig:
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         check_sparsity(self.sparsity, self.topk)
+        if BACKENDS[self.attention].needs_sparsity:
+            self.attention_options.setdefault("gates", "adapt")
+            if self.attention_options != {"gates": "adapt"}:
+                raise ValueError(f"Wan finetunes a dense checkpoint with VSA's 'adapt' gates (G_c "
+                                 f"zero-initialised, G_f = 1); got attention options "
+                                 f"{self.attention_options}: set attention.options.gates=adapt")
 
     # ---- DiTConfig's derived names ------------------------------------------------------------
 
@@ -211,11 +217,6 @@ class WanVideoModel(nn.Module):
         if cfg.attention != "full":
             options = dict(cfg.attention_options)
             if backend.needs_sparsity:
-                variant = options.pop("gates", "adapt")
-                if variant != "adapt" or options:
-                    raise ValueError(f"Wan finetunes a dense checkpoint with VSA's 'adapt' gates (G_c "
-                                     f"zero-initialised, G_f = 1); got attention options "
-                                     f"{cfg.attention_options}: set attention.options.gates=adapt")
                 self.gates = wan_gates(transformer) if gates is None else gates
                 options = {"topk": cfg.topk} if cfg.topk is not None else {"sparsity": cfg.sparsity or 0.0}
             self.handle = apply_sparse_attention(transformer, cfg.attention, tile=cfg.tile, impl=impl,
@@ -223,6 +224,12 @@ class WanVideoModel(nn.Module):
         if cfg.activation_checkpointing:
             transformer.enable_gradient_checkpointing()
         self._sparsity, self._topk = cfg.sparsity, cfg.topk
+
+    blocks_compiled = False
+
+    def compile_blocks(self, **options) -> None:
+        raise NotImplementedError("module.compile_blocks is not supported for the Wan model yet (its "
+                                  "blocks are diffusers'); set module.compile_blocks=false")
 
     # ---- sparsity (set by the staircase schedule) --------------------------------------------
 
