@@ -4,10 +4,14 @@
         --frames 16 --height 64 --width 64 --shard-size 256
     python scripts/encode_latents.py --src data/clips --dst data/latents_wan --codec vae \
         --vae-path ./weights --vae-subfolder vae --frames 17 --height 256 --width 256 --device cuda
+    python scripts/encode_latents.py ... --text-encoder /models/Wan2.1-T2V-1.3B-Diffusers   # + text_emb
 
 Each video gives one clip (the centred one: the dataset in eval mode). Labels are stored when the
 folder's metadata has them, captions as JSON in each shard's metadata. Unreadable videos are skipped
-and listed at the end; nothing is duplicated to fill their place.
+and listed at the end; nothing is duplicated to fill their place. `--text-encoder` (a local folder:
+a pipeline with text_encoder/ + tokenizer/, e.g. Wan's UMT5) also writes each caption's
+embeddings (`text_emb` [N, --text-len, D], zero on padding, and `text_mask`), as the Wan pipeline
+computes them (vsa.data.text): what experiment=wan_vsa_finetune trains on (docs/wan.md).
 """
 
 from __future__ import annotations
@@ -78,8 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of latents")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --dst")
+    p.add_argument("--text-encoder", help="local folder of a T5-family text encoder (+ tokenizer): "
+                   "also write caption embeddings (text_emb, text_mask)")
+    p.add_argument("--text-len", type=int, default=512, help="tokens per caption (Wan's pipeline: 512)")
     args = p.parse_args(argv)
-    for name in ("frames", "height", "width", "stride", "shard_size", "batch_size"):
+    for name in ("frames", "height", "width", "stride", "shard_size", "batch_size", "text_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_workers < 0:
@@ -125,12 +132,22 @@ def _encode(args: argparse.Namespace) -> int:
         meta["classes"] = json.dumps(videos.classes)
     if args.codec == "vae":
         meta["vae_path"] = str(Path(args.vae_path).resolve())
+    text_encoder = None
+    if args.text_encoder:
+        if not videos.has_captions:
+            print(f"error: --text-encoder needs captions: {args.src} has no metadata.csv/.jsonl with a "
+                  "`caption` column", file=sys.stderr)
+            return 2
+        from vsa.data.text import TextEncoder
+
+        text_encoder = TextEncoder(args.text_encoder, max_length=args.text_len, device=args.device)
+        meta["text_encoder"] = str(Path(args.text_encoder).resolve())
     for old in existing:
         old.unlink()
 
     loader = DataLoader(_ReadableItems(videos), batch_size=args.batch_size, num_workers=args.num_workers,
                         collate_fn=_collate)
-    buffer: dict[str, list] = {"latents": [], "labels": [], "captions": []}
+    buffer: dict[str, list] = {"latents": [], "labels": [], "captions": [], "text_emb": [], "text_mask": []}
     shards, encoded, start = 0, 0, time.time()
 
     def flush(final: bool) -> None:
@@ -142,8 +159,11 @@ def _encode(args: argparse.Namespace) -> int:
             shard_meta = dict(meta)
             if videos.has_captions:
                 shard_meta["captions"] = json.dumps(buffer["captions"][:take])
+            text = {}
+            if text_encoder is not None:
+                text = {key: torch.stack(buffer[key][:take]) for key in ("text_emb", "text_mask")}
             write_latent_shard(dst / f"shard-{shards:05d}.safetensors", latents, labels=labels,
-                               metadata=shard_meta)
+                               metadata=shard_meta, **text)
             shards += 1
             for key in buffer:
                 del buffer[key][:take]
@@ -157,6 +177,10 @@ def _encode(args: argparse.Namespace) -> int:
             buffer["latents"].extend(z.unbind(0))
             buffer["labels"].extend(labels.unbind(0))
             buffer["captions"].extend(captions)
+            if text_encoder is not None:
+                emb, mask = text_encoder.encode(captions)
+                buffer["text_emb"].extend(emb.to("cpu", DTYPES[args.dtype]).unbind(0))
+                buffer["text_mask"].extend(mask.cpu().unbind(0))
             encoded += z.shape[0]
             flush(final=False)
     flush(final=True)

@@ -112,6 +112,21 @@ def test_sparsity_is_settable_and_reaches_the_processors():
         assert model.handle.core.topk == 2 and model.handle.core.sparsity is None
 
 
+def test_gated_vsa_on_the_triton_kernel_matches_the_torch_path(kernel_device):
+    """Forward and the gates' / weights' gradients: the Triton kernels (the interpreter on a
+    CPU-only machine) against the pure-torch path, at sparsity 0.5 with non-zero gates."""
+    outputs = {}
+    for impl in ("torch", "triton"):
+        model = tiny(sparsity=0.5, impl=impl).to(kernel_device)
+        perturb_gates(model)
+        x, t, text = (a.to(kernel_device) for a in inputs(batch=1, shape=(2, 16, 16)))  # 4 tiles
+        out = model(x, t, text=text)
+        out.square().mean().backward()
+        outputs[impl] = (out.detach(), model.gates[0].weight.grad, model.transformer.blocks[0].attn1.to_q.weight.grad)
+    for ref, got in zip(outputs["torch"], outputs["triton"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_the_flop_formula_counts_the_wan_model():
     """vsa.training.flops reads the WanConfig like a DiTConfig (the module logs FLOPs with it):
     within 0.1% of torch's FlopCounterMode. The text cross-attention runs in diffusers' SDPA,
@@ -317,3 +332,83 @@ def test_data_that_does_not_fit_the_transformer_is_one_clear_error(tmp_path):
         run_train(tmp_path, "p", QUICK + ["model=wan", f"data.root={shards}"])
     with pytest.raises(ConfigError, match=r"gates=adapt"):
         run_train(tmp_path, "g", QUICK + [f"data.root={shards}", "attention.options.gates=pretrain"])
+
+
+# ---- text embeddings for the shards --------------------------------------------------------------
+
+
+def tiny_text_encoder(folder: Path) -> Path:
+    """A random 1-layer UMT5 encoder (32 wide) and a word-level tokenizer, as in a pipeline folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", "a", "red", "green", "frame", "cat"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    UMT5EncoderModel(config).save_pretrained(str(folder / "text_encoder"))
+    return folder
+
+
+def test_text_embeddings_are_the_wan_pipelines(tmp_path):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from diffusers import WanPipeline
+
+    from vsa.data.text import TextEncoder
+
+    folder = tiny_text_encoder(tmp_path / "pipe")
+    encoder = TextEncoder(folder, max_length=8)
+    captions = ["a  red &amp; frame", "cat"]
+    emb, mask = encoder.encode(captions)
+    assert emb.shape == (2, 8, 32) and mask.sum(1).tolist() == [5, 2]  # words + </s> ("&" is <unk>)
+    pipe = SimpleNamespace(tokenizer=encoder.tokenizer, text_encoder=encoder.model)
+    ref = WanPipeline._get_t5_prompt_embeds(pipe, captions, max_sequence_length=8, device=torch.device("cpu"),
+                                            dtype=torch.float32)
+    torch.testing.assert_close(emb, ref)
+    with pytest.raises(FileNotFoundError, match="neither text_encoder/config.json nor config.json"):
+        TextEncoder(tmp_path)
+
+
+def test_encode_latents_writes_text_embeddings(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    av = pytest.importorskip("av")
+    import importlib.util
+
+    import numpy as np
+
+    from vsa.data import LatentShardDataset
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        with av.open(str(videos / name), "w") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+            for i in range(4):
+                frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 40 * i, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    rows = [{"file_name": "a.mp4", "caption": "a red frame"}, {"file_name": "b.mp4", "caption": "cat"}]
+    (videos / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = importlib.util.spec_from_file_location("encode_latents", REPO / "scripts" / "encode_latents.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    encoder = tiny_text_encoder(tmp_path / "pipe")
+    args = ["--src", str(videos), "--dst", str(tmp_path / "shards"), "--codec", "space_to_depth", "--frames", "4",
+            "--height", "16", "--width", "16", "--backend", "av", "--text-encoder", str(encoder), "--text-len", "6"]
+    assert script.main(args) == 0, capsys.readouterr().err
+    shards = LatentShardDataset(tmp_path / "shards")
+    item = shards[0]
+    assert item["text_emb"].shape == (6, 32) and item["text_mask"].tolist() == [True] * 4 + [False] * 2
+    from vsa.data.text import TextEncoder
+
+    emb, _ = TextEncoder(encoder, max_length=6).encode(["a red frame"])
+    torch.testing.assert_close(item["text_emb"], emb[0])
