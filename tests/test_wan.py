@@ -250,14 +250,20 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
     import csv
 
     shards = write_shards(tmp_path / "shards")
-    run_train(tmp_path, "wan", QUICK + [f"data.root={shards}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                                        "callbacks.sparsity_schedule.increment=0.25",
-                                        "callbacks.sparsity_schedule.interval=1", "module.lr_schedule.warmup_steps=1"])
-    rows = []
-    for path in (tmp_path / "wan" / "csv").glob("version_*/metrics.csv"):
-        with open(path, newline="") as f:
-            rows += [row for row in csv.DictReader(f) if row.get("train/sparsity")]
-    assert [float(r["train/sparsity"]) for r in sorted(rows, key=lambda r: int(r["step"]))] == [0.0, 0.25, 0.5]
+    overrides = QUICK + [f"data.root={shards}", "trainer.log_every_n_steps=1", "module.lr_schedule.warmup_steps=1",
+                         "callbacks.sparsity_schedule.increment=0.25", "callbacks.sparsity_schedule.interval=1"]
+    run_train(tmp_path, "wan", overrides + ["trainer.max_steps=3"])
+
+    def sparsity_log() -> list[float]:
+        rows = []
+        for path in (tmp_path / "wan" / "csv").glob("version_*/metrics.csv"):
+            with open(path, newline="") as f:
+                rows += [row for row in csv.DictReader(f) if row.get("train/sparsity")]
+        return [float(r["train/sparsity"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+    assert sparsity_log() == [0.0, 0.25, 0.5]
+    run_train(tmp_path, "wan", overrides + ["trainer.max_steps=4"])  # resumes from last.ckpt
+    assert sparsity_log() == [0.0, 0.25, 0.5, 0.75]
     ckpt = torch.load(tmp_path / "wan" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(k.startswith("model.gates.") for k in ckpt["state_dict"])
     assert ckpt["vsa"]["dit_config"]["transformer"]["num_layers"] == 2
@@ -274,11 +280,11 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
     spec.loader.exec_module(script)
     assert script.main([str(tmp_path / "wan"), str(tmp_path / "export")]) == 0
     model, sampling_spec = load_model(tmp_path / "wan")
-    assert model.sparsity == sampling_spec["sparsity"] == 0.5  # where the staircase had got to
+    assert model.sparsity == sampling_spec["sparsity"] == 0.75  # where the staircase had got to
     transformer = WanTransformer3DModel.from_pretrained(str(tmp_path / "export")).eval()
     x, t, text = inputs(shape=(2, 8, 8))
     with torch.no_grad(), load_sparse_attention(transformer, tmp_path / "export") as handle:
-        assert handle.core.sparsity == 0.5
+        assert handle.core.sparsity == 0.75
         torch.testing.assert_close(transformer(x, t * 1000, text, return_dict=False)[0],
                                    model(x, t, text=text), rtol=1e-5, atol=1e-5)
 

@@ -206,6 +206,8 @@ class WanVideoModel(nn.Module):
     the model's `transformer.*`); `gates`: VSA's gates G_c (`gates.*`; given: trained ones, e.g.
     `load_gates`; None: zero-initialised), none for other attention."""
 
+    blocks_compiled = False  # VideoDiT's flag, read by the training module (compile_blocks)
+
     def __init__(self, cfg: WanConfig, transformer, impl: str | None = None,
                  gates: nn.ModuleList | None = None):
         super().__init__()
@@ -224,8 +226,6 @@ class WanVideoModel(nn.Module):
         if cfg.activation_checkpointing:
             transformer.enable_gradient_checkpointing()
         self._sparsity, self._topk = cfg.sparsity, cfg.topk
-
-    blocks_compiled = False
 
     def compile_blocks(self, **options) -> None:
         raise NotImplementedError("module.compile_blocks is not supported for the Wan model yet (its "
