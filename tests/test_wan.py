@@ -288,6 +288,15 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
         torch.testing.assert_close(transformer(x, t * 1000, text, return_dict=False)[0],
                                    model(x, t, text=text), rtol=1e-5, atol=1e-5)
 
+    # sample.py says what to do instead of failing inside the sampler.
+    from vsa.sampling import sample
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt_path={tmp_path / 'wan'}", f"output_dir={tmp_path / 's'}",
+                                           "paths.log_dir=/unused", "paths.output_dir=/unused"])
+    with pytest.raises(ConfigError, match="holds a Wan finetune, which sample.py does not sample"):
+        sample(cfg)
+
 
 # ---- errors --------------------------------------------------------------------------------------
 
