@@ -248,7 +248,7 @@ class WanSparseAttnProcessor:
     """Self-attention of a diffusers `WanAttention` (a block's `attn1`) with a sparse pattern on the
     video tokens. Tokens enter and leave in raster order; inside, they are tile-major.
 
-    `gate`: for mode "vsa", VSA's coarse-stage gate G_c, a linear layer `dim -> dim` of the
+    `gate`: for mode "vsa", VSA's coarse-stage gate G_c, a linear layer `dim -> inner_dim` of the
     attention's input (the block's normalised, modulated hidden states), per token and channel;
     the output is then O_c * G_c + O_f. None: the fine stage alone (G_c = 0)."""
 
