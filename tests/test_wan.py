@@ -162,7 +162,9 @@ def test_a_few_finetuning_steps_lower_the_loss():
 
     def loss() -> float:
         with torch.no_grad():
-            return float(flow_matching_loss(model.eval(), x0, t, noise, text=text))
+            value = float(flow_matching_loss(model.eval(), x0, t, noise, text=text))
+        model.train()
+        return value
 
     before = loss()
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -200,7 +202,9 @@ def test_save_then_diffusers_from_pretrained_gives_the_same_outputs(tmp_path):
             assert not torch.allclose(loaded(x, t * 1000, text, return_dict=False)[0], out, atol=1e-4)
 
     # And back into training: build_wan(pretrained=...) loads the saved transformer and its gates.
-    again = build_wan(pretrained=str(folder), in_channels=4, tile=TILE, sparsity=0.5).eval()
+    again = build_wan(pretrained=str(folder), in_channels=4, tile=TILE, sparsity=0.5)
+    assert again.training and all(m.training for m in again.modules())  # ready to train
+    again.eval()
     assert all(torch.equal(a, b) for a, b in zip(again.gates.parameters(), model.gates.parameters(), strict=True))
     with torch.no_grad():
         torch.testing.assert_close(again(x, t, text=text), ref, rtol=1e-5, atol=1e-5)

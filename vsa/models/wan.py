@@ -226,6 +226,7 @@ class WanVideoModel(nn.Module):
         if cfg.activation_checkpointing:
             transformer.enable_gradient_checkpointing()
         self._sparsity, self._topk = cfg.sparsity, cfg.topk
+        self.train()  # like any new module (diffusers' from_pretrained returns its model in eval mode)
 
     def compile_blocks(self, **options) -> None:
         raise NotImplementedError("module.compile_blocks is not supported for the Wan model yet (its "
