@@ -409,10 +409,10 @@ def wan_gates(transformer) -> nn.ModuleList:
     finetune can start from the pretrained weights and learn to mix the coarse stage in."""
     if _model_kind(transformer) != "wan":
         raise TypeError("VSA gates are implemented for diffusers' WanTransformer3DModel only")
-    param = next(transformer.parameters())
     gates = nn.ModuleList()
     for attn in _self_attentions(transformer, "wan"):
-        gate = nn.Linear(attn.to_out[0].out_features, attn.inner_dim, device=param.device, dtype=param.dtype)
+        weight = attn.to_out[0].weight  # the attention's device and dtype
+        gate = nn.Linear(weight.shape[0], attn.inner_dim, device=weight.device, dtype=weight.dtype)
         nn.init.zeros_(gate.weight)
         nn.init.zeros_(gate.bias)
         gates.append(gate)

@@ -313,7 +313,7 @@ class WanVideoModel(nn.Module):
             text = text * text_mask[..., None].to(text.dtype)
         if drop is not None:
             text = torch.where(drop[:, None, None], torch.zeros_like(text), text)
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.transformer.patch_embedding.weight.dtype  # (diffusers keeps some modules in fp32)
         out = self.transformer(hidden_states=x.to(dtype), timestep=t * TIMESTEP_SCALE,
                                encoder_hidden_states=text.to(dtype), return_dict=False)[0]
         return out.to(x.dtype)
