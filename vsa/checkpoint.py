@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vsa.models import DiTConfig, VideoDiT
+from vsa.models.wan import WanVideoModel, is_wan_config, wan_from_config
 
 CHECKPOINT_KEY = "vsa"  # the checkpoint entry of the sampling spec (the name is part of the format)
 RUN_CONFIG_DIR = ".hydra"  # a run folder's saved training config: <run>/.hydra/config.yaml
@@ -92,18 +93,22 @@ def model_state(checkpoint: dict, ema: bool = True) -> dict[str, torch.Tensor]:
 
 
 def model_from_checkpoint(checkpoint: dict, ema: bool = True,
-                          device: torch.device | str | None = None) -> VideoDiT:
-    """A VideoDiT in eval mode with the weights of a checkpoint dict (`read_checkpoint`), built
-    on `device` (default: the CPU). The dict is not modified, so one read serves several models."""
+                          device: torch.device | str | None = None) -> VideoDiT | WanVideoModel:
+    """A VideoDiT (a `vsa.models.wan.WanVideoModel` for a Wan finetune) in eval mode with the
+    weights of a checkpoint dict (`read_checkpoint`), built on `device` (default: the CPU). The
+    dict is not modified, so one read serves several models."""
     spec = checkpoint[CHECKPOINT_KEY]
-    with torch.device(device or "cpu"):  # built where it runs: no init on the CPU, then a copy
-        model = VideoDiT(DiTConfig(**spec["dit_config"]))
+    if is_wan_config(spec["dit_config"]):  # a finetuned diffusers Wan (vsa.models.wan)
+        model = wan_from_config(spec["dit_config"]).to(device or "cpu")
+    else:
+        with torch.device(device or "cpu"):  # built where it runs: no init on the CPU, then a copy
+            model = VideoDiT(DiTConfig(**spec["dit_config"]))
     model.load_state_dict(model_state(checkpoint, ema))
     model.sparsity, model.topk = spec.get("sparsity"), spec.get("topk")
     return model.eval()
 
 
-def load_model(path: str | Path, ema: bool = True) -> tuple[VideoDiT, dict]:
+def load_model(path: str | Path, ema: bool = True) -> tuple[VideoDiT | WanVideoModel, dict]:
     """(VideoDiT in eval mode on the CPU, the checkpoint's sampling spec)."""
     checkpoint = read_checkpoint(path)
     return model_from_checkpoint(checkpoint, ema), checkpoint[CHECKPOINT_KEY]

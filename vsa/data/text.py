@@ -8,7 +8,9 @@ here reaches the network.
 The folder is either a model folder (config.json + tokenizer files side by side) or a diffusers
 pipeline folder (`text_encoder/` and `tokenizer/` subfolders). As Wan's pipeline does, embeddings
 are padded to `max_length` tokens with zeros after each caption's last token, so every caption of
-a data set has the same [L, D] shape and padding carries no signal even where the mask is ignored.
+a data set has the same [L, D] shape and padding carries no signal even where the mask is ignored;
+captions are cleaned as Wan's pipeline cleans prompts, so for a Wan folder the embeddings are the
+pipeline's own (`WanPipeline._get_t5_prompt_embeds`, checked in tests/test_wan.py).
 The encoder is faithful: "" encodes to its end token, as Wan's negative prompt does (sampling a
 VideoDiT maps an empty prompt to its null text instead, `vsa.diffusion.generate`).
 `TextEncoder.tiny()` builds a small random one (a byte-level tokenizer and a 2-layer T5 encoder) for
@@ -17,7 +19,9 @@ tests and smoke runs; `save()` writes it as a folder that `from_folder` reads ba
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +32,12 @@ from torch import nn
 ENCODERS = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel",
             "clip_text_model": "CLIPTextModel", "clip": "CLIPTextModel"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
+def clean_caption(text: str) -> str:
+    """Wan's prompt cleaning (`WanPipeline`) without its optional ftfy step: HTML entities
+    unescaped (twice), runs of whitespace collapsed, ends stripped."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def _transformers():
@@ -86,8 +96,9 @@ class TextEncoder(nn.Module):
         if model_type not in ENCODERS:
             raise ValueError(f"{model_dir}/config.json has model_type={model_type!r}; supported text "
                              f"encoders: {', '.join(sorted(ENCODERS))}")
-        model = getattr(transformers, ENCODERS[model_type]).from_pretrained(model_dir, torch_dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+        model = getattr(transformers, ENCODERS[model_type]).from_pretrained(model_dir, torch_dtype=dtype,
+                                                                             local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         return cls(model, tokenizer, max_length, source=str(Path(path).resolve()))
 
     @classmethod
@@ -124,7 +135,7 @@ class TextEncoder(nn.Module):
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"captions must be a list of strings, got {type(captions).__name__}")
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
+        tokens = self.tokenizer([clean_caption(c) for c in captions], padding="max_length", max_length=self.max_length,
                                 truncation=True, return_tensors="pt")
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device).bool()
         emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state

@@ -29,6 +29,11 @@ Patterns: "grat_b" (radius), "grat_x" (lines), "sta" (window), all from `vsa.ops
 (O = O_f, i.e. G_c = 0, G_f = 1: what a VSA "adapt" finetune starts from). Everything is
 differentiable (forward and backward kernels), so the patterns can be finetuned in diffusers.
 
+Trained VSA on Wan: `apply_sparse_attention(..., "vsa", gates=wan_gates(transformer))` adds the
+coarse stage, O = O_c * G_c + O_f, with G_c one zero-initialised trainable linear layer per block
+(`vsa.models.wan` finetunes them); `save_sparse_attention` / `load_sparse_attention` keep trained
+gates and settings next to the transformer's `save_pretrained` files (docs/wan.md).
+
 Needs diffusers >= 0.35 (the `WanAttention` / `FluxAttention` processor interface with (cos, sin)
 rotary embeddings). Not supported: attention masks on the replaced modules, context parallelism.
 """
@@ -42,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 
 from vsa.attention import BACKENDS
 from vsa.layout import TileFill, TileLayout, int_triple
@@ -54,6 +60,7 @@ from vsa.ops import (
     resolve_impl,
     resolve_topk,
     select_key_tiles,
+    video_sparse_attention,
 )
 
 DEFAULT_TILES = {"wan": (4, 8, 8), "flux": (1, 16, 16)}
@@ -176,6 +183,24 @@ class SparseAttentionCore:
             raise ValueError(f"head dim {q.shape[-1]} is not supported by the kernels "
                              f"({SUPPORTED_HEAD_DIMS}); use impl='torch' or a model with such heads")
 
+    def set_sparsity(self, sparsity: float | None = None, topk: int | None = None) -> None:
+        """VSA: change how many key tiles each query tile keeps (exactly one of them), e.g. from
+        a training schedule; the next call uses it."""
+        if not self.selects:
+            raise TypeError(f"sparsity / topk are VSA settings; pattern {self.mode!r} fixes its tiles")
+        resolve_topk(1, topk, sparsity)
+        self.topk, self.sparsity = topk, sparsity
+
+    def attend_gated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout,
+                     gate_c: torch.Tensor) -> torch.Tensor:
+        """VSA with its coarse stage: O = O_c * gate_c + O_f (the "adapt" gates: G_f = 1), q, k,
+        v, gate_c [B, S, H, D] tile-major. With gate_c = 0 (a fresh gate projection) it equals
+        `attend`; at sparsity 0 that is dense attention."""
+        impl = resolve_impl(q, self.impl)
+        self._check(q, k, v, impl)
+        return video_sparse_attention(q, k, v, layout, topk=self.topk, sparsity=self.sparsity,
+                                      gate_c=gate_c, impl=impl)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout,
                n_text: int = 0) -> torch.Tensor:
         """Attention of a [text; image tile-major] sequence, q, k, v [B, n_text + S, H, D]:
@@ -221,13 +246,20 @@ def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 class WanSparseAttnProcessor:
     """Self-attention of a diffusers `WanAttention` (a block's `attn1`) with a sparse pattern on the
-    video tokens. Tokens enter and leave in raster order; inside, they are tile-major."""
+    video tokens. Tokens enter and leave in raster order; inside, they are tile-major.
+
+    `gate`: for mode "vsa", VSA's coarse-stage gate G_c, a linear layer `dim -> inner_dim` of the
+    attention's input (the block's normalised, modulated hidden states), per token and channel;
+    the output is then O_c * G_c + O_f. None: the fine stage alone (G_c = 0)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, core: SparseAttentionCore):
+    def __init__(self, core: SparseAttentionCore, gate: nn.Module | None = None):
+        if gate is not None and not core.selects:
+            raise ValueError(f"a gate is VSA's (mode 'vsa'); pattern {core.mode!r} has no coarse stage")
         self.core = core
+        self.gate = gate
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb=None) -> torch.Tensor:
@@ -251,7 +283,12 @@ class WanSparseAttnProcessor:
                                 "(diffusers >= 0.35)")
             cos, sin = (f.index_select(1, layout.perm.to(f.device)) for f in rotary_emb)
             query, key = _wan_rotary(query, cos, sin), _wan_rotary(key, cos, sin)
-        out = rearrange(self.core.attend(query, key, value, layout), "b s h d -> b s (h d)").type_as(query)
+        if self.gate is None:
+            out = self.core.attend(query, key, value, layout)
+        else:
+            gate_c = rearrange(self.gate(x), "b s (h d) -> b s h d", h=attn.heads)
+            out = self.core.attend_gated(query, key, value, layout, gate_c)
+        out = rearrange(out, "b s h d -> b s (h d)").type_as(query)
         out = attn.to_out[1](attn.to_out[0](out))
         return layout.from_tiles(out, dim=1)
 
@@ -358,12 +395,54 @@ def flux_grid(img_ids: torch.Tensor) -> tuple[int, int, int]:
     return (1, h, w)
 
 
+def _self_attentions(transformer, kind: str) -> list:
+    """The modules whose attention is replaced, in module order."""
+    names = ("WanAttention",) if kind == "wan" else ("FluxAttention",)
+    return [module for module in transformer.modules() if type(module).__name__ in names
+            and not (kind == "wan" and module.is_cross_attention)]
+
+
+def wan_gates(transformer) -> nn.ModuleList:
+    """VSA's coarse-stage gates G_c for a diffusers Wan transformer, zero-initialised: one linear
+    layer `dim -> inner_dim` per self-attention (`attn1`), in block order. With them at zero the
+    model computes what it did without them (the fine stage; dense attention at sparsity 0), so a
+    finetune can start from the pretrained weights and learn to mix the coarse stage in."""
+    if _model_kind(transformer) != "wan":
+        raise TypeError("VSA gates are implemented for diffusers' WanTransformer3DModel only")
+    gates = nn.ModuleList()
+    for attn in _self_attentions(transformer, "wan"):
+        weight = attn.to_out[0].weight  # the attention's device and dtype
+        gate = nn.Linear(weight.shape[0], attn.inner_dim, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(gate.weight)
+        nn.init.zeros_(gate.bias)
+        gates.append(gate)
+    return gates
+
+
+class _GridHook:
+    """Forward pre-hook that reads the token grid of every transformer call into the core. An
+    object, not a closure, so that a deep copy of the model (an EMA copy) sets its own core."""
+
+    def __init__(self, core: SparseAttentionCore, kind: str):
+        self.core, self.kind = core, kind
+
+    def __call__(self, module, args, kwargs) -> None:
+        arguments = _call_arguments(module, args, kwargs)
+        if self.kind == "wan":
+            self.core.grid = wan_grid(module, arguments["hidden_states"])
+        else:
+            if arguments.get("img_ids") is None:
+                raise ValueError("Flux was called without img_ids: the image token grid is unknown")
+            self.core.grid = flux_grid(arguments["img_ids"])
+
+
 class SparseAttentionHandle:
     """What `apply_sparse_attention` installed; `remove()` (or leaving a `with` block) restores
-    diffusers' processors and removes the grid hook."""
+    diffusers' processors and removes the grid hook. `gates`: VSA's gates (None without)."""
 
-    def __init__(self, core: SparseAttentionCore, replaced: list, hook):
+    def __init__(self, core: SparseAttentionCore, replaced: list, hook, gates: nn.ModuleList | None = None):
         self.core = core
+        self.gates = gates
         self._replaced = replaced
         self._hook = hook
 
@@ -391,7 +470,7 @@ class SparseAttentionHandle:
 
 
 def apply_sparse_attention(transformer, mode: str = "grat_b", tile=None, grid=None,
-                           impl: str | None = None, **options) -> SparseAttentionHandle:
+                           impl: str | None = None, gates=None, **options) -> SparseAttentionHandle:
     """Run a diffusers Wan or Flux transformer with a sparse pattern on its video / image tokens.
 
     Args:
@@ -401,33 +480,119 @@ def apply_sparse_attention(transformer, mode: str = "grat_b", tile=None, grid=No
         tile: group size in post-patchify tokens; default (4, 8, 8) for Wan, (1, 16, 16) for Flux.
         grid: fixed (T, H, W) token grid; None = read from every call (recommended).
         impl: None (Triton on CUDA, torch on CPU), "triton" or "torch".
+        gates: VSA on Wan only: the coarse-stage gates, `wan_gates(transformer)` (zero, trainable)
+            or trained ones (`load_sparse_attention` reads them from a folder); None = the fine
+            stage alone.
         **options: the pattern's options.
     Returns a `SparseAttentionHandle` (`.remove()` restores the model; usable as a context manager).
     """
     kind = _model_kind(transformer)
     core = SparseAttentionCore(mode, tile or DEFAULT_TILES[kind], grid=grid, impl=impl, **options)
-    replaced = []
-    for module in transformer.modules():
-        name = type(module).__name__
-        if kind == "wan" and name == "WanAttention" and not module.is_cross_attention:
-            replaced.append((module, module.processor))
-            module.set_processor(WanSparseAttnProcessor(core))
-        elif kind == "flux" and name == "FluxAttention":
-            replaced.append((module, module.processor))
-            module.set_processor(FluxSparseAttnProcessor(core))
-    if not replaced:
+    modules = _self_attentions(transformer, kind)
+    if not modules:
         raise TypeError(f"found no self-attention module to replace in {type(transformer).__name__}")
+    if gates is not None:
+        if kind != "wan" or not core.selects:
+            raise ValueError("gates are VSA's coarse-stage gates, implemented for Wan: use "
+                             "mode='vsa' on a WanTransformer3DModel, or gates=None")
+        if len(gates) != len(modules):
+            raise ValueError(f"{len(gates)} gates for {len(modules)} self-attention modules; build "
+                             "them with wan_gates(transformer) for this model")
+    replaced = []
+    for i, module in enumerate(modules):
+        replaced.append((module, module.processor))
+        if kind == "wan":
+            module.set_processor(WanSparseAttnProcessor(core, None if gates is None else gates[i]))
+        else:
+            module.set_processor(FluxSparseAttnProcessor(core))
 
     hook = None
     if grid is None:
-        def set_grid(module, args, kwargs):
-            arguments = _call_arguments(module, args, kwargs)
-            if kind == "wan":
-                core.grid = wan_grid(module, arguments["hidden_states"])
-            else:
-                if arguments.get("img_ids") is None:
-                    raise ValueError("Flux was called without img_ids: the image token grid is unknown")
-                core.grid = flux_grid(arguments["img_ids"])
+        hook = transformer.register_forward_pre_hook(_GridHook(core, kind), with_kwargs=True)
+    return SparseAttentionHandle(core, replaced, hook, gates)
 
-        hook = transformer.register_forward_pre_hook(set_grid, with_kwargs=True)
-    return SparseAttentionHandle(core, replaced, hook)
+
+# --------------------------------------------------------------------------------------------------
+# Trained VSA gates next to a diffusers checkpoint
+# --------------------------------------------------------------------------------------------------
+
+GATES_FILE = "vsa_gates.safetensors"  # the gates G_c, "<attn1 module name>.weight" / ".bias"
+SETTINGS_FILE = "vsa_attention.json"  # mode, tile, sparsity / topk the gates were trained with
+
+
+def save_sparse_attention(folder, transformer, handle: SparseAttentionHandle) -> None:
+    """Write the VSA settings and gates of `handle` (installed on `transformer`) into `folder`,
+    next to the transformer's own `save_pretrained` files, for `load_sparse_attention`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    core = handle.core
+    if not core.selects or handle.gates is None:
+        raise ValueError("save_sparse_attention saves trained VSA gates; this handle has none")
+    names = {module: name for name, module in transformer.named_modules()}
+    state = {}
+    for (module, _), gate in zip(handle._replaced, handle.gates, strict=True):
+        for key, value in gate.state_dict().items():
+            state[f"{names[module]}.{key}"] = value.detach().contiguous().cpu()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / GATES_FILE), metadata={"format": "vsa-wan-gates-v1"})
+    settings = {"mode": core.mode, "tile": list(core.tile), "sparsity": core.sparsity, "topk": core.topk}
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_sparse_attention(transformer, folder, grid=None, impl: str | None = None,
+                          **overrides) -> SparseAttentionHandle:
+    """Install VSA with the gates and settings that `save_sparse_attention` (or
+    `vsa.models.wan.WanVideoModel.save_pretrained`) wrote into `folder` on a Wan transformer,
+    e.g. one loaded from the same folder with `WanTransformer3DModel.from_pretrained(folder)`.
+    `overrides`: settings to change, e.g. sparsity=0.9 or topk=16."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    for name in (SETTINGS_FILE, GATES_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} has no {name}: it is not a folder written by "
+                                    "save_sparse_attention / WanVideoModel.save_pretrained")
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    if "topk" in overrides or "sparsity" in overrides:  # one replaces the other
+        settings.pop("topk", None)
+        settings.pop("sparsity", None)
+    settings.update(overrides)
+    if settings.get("topk") is None:
+        settings.pop("topk", None)
+    else:
+        settings.pop("sparsity", None)
+    mode, tile = settings.pop("mode"), settings.pop("tile")
+    return apply_sparse_attention(transformer, mode, tile=tile, grid=grid, impl=impl,
+                                  gates=load_gates(transformer, folder), **settings)
+
+
+def load_gates(transformer, folder) -> nn.ModuleList:
+    """The trained VSA gates in `folder`/vsa_gates.safetensors, for `transformer` (a Wan of the
+    architecture they were trained in), as `wan_gates` lays them out."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / GATES_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {GATES_FILE}: it is not a folder written by "
+                                "save_sparse_attention / WanVideoModel.save_pretrained")
+    gates = wan_gates(transformer)
+    modules = _self_attentions(transformer, "wan")
+    names = {module: name for name, module in transformer.named_modules()}
+    state = load_file(str(folder / GATES_FILE))
+    expected = {f"{names[m]}.{key}" for m in modules for key in ("weight", "bias")}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{folder / GATES_FILE} does not fit this transformer (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}); load the transformer saved in the same folder")
+    with torch.no_grad():
+        for module, gate in zip(modules, gates, strict=True):
+            gate.weight.copy_(state[f"{names[module]}.weight"])
+            gate.bias.copy_(state[f"{names[module]}.bias"])
+    return gates

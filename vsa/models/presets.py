@@ -35,12 +35,24 @@ def nominal_params(name: str) -> float:
     return float(name[:-1]) * scale[name[-1]]
 
 
+def preset_files(folder: Path = CONFIG_DIR) -> list[Path]:
+    """The VideoDiT presets among the model config group's YAML files: not those that build
+    another model, i.e. name their own `_target_` or inherit one through `defaults` (e.g.
+    configs/model/wan*.yaml, a pretrained diffusers Wan transformer)."""
+    files = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if not (isinstance(node, dict) and ("_target_" in node or "defaults" in node)):
+            files.append(path)
+    return files
+
+
 def load_presets(folder: Path = CONFIG_DIR) -> dict[str, dict[str, int]]:
-    """{name: {depth, width, head_dim}} from the model config group's YAML files, smallest first.
-    Other keys of a file (e.g. mlp_conv) are overrides of the runs that use it, not part of the
-    preset."""
+    """{name: {depth, width, head_dim}} from the model config group's YAML files (`preset_files`),
+    smallest first. Other keys of a file (e.g. mlp_conv) are overrides of the runs that use it,
+    not part of the preset."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.yaml"))
+    files = preset_files(folder)
     if not files:
         raise FileNotFoundError(f"no model presets in {folder}: they are the YAML files of the repository's "
                                 "configs/model/; install vsa from a checkout (pip install -e .)")

@@ -27,6 +27,7 @@ from vsa.data.text import TextEncoder
 from vsa.diffusion import check_sampling, generate, timestep_shift
 from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
+from vsa.models.wan import WanVideoModel
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ def sample(cfg: DictConfig) -> dict:
         check_sparsity(cfg.sparsity, cfg.topk)
     with config_section("ckpt_path"):
         model, spec = load_model(cfg.ckpt_path, ema=cfg.ema)
+    if isinstance(model, WanVideoModel):
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} holds a Wan finetune, which sample.py does not "
+                          "sample (it needs the Wan VAE and text encoder); export it with "
+                          "scripts/export_wan.py and sample with diffusers' WanPipeline + "
+                          "load_sparse_attention (docs/wan.md)")
 
     swap = cfg.get("attention")
     if swap is not None:

@@ -92,7 +92,8 @@ class VideoDiffusionModule(L.LightningModule):
     """Flow-matching training of a VideoDiT (see the module docstring).
 
     Args:
-        model: the VideoDiT (its config fixes architecture, attention backend and sparsity).
+        model: the VideoDiT (its config fixes architecture, attention backend and sparsity), or
+            a pretrained diffusers Wan with VSA (`vsa.models.wan.WanVideoModel`, docs/wan.md).
         codec: codec spec for `vsa.data.build_codec`, e.g. {"name": "space_to_depth", "factor":
             [1, 2, 2]}; applied to `video` batches, and used to decode samples to pixels.
         data_key: batch key of the model input: "video" (encoded by the codec) or "latents".

@@ -139,6 +139,22 @@ def check_checkpoint_model(checkpoint: dict, model: VideoDiT, ckpt: Path) -> Non
                           "(or name a new run with run_name=NEW_NAME)")
 
 
+def check_conditioning(item: dict, cfg) -> None:
+    """Before any step: a text-conditioned model (text_dim > 0, embeddings from the data) needs
+    `text_emb` of its width in the data set's items."""
+    if not cfg.text_dim or cfg.caption_words:
+        return
+    if "text_emb" not in item:
+        raise ValueError(f"the model cross-attends to text (text_dim={cfg.text_dim}) but the data set's "
+                         f"items have no text_emb (keys: {sorted(item)}); use latent shards written "
+                         "with text embeddings (vsa.data.write_latent_shard(..., text_emb=...))")
+    width = item["text_emb"].shape[-1]
+    if width != cfg.text_dim:
+        raise ValueError(f"the data's text embeddings are {width} wide but the model's text_dim is "
+                         f"{cfg.text_dim}; encode the captions with the text encoder the model was "
+                         "trained with (Wan 2.1: UMT5-XXL, 4096)")
+
+
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """'auto' -> bf16-mixed on a CUDA GPU with bf16 support, else 32-true; others unchanged."""
     if precision != "auto":
@@ -305,6 +321,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with config_section("model"):
         model = instantiate(cfg.model, in_channels=latent_shape[0], _convert_="all")
         tokens = math.prod(model.cfg.token_grid(latent_shape[1:]))
+    with config_section("data"):
+        check_conditioning(item, model.cfg)
     if checkpoint is not None:
         check_checkpoint_model(checkpoint, model, ckpt)
         del checkpoint  # Lightning reads it again, for real
