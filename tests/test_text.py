@@ -169,6 +169,7 @@ def test_train_on_caption_embeddings_then_sample_py_with_prompts(captioned_dir, 
     """encode_latents --text-encoder -> train.py data=latents with a text_dim model (its sampling
     callback embeds prompts with the same encoder) -> sample.py prompt=... text_encoder=PATH."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from vsa.sampling import sample
     from vsa.training import ConfigError, train
@@ -192,6 +193,8 @@ def test_train_on_caption_embeddings_then_sample_py_with_prompts(captioned_dir, 
             "callbacks.sample_quality=null", "trainer.enable_progress_bar=false",
             "+callbacks.sample_videos.prompts=[a red circle moves left]",
             f"+callbacks.sample_videos.text_encoder={encoder_dir}", "+callbacks.sample_videos.text_max_length=32"])
+    with pytest.raises(ConfigError, match="32 wide but the model's text_dim is 64"):
+        train(OmegaConf.merge(cfg, {"model": {"text_dim": 64}}))  # stopped before any step
     train(cfg)
     assert len(list((tmp_path / "run" / "samples" / "step_0000004").glob("video_*.mp4"))) == 2
 

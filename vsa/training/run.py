@@ -147,12 +147,12 @@ def check_conditioning(item: dict, cfg) -> None:
     if "text_emb" not in item:
         raise ValueError(f"the model cross-attends to text (text_dim={cfg.text_dim}) but the data set's "
                          f"items have no text_emb (keys: {sorted(item)}); use latent shards written "
-                         "with text embeddings (vsa.data.write_latent_shard(..., text_emb=...))")
+                         "with caption embeddings (scripts/encode_latents.py --text-encoder DIR)")
     width = item["text_emb"].shape[-1]
     if width != cfg.text_dim:
         raise ValueError(f"the data's text embeddings are {width} wide but the model's text_dim is "
                          f"{cfg.text_dim}; encode the captions with the text encoder the model was "
-                         "trained with (Wan 2.1: UMT5-XXL, 4096)")
+                         "trained with (Wan 2.1: UMT5-XXL, 4096) or set model.text_dim to the encoder's width")
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
