@@ -3,6 +3,7 @@ differ only in attention, the launchers and trainers compose, and bad overrides 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -174,6 +175,10 @@ def test_trainer_configs_compose(trainer):
         assert strategy.__class__.__name__ == "FSDPStrategy"
         assert strategy.kwargs["auto_wrap_policy"].__class__.__name__ == "ModuleWrapPolicy"
         assert DiTBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
+        if importlib.util.find_spec("diffusers"):  # a finetuned Wan: one unit per Wan block too
+            from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+            assert WanTransformerBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
 
 
 @pytest.mark.parametrize("data", ["synthetic", "footage", "photo_pans", "long_range"])

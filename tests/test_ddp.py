@@ -93,31 +93,54 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def _fsdp_worker(rank: int, world: int, port: int, queue) -> None:
+# A tiny random diffusers Wan transformer (as tests/test_wan.py): 2 blocks, text width 32.
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, queue, kind: str = "videodit") -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from vsa.models import DiTBlock, build_model
+    from vsa.models import build_model
+    from vsa.training.fsdp import fsdp_block_classes
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        kwargs = dict(in_channels=4, attention="vsa", sparsity=0.5, depth=2)
-        model = build_model("0.6M", **kwargs, activation_checkpointing=True)
+        if kind == "wan":
+            from vsa.models.wan import build_wan
+
+            def build(**extra):
+                torch.manual_seed(0)
+                return build_wan(transformer=WAN_TINY, in_channels=4, tile=(2, 4, 4), sparsity=0.5, **extra)
+        else:
+            def build(**extra):
+                torch.manual_seed(0)
+                return build_model("0.6M", in_channels=4, attention="vsa", sparsity=0.5, depth=2, **extra)
+        model = build(activation_checkpointing=True)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.1)
-        reference = build_model("0.6M", **kwargs)
+        reference = build()
         reference.load_state_dict(model.state_dict())
-        # As configs/trainer/fsdp.yaml: one FSDP unit per DiT block.
-        sharded = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({DiTBlock}), device_id=torch.device("cpu"),
-                       use_orig_params=True)
+        # As configs/trainer/fsdp.yaml: one FSDP unit per transformer block.
+        sharded = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(fsdp_block_classes()),
+                       device_id=torch.device("cpu"), use_orig_params=True)
+        units = sum(isinstance(m, FSDP) for m in sharded.modules())
+        assert units == 3, units  # the root + one per block (2 blocks)
         x = torch.randn(world, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         t = torch.rand(world, generator=torch.Generator().manual_seed(2))
-        sharded(x[rank:rank + 1], t[rank:rank + 1]).square().mean().backward()  # each rank: its sample
-        reference(x, t).square().mean().backward()                               # one process: both
+        cond = {}
+        if kind == "wan":
+            cond["text"] = torch.randn(world, 5, 32, generator=torch.Generator().manual_seed(3))
+
+        def part(c: dict) -> dict:
+            return {k: v[rank:rank + 1] for k, v in c.items()}
+
+        sharded(x[rank:rank + 1], t[rank:rank + 1], **part(cond)).square().mean().backward()  # each rank: its sample
+        reference(x, t, **cond).square().mean().backward()                                    # one process: both
         with FSDP.summon_full_params(sharded, with_grads=True):
             errors = [((a.grad - b.grad).norm() / b.grad.norm()).item()
                       for a, b in zip(sharded.parameters(), reference.parameters()) if b.grad.norm() > 0]
@@ -126,10 +149,14 @@ def _fsdp_worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_with_activation_checkpointing_gives_the_gradients_of_one_process():
-    """FSDP (one unit per DiT block, as trainer=fsdp) over 2 gloo processes, with the model's
-    activation checkpointing and the VSA backend: the gathered gradients equal one process's on the
-    whole batch. (Lightning's FSDPStrategy refuses the CPU; this is torch's FSDP directly.)"""
+@pytest.mark.parametrize("kind", ["videodit", "wan"])
+def test_fsdp_with_activation_checkpointing_gives_the_gradients_of_one_process(kind):
+    """FSDP (one unit per transformer block, as trainer=fsdp) over 2 gloo processes, with the
+    model's activation checkpointing and the VSA backend: the gathered gradients equal one
+    process's on the whole batch. Our VideoDiT, and a finetuned diffusers Wan (one unit per
+    WanTransformerBlock). (Lightning's FSDPStrategy refuses the CPU; this is torch's FSDP directly.)"""
+    if kind == "wan":
+        pytest.importorskip("diffusers", reason="Wan needs diffusers (pip install -e '.[diffusers]')")
     import socket
 
     import torch.multiprocessing as mp
@@ -139,7 +166,7 @@ def test_fsdp_with_activation_checkpointing_gives_the_gradients_of_one_process()
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_fsdp_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    procs = [ctx.Process(target=_fsdp_worker, args=(rank, 2, port, queue, kind)) for rank in range(2)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=180) for _ in procs]

@@ -23,6 +23,7 @@ _EXPORTS = {
     "RunCheckpoint": "vsa.training.callbacks",
     "AtomicCheckpointIO": "vsa.training.checkpoint_io",
     "forward_flops": "vsa.training.flops",
+    "fsdp_block_classes": "vsa.training.fsdp",
     "training_flops": "vsa.training.flops",
 }
 
@@ -38,6 +39,7 @@ __all__ = [
     "VideoDiffusionModule",
     "WarmupSchedule",
     "forward_flops",
+    "fsdp_block_classes",
     "load_init_weights",
     "train",
     "training_flops",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from vsa.training.checkpoint_io import AtomicCheckpointIO
     from vsa.training.data import ResumableDataModule, ResumableSampler
     from vsa.training.flops import forward_flops, training_flops
+    from vsa.training.fsdp import fsdp_block_classes
     from vsa.training.module import VideoDiffusionModule, WarmupSchedule
     from vsa.training.run import load_init_weights, train
 
