@@ -439,3 +439,26 @@ def test_a_model_with_a_caption_vocabulary_embeds_its_captions():
         build_model("0.6M", num_classes=0, text_dim=32, caption_words=["Red"])
     with pytest.raises(ValueError, match="no caption vocabulary"):
         build_model("0.6M", num_classes=0, text_dim=32).embed_captions(["a"])
+
+
+def test_qk_norm_takes_bf16_without_the_unfused_fallback():
+    """Under bf16 autocast q/k arrive in bf16: the norm casts its weight to them, so torch's fused
+    RMSNorm runs (nn.RMSNorm with an fp32 weight warns and falls back at every call)."""
+    import warnings
+
+    from vsa.models.dit import QKNorm
+
+    norm = QKNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+    assert list(norm.state_dict()) == list(torch.nn.RMSNorm(64).state_dict())
+    x = torch.randn(2, 8, 4, 64) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    ref = torch.nn.functional.rms_norm(x.double(), (64,), norm.weight.double(), 1e-6)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2
+    plain = torch.nn.RMSNorm(64, eps=1e-6)
+    plain.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)  # fp32: exactly nn.RMSNorm

@@ -61,6 +61,15 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_features(t, self.freq_dim))
 
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm over the head dim whose weight follows the input's dtype: under bf16 autocast q and k
+    come out of the projection in bf16, and nn.RMSNorm with its fp32 weight would then fall back
+    from the fused kernel (with a warning at every call). Same parameters and state_dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SelfAttention(nn.Module):
     """qkv projection, qk-RMSNorm, 3D RoPE, attention backend, output projection."""
 
@@ -68,8 +77,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.q_norm = QKNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = QKNorm(cfg.head_dim, eps=1e-6)
         self.backend = build_backend(cfg.attention, cfg.width, cfg.n_heads, cfg.head_dim,
                                      **cfg.attention_options)
         self.proj = nn.Linear(cfg.width, cfg.width)
@@ -90,8 +99,8 @@ class CrossAttention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q = nn.Linear(cfg.width, cfg.width)
         self.kv = nn.Linear(cfg.width, 2 * cfg.width)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.q_norm = QKNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = QKNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor,
