@@ -9,7 +9,8 @@
 Each video gives one clip (the centred one: the dataset in eval mode). Labels are stored when the
 folder's metadata has them, captions as JSON in each shard's metadata. With --text-encoder (a local
 transformers text encoder or diffusers pipeline folder, `vsa.data.text`), each caption's embeddings
-and mask are stored too (`text_emb` [N, L, D], `text_mask` [N, L]), for text-conditioned models.
+and mask are stored too (`text_emb` [N, L, D], `text_mask` [N, L]), for text-conditioned models, and
+the empty prompt's in `<dst>/null_text/null_text.safetensors` (a Wan finetune's CFG null text).
 Unreadable videos are skipped and listed at the end; nothing is duplicated to fill their place.
 """
 
@@ -31,7 +32,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from vsa.data.codecs import build_codec
 from vsa.data.latents import write_latent_shard
-from vsa.data.text import TextEncoder
+from vsa.data.text import TextEncoder, save_null_text
 from vsa.data.videos import VideoFolderDataset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -139,6 +140,8 @@ def _encode(args: argparse.Namespace) -> int:
         meta["vae_path"] = str(Path(args.vae_path).resolve())
     if text_encoder is not None:
         meta["text_encoder"] = text_encoder.source
+        null_path = save_null_text(dst, text_encoder)  # the empty prompt: Wan's CFG null condition
+        meta["null_text"] = str(null_path.relative_to(dst))
     for old in existing:
         old.unlink()
 

@@ -397,3 +397,55 @@ def test_text_embeddings_are_the_wan_pipelines(tmp_path):
     torch.testing.assert_close(emb, ref)
     with pytest.raises(FileNotFoundError, match=r"no config.json \(nor text_encoder/config.json\)"):
         TextEncoder.from_folder(tmp_path)
+
+
+def test_caption_dropout_and_guidance_use_the_empty_prompts_embedding(tmp_path):
+    """encode_latents writes the empty prompt's embedding beside the shards; a Wan model with
+    cond_dropout drops captions to it (padded to the batch's length), and guides against it."""
+    pytest.importorskip("transformers")
+    av = pytest.importorskip("av")
+    import importlib.util
+
+    import numpy as np
+
+    from vsa.data.text import NULL_TEXT_FILE, TextEncoder, load_null_text
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    with av.open(str(videos / "a.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 40 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (videos / "metadata.jsonl").write_text(json.dumps({"file_name": "a.mp4", "caption": "a red frame"}))
+    spec = importlib.util.spec_from_file_location("encode_latents", REPO / "scripts" / "encode_latents.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    encoder = tiny_text_encoder(tmp_path / "pipe")
+    shards = tmp_path / "shards"
+    assert script.main(["--src", str(videos), "--dst", str(shards), "--codec", "space_to_depth", "--frames", "4",
+                        "--height", "16", "--width", "16", "--backend", "av", "--text-encoder", str(encoder),
+                        "--text-max-length", "6"]) == 0
+    null_emb, null_mask = load_null_text(shards / NULL_TEXT_FILE)
+    ref, ref_mask = TextEncoder.from_folder(encoder, max_length=6)([""])
+    torch.testing.assert_close(null_emb, ref[0])
+    assert null_mask.tolist() == ref_mask[0].tolist() == [True] + [False] * 5  # </s> only
+    assert len(list(shards.glob("*.safetensors"))) == 1  # the null text is not read as a shard
+
+    with pytest.raises(ValueError, match="model.null_text=.*null_text.safetensors"):
+        tiny(cond_dropout=0.5)
+    model = tiny(cond_dropout=0.5, null_text=str(shards / NULL_TEXT_FILE)).eval()
+    x, t, text = inputs(text_len=7)
+    null = torch.cat([null_emb, torch.zeros(1, 32)])[None].expand(2, 7, 32)  # padded to 7 tokens
+    with torch.no_grad():
+        dropped = model(x, t, text=text, cond_drop=torch.tensor([True, False]))
+        expected = model(x, t, text=torch.stack([null[0], text[1]]))
+        torch.testing.assert_close(dropped, expected)
+        torch.testing.assert_close(model.null_condition({"text": text})["text"], null)
+        assert not torch.allclose(model(x, t, text=null), model(x, t, text=torch.zeros_like(text)))
+    with pytest.raises(FileNotFoundError, match="encode_latents.py --text-encoder writes it"):
+        tiny(cond_dropout=0.5, null_text=str(tmp_path / "none.safetensors"))

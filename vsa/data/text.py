@@ -15,6 +15,10 @@ The encoder is faithful: "" encodes to its end token, as Wan's negative prompt d
 VideoDiT maps an empty prompt to its null text instead, `vsa.diffusion.generate`).
 `TextEncoder.tiny()` builds a small random one (a byte-level tokenizer and a 2-layer T5 encoder) for
 tests and smoke runs; `save()` writes it as a folder that `from_folder` reads back.
+
+`save_null_text` / `load_null_text`: the embedding of the empty prompt (the negative prompt Wan's
+pipeline guides against by default), stored beside a folder of latent shards so that a Wan
+finetune can drop captions to it for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+NULL_TEXT_FILE = "null_text/null_text.safetensors"  # beside the shards (not a shard: another folder)
 
 # config.json `model_type` -> the transformers class of the encoder-only model.
 ENCODERS = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel",
@@ -140,3 +146,30 @@ class TextEncoder(nn.Module):
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device).bool()
         emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return emb * mask[..., None].to(emb.dtype), mask
+
+
+def save_null_text(shard_root, encoder: TextEncoder) -> Path:
+    """Write `encoder("")` as `<shard_root>/null_text/null_text.safetensors` (`text_emb` [L, D],
+    `text_mask` [L]); returns the path."""
+    from safetensors.torch import save_file
+
+    emb, mask = encoder([""])
+    path = Path(shard_root) / NULL_TEXT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"text_emb": emb[0].float().cpu().contiguous(), "text_mask": mask[0].cpu().contiguous()}, str(path))
+    return path
+
+
+def load_null_text(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_emb [L, D] float32, text_mask [L] bool) written by `save_null_text`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"null text embedding {path} does not exist; scripts/encode_latents.py "
+                                f"--text-encoder writes it as <shards>/{NULL_TEXT_FILE}")
+    tensors = load_file(str(path))
+    if set(tensors) != {"text_emb", "text_mask"} or tensors["text_emb"].dim() != 2:
+        raise ValueError(f"{path} is not a null text embedding (text_emb [L, D] + text_mask [L]); "
+                         "rewrite it with scripts/encode_latents.py --text-encoder")
+    return tensors["text_emb"].float(), tensors["text_mask"].bool()

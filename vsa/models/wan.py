@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vsa.attention import BACKENDS
+from vsa.data.text import load_null_text
 from vsa.integrations.diffusers import (
     GATES_FILE,
     apply_sparse_attention,
@@ -63,6 +64,7 @@ class WanConfig:
     sparsity: float | None = 0.875
     topk: int | None = None
     cond_dropout: float = 0.0
+    null_text: str | None = None  # the empty prompt's embedding (vsa.data.text.save_null_text)
     activation_checkpointing: bool = False
     # Fixed for Wan (DiTConfig's names): text-conditioned, no classes, no caption vocabulary.
     num_classes: int = 0
@@ -81,6 +83,10 @@ class WanConfig:
                              "caption_words, no mlp_conv")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
+        if self.cond_dropout > 0 and self.null_text is None:
+            raise ValueError("Wan's caption dropout needs the null text its pipeline guides against (the empty "
+                             "prompt's embedding): set model.null_text=<shards>/null_text/null_text.safetensors "
+                             "(scripts/encode_latents.py --text-encoder writes it), or cond_dropout=0")
         check_sparsity(self.sparsity, self.topk)
         if BACKENDS[self.attention].needs_sparsity:
             self.attention_options.setdefault("gates", "adapt")
@@ -225,6 +231,13 @@ class WanVideoModel(nn.Module):
                                                  gates=self.gates, **options)
         if cfg.activation_checkpointing:
             transformer.enable_gradient_checkpointing()
+        emb = None  # [L, text_dim]: the empty prompt's embedding (not saved: its file is the source)
+        if cfg.null_text is not None:
+            emb, _ = load_null_text(cfg.null_text)
+            if emb.shape[1] != cfg.text_dim:
+                raise ValueError(f"the null text {cfg.null_text} is {emb.shape[1]} wide but the Wan transformer's "
+                                 f"text_dim is {cfg.text_dim}; write it with the model's text encoder")
+        self.register_buffer("null_text_emb", emb, persistent=False)
         self._sparsity, self._topk = cfg.sparsity, cfg.topk
         self.train()  # like any new module (diffusers' from_pretrained returns its model in eval mode)
 
@@ -264,13 +277,23 @@ class WanVideoModel(nn.Module):
 
     # ---- conditioning ------------------------------------------------------------------------
 
+    def null_text_like(self, text: torch.Tensor) -> torch.Tensor:
+        """The null text in `text`'s shape [B, L, D]: the empty prompt's embedding (`null_text`, cut
+        or zero-padded to L tokens, as the pipeline pads), or zeros when the model has none."""
+        if self.null_text_emb is None:
+            return torch.zeros_like(text)
+        null = self.null_text_emb[:text.shape[1]].to(text)
+        null = torch.cat([null, null.new_zeros(text.shape[1] - null.shape[0], null.shape[1])])
+        return null.expand_as(text)
+
     def null_condition(self, cond: dict) -> dict:
-        """The unconditional counterpart of `cond` for classifier-free guidance: all-zero text
-        (what `cond_dropout` trains; diffusers' pipeline uses a negative prompt's embedding)."""
+        """The unconditional counterpart of `cond` for classifier-free guidance: the null text
+        (`null_text_like`: what `cond_dropout` trains, and what diffusers' pipeline guides against
+        by default, the empty negative prompt)."""
         null = {}
         for key, value in cond.items():
             if key == "text":
-                null[key] = None if value is None else torch.zeros_like(value)
+                null[key] = None if value is None else self.null_text_like(value)
             elif key == "text_mask":
                 null[key] = None if value is None else torch.ones_like(value)
             elif value is not None:
@@ -303,7 +326,7 @@ class WanVideoModel(nn.Module):
                 cond_drop: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity v = noise - x0 [B, C, T, H, W] at times t [B] in [0, 1]. Padding text tokens
         (text_mask False) are zeroed, as diffusers' Wan pipeline pads its prompt embeddings;
-        `cond_drop` (or, in training, `cfg.cond_dropout`) replaces a sample's text by zeros."""
+        `cond_drop` (or, in training, `cfg.cond_dropout`) replaces a sample's text by the null text."""
         self._check_inputs(x, t, text, text_mask, labels)
         self.cfg.token_grid(x.shape[2:])
         drop = cond_drop
@@ -312,7 +335,7 @@ class WanVideoModel(nn.Module):
         if text_mask is not None:
             text = text * text_mask[..., None].to(text.dtype)
         if drop is not None:
-            text = torch.where(drop[:, None, None], torch.zeros_like(text), text)
+            text = torch.where(drop[:, None, None], self.null_text_like(text), text)
         dtype = self.transformer.patch_embedding.weight.dtype  # (diffusers keeps some modules in fp32)
         out = self.transformer(hidden_states=x.to(dtype), timestep=t * TIMESTEP_SCALE,
                                encoder_hidden_states=text.to(dtype), return_dict=False)[0]
@@ -335,7 +358,8 @@ class WanVideoModel(nn.Module):
 def build_wan(pretrained: str | None = None, transformer: dict | None = None,
               in_channels: int | None = None, attention: str = "vsa",
               attention_options: dict | None = None, tile=(4, 4, 4), sparsity: float | None = 0.875,
-              topk: int | None = None, cond_dropout: float = 0.0, activation_checkpointing: bool = False,
+              topk: int | None = None, cond_dropout: float = 0.0, null_text: str | None = None,
+              activation_checkpointing: bool = False,
               dtype: str | None = None, impl: str | None = None, patch=None, num_classes: int = 0,
               tile_order: str = "cubes", text_dim: int = 0, name: str | None = None) -> WanVideoModel:
     """A `WanVideoModel` from config values (configs/model/wan*.yaml; train.py passes in_channels,
@@ -352,7 +376,7 @@ def build_wan(pretrained: str | None = None, transformer: dict | None = None,
     model = load_transformer(pretrained, None if pretrained is not None else transformer, dtype)
     cfg = WanConfig(transformer=dict(model.config), pretrained=None if pretrained is None else str(pretrained),
                     attention=attention, attention_options=dict(attention_options or {}), tile=tile,
-                    sparsity=sparsity, topk=topk, cond_dropout=cond_dropout,
+                    sparsity=sparsity, topk=topk, cond_dropout=cond_dropout, null_text=null_text,
                     activation_checkpointing=activation_checkpointing, num_classes=num_classes,
                     tile_order=tile_order)
     source = pretrained if pretrained is not None else "the random Wan config"
@@ -377,7 +401,8 @@ def wan_from_config(config: dict, impl: str | None = None) -> WanVideoModel:
     """A `WanVideoModel` of the architecture and attention in `config` (a `WanConfig` as a dict,
     e.g. a training checkpoint's spec), with freshly initialised weights to load a state into
     (the pretrained folder is not read: the checkpoint holds every weight)."""
-    cfg = WanConfig(**config)
+    # Inference needs no caption dropout, nor its null text (a file of the training machine).
+    cfg = WanConfig(**{**config, "cond_dropout": 0.0, "null_text": None})
     return WanVideoModel(cfg, load_transformer(transformer=cfg.transformer), impl=impl)
 
 
