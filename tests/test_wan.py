@@ -297,14 +297,25 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
         torch.testing.assert_close(transformer(x, t * 1000, text, return_dict=False)[0],
                                    model(x, t, text=text), rtol=1e-5, atol=1e-5)
 
-    # sample.py says what to do instead of failing inside the sampler.
+    # sample.py samples the finetune, prompts embedded by a text encoder of the transformer's width.
+    pytest.importorskip("transformers")
     from vsa.sampling import sample
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("sample", overrides=[f"ckpt_path={tmp_path / 'wan'}", f"output_dir={tmp_path / 's'}",
-                                           "paths.log_dir=/unused", "paths.output_dir=/unused"])
-    with pytest.raises(ConfigError, match="holds a Wan finetune, which sample.py does not sample"):
-        sample(cfg)
+    encoder = tiny_text_encoder(tmp_path / "pipe")
+
+    def sample_cfg(name: str, *extra: str):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            return compose("sample", overrides=[f"ckpt_path={tmp_path / 'wan'}", f"output_dir={tmp_path / name}",
+                                                "paths.log_dir=/unused", "paths.output_dir=/unused",
+                                                "num_videos=2", "steps=2", *extra])
+
+    result = sample(sample_cfg("s", "prompt=a red frame", f"text_encoder={encoder}", "text_max_length=8"))
+    latents = torch.load(result["latents"], weights_only=True)
+    assert latents.shape == (2, 4, 2, 8, 8) and torch.isfinite(latents).all() and len(result["videos"]) == 2
+    with pytest.raises(ConfigError, match="text_encoder=PATH"):
+        sample(sample_cfg("s2", "prompt=a red frame"))
+    with pytest.raises(ConfigError, match="attention= and tile= swaps are for VideoDiT"):
+        sample(sample_cfg("s3", "prompt=a red frame", f"text_encoder={encoder}", "tile=[2,4,4]"))
 
 
 # ---- errors --------------------------------------------------------------------------------------

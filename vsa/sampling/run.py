@@ -46,8 +46,10 @@ def precision_autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def needs_sparsity(model: VideoDiT) -> bool:
+def needs_sparsity(model: VideoDiT | WanVideoModel) -> bool:
     """Whether the model's attention backend reads a sparsity / top-k (VSA)."""
+    if isinstance(model, WanVideoModel):  # diffusers blocks: the backend is the config's
+        return BACKENDS[model.cfg.attention].needs_sparsity
     return type(model.blocks[0].attn.backend).needs_sparsity
 
 
@@ -96,11 +98,9 @@ def sample(cfg: DictConfig) -> dict:
         check_sparsity(cfg.sparsity, cfg.topk)
     with config_section("ckpt_path"):
         model, spec = load_model(cfg.ckpt_path, ema=cfg.ema)
-    if isinstance(model, WanVideoModel):
-        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} holds a Wan finetune, which sample.py does not "
-                          "sample (it needs the Wan VAE and text encoder); export it with "
-                          "scripts/export_wan.py and sample with diffusers' WanPipeline + "
-                          "load_sparse_attention (docs/wan.md)")
+    if isinstance(model, WanVideoModel) and (cfg.get("attention") is not None or cfg.get("tile") is not None):
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} holds a Wan finetune, sampled with its own attention "
+                          "and tiles; attention= and tile= swaps are for VideoDiT checkpoints (sparsity= works)")
 
     swap = cfg.get("attention")
     if swap is not None:
