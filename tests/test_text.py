@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
@@ -71,23 +69,12 @@ def test_bad_folders_name_the_problem(encoder_dir, tmp_path):
         TextEncoder.tiny()("one caption")
 
 
-def _write_clip(path: Path, frames: int = 4, size: int = 16) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            img = np.full((size, size, 3), 20 * i, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        container.mux(stream.encode())
-
-
-@pytest.fixture(scope="module")
-def captioned_dir(tmp_path_factory):
+@pytest.fixture
+def captioned_dir(tmp_path_factory, write_clip):
     root = tmp_path_factory.mktemp("captioned")
     lines = []
     for i, caption in enumerate(CAPTIONS):
-        _write_clip(root / f"v{i}.mp4")
+        write_clip(root / f"v{i}.mp4")
         lines.append(json.dumps({"file_name": f"v{i}.mp4", "caption": caption}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
@@ -151,10 +138,10 @@ def test_sampling_embeds_prompts_with_the_text_encoder_and_the_empty_prompt_is_t
         generate(model, shape, 2, prompts=["a", "b"], text_encoder=TextEncoder.tiny(dim=16), **kw)
 
 
-def test_encode_latents_text_encoder_needs_captions(encoder_dir, tmp_path, capsys):
+def test_encode_latents_text_encoder_needs_captions(encoder_dir, tmp_path, capsys, write_clip):
     root = tmp_path / "plain"
     root.mkdir()
-    _write_clip(root / "v.mp4")
+    write_clip(root / "v.mp4")
     args = ["--src", str(root), "--dst", str(tmp_path / "out"), "--codec", "identity", "--frames", "4",
             "--height", "16", "--width", "16", "--backend", "av", "--text-encoder", str(encoder_dir)]
     assert _encode_script().main(args) == 2

@@ -410,28 +410,17 @@ def test_text_embeddings_are_the_wan_pipelines(tmp_path):
         TextEncoder.from_folder(tmp_path)
 
 
-def test_caption_dropout_and_guidance_use_the_empty_prompts_embedding(tmp_path):
+def test_caption_dropout_and_guidance_use_the_empty_prompts_embedding(tmp_path, write_clip):
     """encode_latents writes the empty prompt's embedding beside the shards; a Wan model with
     cond_dropout drops captions to it (padded to the batch's length), and guides against it."""
     pytest.importorskip("transformers")
-    av = pytest.importorskip("av")
     import importlib.util
-
-    import numpy as np
 
     from vsa.data.text import NULL_TEXT_FILE, TextEncoder, load_null_text
 
     videos = tmp_path / "videos"
     videos.mkdir()
-    with av.open(str(videos / "a.mp4"), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-        for i in range(4):
-            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 40 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_clip(videos / "a.mp4")
     (videos / "metadata.jsonl").write_text(json.dumps({"file_name": "a.mp4", "caption": "a red frame"}))
     spec = importlib.util.spec_from_file_location("encode_latents", REPO / "scripts" / "encode_latents.py")
     script = importlib.util.module_from_spec(spec)

@@ -95,10 +95,11 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
             raise ValueError(f"the text encoder gives embeddings {tuple(emb.shape)} but the model expects "
                              f"width text_dim={model.cfg.text_dim}; use the encoder its shards were encoded with")
         emb, mask = emb.to(device, torch.float32), mask.to(device, torch.bool)
+        # An empty prompt is the model's null text (what CFG dropout trains).
+        null = model.null_condition({"text": emb, "text_mask": mask})
         empty = torch.tensor([not p.strip() for p in prompts], device=device)
-        # An empty prompt is the null text: zeros attended in full (what CFG dropout trains).
-        cond["text"] = torch.where(empty[:, None, None], torch.zeros_like(emb), emb)
-        cond["text_mask"] = mask | empty[:, None]
+        cond["text"] = torch.where(empty[:, None, None], null["text"], emb)
+        cond["text_mask"] = torch.where(empty[:, None], null["text_mask"], mask)
     uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
     velocity = guided_velocity(model, cond, uncond, cfg_scale)
 

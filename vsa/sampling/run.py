@@ -48,9 +48,7 @@ def precision_autocast(precision: str, device: torch.device):
 
 def needs_sparsity(model: VideoDiT | WanVideoModel) -> bool:
     """Whether the model's attention backend reads a sparsity / top-k (VSA)."""
-    if isinstance(model, WanVideoModel):  # diffusers blocks: the backend is the config's
-        return BACKENDS[model.cfg.attention].needs_sparsity
-    return type(model.blocks[0].attn.backend).needs_sparsity
+    return BACKENDS[model.cfg.attention].needs_sparsity  # (set_attention keeps cfg.attention current)
 
 
 def swap_attention(model: VideoDiT, name: str, options: dict | None = None,
