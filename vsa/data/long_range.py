@@ -47,6 +47,8 @@ class LongRangeVideoDataset(SyntheticVideoDataset):
         distance: in [0, 1): gap as a fraction of the width (mirror) or of the clip length (return,
             repeat); see the module docstring. 0 = local motion.
         max_objects: objects per "repeat" clip (1..max_objects); "mirror" and "return" clips hold one.
+        pattern_frames: frames in a "repeat" clip's pattern; None = frames // 4. The pattern, the gap
+            and its repeat must fit the clip: 2 * pattern_frames + round(distance * frames) <= frames.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LongRangeVideoDataset(SyntheticVideoDataset):
         kind: str = "mixed",
         distance: float = 0.25,
         max_objects: int = 2,
+        pattern_frames: int | None = None,
     ) -> None:
         super().__init__(num_samples, frames, height, width, channels=channels, num_classes=num_classes,
                          seed=seed, max_objects=max_objects)
@@ -73,7 +76,11 @@ class LongRangeVideoDataset(SyntheticVideoDataset):
         self.kinds = KINDS if kind == "mixed" else (kind,)
         self.gap_pixels = round(self.distance * self.width)  # mirror
         self.gap_frames = round(self.distance * self.frames)  # return, repeat
-        self.pattern_frames = max(1, self.frames // 4)  # repeat
+        if pattern_frames is not None and (isinstance(pattern_frames, bool) or not isinstance(pattern_frames, int)
+                                           or pattern_frames < 1):
+            raise ValueError(f"pattern_frames must be a positive integer or None (frames // 4), got "
+                             f"{pattern_frames!r}")
+        self.pattern_frames = max(1, self.frames // 4) if pattern_frames is None else pattern_frames  # repeat
         self._check_fits()
 
     def _check_fits(self) -> None:
@@ -87,8 +94,8 @@ class LongRangeVideoDataset(SyntheticVideoDataset):
                              f"or use more frames")
         if "repeat" in self.kinds and 2 * self.pattern_frames + self.gap_frames > T:
             raise ValueError(f"kind='repeat' with distance={d} needs 2 x {self.pattern_frames} pattern "
-                             f"frames + {self.gap_frames} gap frames > frames={T}; lower distance or use "
-                             f"more frames")
+                             f"frames + {self.gap_frames} gap frames > frames={T}; lower distance, lower "
+                             f"pattern_frames or use more frames")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         label, video, _ = self._sample(index)
