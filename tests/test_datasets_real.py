@@ -105,6 +105,14 @@ def test_repeat_pattern_frames_come_back_distance_frames_later(distance):
         assert not torch.equal(video[:, pattern[-1] + 1], video[:, pattern[-1]])  # the scene moves
 
 
+def test_a_shorter_repeat_pattern_fits_distance_0_75():
+    ds = LongRangeVideoDataset(4, frames=16, height=24, width=24, kind="repeat", distance=0.75, pattern_frames=2)
+    for i in range(4):
+        video, info = ds[i]["video"], ds.info(i)
+        assert info["pattern_frames"] == [0, 1] and info["repeat_frames"] == [14, 15]
+        assert torch.equal(video[:, [14, 15]], video[:, [0, 1]])
+
+
 def test_long_range_bad_arguments():
     with pytest.raises(ValueError, match="kind must be one of"):
         LongRangeVideoDataset(4, 8, 16, 16, kind="spiral")
@@ -112,6 +120,10 @@ def test_long_range_bad_arguments():
         LongRangeVideoDataset(4, 8, 16, 16, distance=1.0)
     with pytest.raises(ValueError, match="kind='repeat'.*use more frames"):
         LongRangeVideoDataset(4, 8, 16, 16, kind="repeat", distance=0.75)
+    with pytest.raises(ValueError, match="lower pattern_frames"):
+        LongRangeVideoDataset(4, 16, 16, 16, kind="repeat", distance=0.75, pattern_frames=3)
+    with pytest.raises(ValueError, match="pattern_frames must be a positive integer"):
+        LongRangeVideoDataset(4, 16, 16, 16, kind="repeat", pattern_frames=0)
     with pytest.raises(ValueError, match="kind='return'.*use more frames"):
         LongRangeVideoDataset(4, 8, 16, 16, kind="return", distance=0.9)
     with pytest.raises(ValueError, match="kind='mirror'.*widen the frame"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import hydra.utils
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -166,6 +167,11 @@ def test_iso_sweeps_give_each_size_4_budgets_over_8x_and_shared_budgets(sweep, t
     sizes = sorted(nominal_params(name) for name in names)  # 4+ sizes over 8x+, up to 60M at least
     assert len(sizes) >= 4 and sizes[-1] / sizes[0] >= 8 and sizes[-1] >= 6e7
     assert "scaling.multiples" in cfg.hydra.job.config.override_dirname.exclude_keys
+    # its data set builds (a knob that does not fit the clip, e.g. a long-range distance too large
+    # for the frames, fails here rather than on the GPU) and yields a clip of the configured shape
+    dataset = hydra.utils.instantiate(point.data.datamodule.dataset, num_samples=2)
+    ds = point.data.datamodule.dataset
+    assert dataset[1][point.data.key].shape == (ds.channels, ds.frames, ds.height, ds.width)
 
 
 def test_budget_multiples_and_scaled_warmup():
