@@ -218,13 +218,18 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"args": vars(args)}
     parts = args.parts.split(",")
+    results["meta"] = run_meta() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
+
+    def save() -> None:  # after each part: a call stopped at its time limit keeps the parts done
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
     if "finetune" in parts:
         results["finetune"] = finetune_part(args, device)
+        save()
     if "1.3b" in parts:
         results["1.3b"] = big_part(args, device)
-    results["meta"] = run_meta() if device.type == "cuda" else {"device": "cpu", "torch": torch.__version__}
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        save()
     print(f"{'part':>9} {'attn':>5} {'tokens':>7} {'step ms':>8} {'mem GB':>7} {'sample s':>9} {'val loss':>9}")
     for part in ("finetune", "1.3b"):
         for name in ("full", "vsa"):
