@@ -3,15 +3,18 @@ that must generate videos of the requested class, and the validation callback's 
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from vsa.data import SyntheticVideoDataset
 from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift
 from vsa.eval import ClassifierRecipe, SampleMetrics, frechet_distance
-from vsa.eval.classifier import stack_items
+from vsa.eval.classifier import ShapeRecipe, foreground, shape_map, stack_items
 from vsa.eval.samples import generate_and_score
 from vsa.models import DiTConfig, VideoDiT
 
@@ -139,14 +142,16 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     from vsa.eval.samples import evaluate
 
     recipe = "{steps: 5, batch_size: 8, train_samples: 32, holdout_samples: 16}"
+    shape_recipe = "{steps: 5, batch_size: 8, train_samples: 16, holdout_samples: 8}"
     run_train(tmp_path, "tiny", ["experiment=tiny", "logger=csv", "callbacks.sample_videos=null",
                                  "callbacks.sample_quality.every_n_steps=2",
                                  "callbacks.sample_quality.per_class=1",
                                  "callbacks.sample_quality.steps=2",
                                  f"callbacks.sample_quality.cache_dir={tmp_path / 'cache'}",
-                                 f"+callbacks.sample_quality.recipe={recipe}"])
+                                 f"+callbacks.sample_quality.recipe={recipe}",
+                                 f"+callbacks.sample_quality.shape_recipe={shape_recipe}"])
     run_dir = tmp_path / "tiny"
-    for name in ("val/loss", "val/class_acc", "val/fd"):
+    for name in ("val/loss", "val/class_acc", "val/fd", "val/shape_acc"):
         assert set(csv_column(run_dir, name)) == {1, 3}, name
     assert all(0 <= v <= 1 for v in csv_column(run_dir, "val/class_acc").values())
 
@@ -154,9 +159,10 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
         cfg = compose("eval", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                                          f"output_dir={tmp_path / 'eval'}", "per_class=1",
                                          "steps=2", f"cache_dir={tmp_path / 'cache'}",
-                                         f"recipe={recipe}"])
+                                         f"recipe={recipe}", f"shape_recipe={shape_recipe}"])
     result = evaluate(cfg)
     assert 0 <= result["class_acc"] <= 1 and result["fd"] >= 0 and result["num_videos"] == 10
+    assert 0 <= result["shape_acc"] <= 1 and result["chance_shape_acc"] == 0.2
     assert (tmp_path / "eval" / "scores.json").is_file() and result["grid"].is_file()
 
 
@@ -176,3 +182,46 @@ def test_prompt_following_reads_colour_and_motion_from_the_pixels():
     assert prompt_following(torch.rand_like(videos) * 2 - 1, prompts)["both"] < 0.3
     with pytest.raises(ValueError, match="is not a caption of the moving shapes"):
         prompt_following(videos[:1], ["a purple circle moves left"])
+
+
+SHAPES_ARGS = {"num_samples": 1024, "frames": 8, "height": 32, "width": 32, "num_classes": 10, "seed": 0}
+SHAPES_CFG = {"_target_": "vsa.data.SyntheticVideoDataset", **SHAPES_ARGS}
+SHAPE_RECIPE = ShapeRecipe(steps=120, train_samples=256, holdout_samples=64)
+
+
+def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
+    """shape_acc reads the objects' silhouettes: real unseen videos score near-perfect whatever
+    their colours, noise scores near chance (0.2), and real videos coarsened into 4x4-pixel blocks
+    (the issue's 'scattered blocks of the right colour') keep class_acc and a near-real FD but lose
+    shape_acc."""
+    metrics = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
+    assert metrics.real_shape_acc >= 0.95
+    videos, labels = stack_items(SyntheticVideoDataset(**{**SHAPES_ARGS, "seed": 5}), range(60))
+    real = metrics.score(videos, labels)
+    recoloured = metrics.score(videos.roll(1, dims=1), labels)  # R -> G -> B -> R: other hues
+    noise = metrics.score(torch.randn(videos.shape, generator=torch.Generator().manual_seed(0)), labels)
+    blocks = metrics.score(F.interpolate(F.avg_pool3d(videos, (1, 4, 4)), scale_factor=(1, 4, 4)), labels)
+    assert real["shape_acc"] >= 0.95 and recoloured["shape_acc"] >= 0.95
+    assert recoloured["class_acc"] <= 0.2  # the class classifier reads colour
+    assert noise["shape_acc"] <= 0.4
+    assert blocks["class_acc"] >= 0.8 and blocks["shape_acc"] <= 0.6, blocks  # measured 0.88, 0.27
+    assert metrics.score(videos, (labels + 1) % 10)["shape_acc"] <= 0.05  # neighbouring classes' shapes differ
+    # Cached: loaded, not retrained; a data set without shapes gets no shape_acc.
+    start = time.perf_counter()
+    again = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
+    assert time.perf_counter() - start < 5 and again.score(videos, labels) == pytest.approx(real)
+    assert shape_map(FixedSquares()) is None and "shape_acc" not in SampleMetrics(
+        metrics.classifier, metrics.real_mu, metrics.real_sigma).score(videos, labels)
+
+
+def test_foreground_is_the_objects_silhouette():
+    """The mask is the painted object: a circle's area and a ring's hole, at any input size."""
+    video = torch.full((1, 3, 2, 64, 64), -0.8)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2).sqrt()
+    video[0, 0, 0][r < 16] = 0.9                       # a red disc in frame 0
+    video[0, 2, 1][(r < 16) & (r > 8)] = 0.9           # a blue ring in frame 1
+    mask = foreground(video, (32, 32))
+    assert mask.shape == (1, 1, 2, 32, 32)
+    assert mask[0, 0, 0].sum() == pytest.approx(math.pi * 8 ** 2, rel=0.1)
+    assert mask[0, 0, 1, 16, 16] == 0 and mask[0, 0, 1].sum() == pytest.approx(math.pi * (64 - 16), rel=0.15)

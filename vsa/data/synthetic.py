@@ -198,6 +198,13 @@ class SyntheticVideoDataset(Dataset):
         hue = label * _GOLDEN + 0.04 * (float(p[9]) - 0.5)  # the object's own hue, as painted
         return f"a {colour_name(hue)} {shape} {motion_phrase(motion, p)}"
 
+    shape_names = SHAPES
+
+    @staticmethod
+    def shape_of(label: int) -> int:
+        """The index in SHAPES of class `label`'s shape (the sample metrics' shape accuracy)."""
+        return int(label) % len(SHAPES)
+
     def label_of(self, index: int) -> int:
         """The class of sample `index` without rendering it (the generator's first draw)."""
         return int(torch.randint(self.num_classes, (1,), generator=self._generator(index)))

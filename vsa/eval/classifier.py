@@ -48,6 +48,22 @@ class ClassifierRecipe:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ShapeRecipe:
+    """How the shape classifier is built and trained (part of its cache key): a per-frame
+    classifier of foreground masks (`foreground`), so it sees outlines, not colour or motion."""
+
+    size: tuple[int, int] = (32, 32)                 # (H, W) every frame is pooled to
+    widths: tuple[int, int, int] = (16, 32, 64)
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 3e-3
+    train_samples: int = 512      # videos, as ClassifierRecipe (every frame of each)
+    holdout_samples: int = 256
+    min_pixels: int = 8           # frames with less foreground (an object out of the frame) are skipped
+    seed: int = 0
+
+
 def default_cache_dir() -> Path:
     """`$VSA_CACHE/eval`, else `~/.cache/vsa/eval`."""
     root = os.environ.get("VSA_CACHE")
@@ -226,6 +242,152 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
 
 
+def foreground(videos: torch.Tensor, size: Sequence[int] = (32, 32)) -> torch.Tensor:
+    """Foreground masks [N, 1, T, *size] (0/1 fp32) of pixel videos [N, C, T, H, W] in [-1, 1]:
+    each frame area-pooled to `size`, then a pixel is foreground where some channel is brighter
+    than mid-grey (0). The procedural data sets draw bright objects (every hue has a channel of
+    0.6 or more) over a dark background (below -0.5), so the mask is the objects' silhouettes."""
+    if videos.dim() != 5:
+        raise ValueError(f"videos must be [N, C, T, H, W], got shape {tuple(videos.shape)}")
+    x = videos.float()
+    if tuple(x.shape[3:]) != tuple(size):
+        x = F.adaptive_avg_pool3d(x, (x.shape[2], *size))
+    return (x.amax(dim=1, keepdim=True) > 0.0).float()
+
+
+def mask_frames(videos: torch.Tensor, recipe: ShapeRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames [N * T, 1, 1, H, W], has_object [N, T] bool): every frame's foreground mask as a
+    one-frame video for the shape classifier, and whether it holds at least `min_pixels`."""
+    masks = foreground(videos, recipe.size)  # [N, 1, T, H, W]
+    n, _, t, h, w = masks.shape
+    frames = masks.permute(0, 2, 1, 3, 4).reshape(n * t, 1, 1, h, w)
+    return frames, masks.sum(dim=(1, 3, 4)) >= recipe.min_pixels
+
+
+@torch.no_grad()
+def predict_shapes(net: VideoClassifier, videos: torch.Tensor, recipe: ShapeRecipe) -> torch.Tensor:
+    """The shape of each video [N] (index into the data set's shapes): the argmax of the frame
+    classifier's probabilities averaged over the frames that hold an object; -1 (no shape) for a
+    video where no frame does."""
+    frames, has_object = mask_frames(videos.float().cpu(), recipe)
+    probs = predict(net, frames)[0].softmax(-1).view(*has_object.shape, -1)  # [N, T, S]
+    probs = (probs * has_object[..., None]).sum(1)
+    return torch.where(has_object.any(1), probs.argmax(-1), torch.full_like(probs[:, 0], -1).long())
+
+
+def train_shape_classifier(dataset: Dataset, recipe: ShapeRecipe | None = None
+                           ) -> tuple[VideoClassifier, dict]:
+    """Train the per-frame shape classifier on `dataset`, whose class -> shape map is its
+    `shape_of(label)` and whose shape count is `len(dataset.shape_names)` (SyntheticVideoDataset and
+    its subclasses), deterministically on the CPU. Returns the network and a summary with the
+    held-out videos' shape accuracy (`holdout_accuracy`)."""
+    recipe = recipe or ShapeRecipe()
+    num_shapes = len(dataset.shape_names)
+    split = ClassifierRecipe(train_samples=recipe.train_samples, holdout_samples=recipe.holdout_samples,
+                             seed=recipe.seed)
+    train_idx, hold_idx = split_indices(len(dataset), split)
+    videos, labels = stack_items(dataset, train_idx)
+    frames, has_object = mask_frames(videos, recipe)
+    shapes = torch.tensor([dataset.shape_of(int(c)) for c in labels])
+    keep = has_object.reshape(-1)
+    frames, targets = frames[keep], shapes.repeat_interleave(has_object.shape[1])[keep]
+    if frames.shape[0] < recipe.batch_size:
+        raise ValueError(f"only {frames.shape[0]} frames hold an object of >= {recipe.min_pixels} "
+                         "foreground pixels; the shape classifier needs bright objects on a dark background")
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(recipe.seed)
+        net = VideoClassifier(num_shapes, 1, (1, *recipe.size), recipe.widths)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps,
+                                                       pct_start=0.1)
+        order = torch.Generator().manual_seed(recipe.seed)
+        net.train()
+        for _ in range(recipe.steps):
+            batch = torch.randint(frames.shape[0], (recipe.batch_size,), generator=order)
+            x = frames[batch]
+            # Flips and transposition keep every shape (all five are symmetric under them).
+            flips = torch.rand(3, generator=order) < 0.5
+            if flips[0]:
+                x = x.flip(-1)
+            if flips[1]:
+                x = x.flip(-2)
+            if flips[2]:
+                x = x.transpose(-1, -2)
+            loss = F.cross_entropy(net(x)[0], targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    net.eval()
+    hold_videos, hold_labels = stack_items(dataset, hold_idx)
+    predicted = predict_shapes(net, hold_videos, recipe)
+    truth = torch.tensor([dataset.shape_of(int(c)) for c in hold_labels])
+    summary = {"holdout_accuracy": float((predicted == truth).float().mean()),
+               "train_frames": int(frames.shape[0]), "holdout_samples": len(hold_idx),
+               "final_loss": float(loss.detach()), "shape_names": list(dataset.shape_names)}
+    return net, summary
+
+
+def _cached(folder: Path, name: str, cfg, recipe, build, arrays: tuple[str, ...] = ()
+            ) -> tuple[VideoClassifier, dict]:
+    """Load network `name` (with the summary's `arrays` as tensors) from the cache, or `build()`
+    it and write it there atomically (safetensors + JSON)."""
+    from safetensors.torch import load_file, save_file
+
+    weights, meta_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if weights.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        state = load_file(weights)
+        input_size = meta.get("input_size") or meta["recipe"]["input_size"]  # older entries: the recipe's
+        net = VideoClassifier(meta["num_classes"], meta["channels"], input_size, meta["recipe"]["widths"])
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("stats.")})
+        summary = {**meta["summary"], **{k: state[f"stats.{k}"].double() for k in arrays}}
+        return net.eval(), summary
+
+    net, summary = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state.update({f"stats.{k}": summary[k] for k in arrays})
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    meta = {"data": cfg, "recipe": dataclasses.asdict(recipe), "channels": net.channels,
+            "num_classes": net.num_classes, "input_size": list(net.input_size),
+            "summary": {k: v for k, v in summary.items() if k not in arrays}}
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, meta_path)
+    return net, summary
+
+
+def shape_classifier_for(dataset_cfg: Mapping, dataset: Dataset | None = None,
+                         recipe: ShapeRecipe | None = None, cache_dir: str | Path | None = None
+                         ) -> tuple[VideoClassifier, dict] | None:
+    """The shape classifier of a data set config, trained once and cached; None when the data set
+    class has no class -> shape map (`shape_of` and `shape_names`: the procedural shapes only)."""
+    cfg = plain_config(dataset_cfg)
+    if shape_map(dataset if dataset is not None else cfg) is None:
+        return None
+    recipe = recipe or ShapeRecipe()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _cached(folder, f"shapes_{cache_key(cfg, recipe)}", cfg, recipe,
+                   lambda: train_shape_classifier(dataset if dataset is not None else build_dataset(cfg),
+                                                  recipe))
+
+
+def shape_map(dataset) -> type | None:
+    """The data set's class if it maps classes to shapes (static `shape_of(label)` and
+    `shape_names`), else None; `dataset` is an instance or a config with `_target_` (its class is
+    imported, not built)."""
+    if isinstance(dataset, Mapping):
+        from hydra.utils import get_class
+
+        cls = get_class(dataset["_target_"]) if "_target_" in dataset else None
+    else:
+        cls = type(dataset)
+    return cls if hasattr(cls, "shape_of") and hasattr(cls, "shape_names") else None
+
+
 def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,
                    recipe: ClassifierRecipe | None = None, cache_dir: str | Path | None = None,
                    dataset: Dataset | None = None) -> tuple[VideoClassifier, dict]:
@@ -234,8 +396,6 @@ def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,
     `num_classes` defaults to the config's `num_classes`; `dataset` (an instance built from the
     same config) saves rebuilding it. Returns (network, summary) as `train_classifier` does.
     """
-    from safetensors.torch import load_file, save_file
-
     recipe = recipe or ClassifierRecipe()
     cfg = plain_config(dataset_cfg)
     if num_classes is None:
@@ -244,29 +404,7 @@ def classifier_for(dataset_cfg: Mapping, num_classes: int | None = None,
             raise ValueError("the data set config has no num_classes; pass num_classes=... (the "
                              "sample metrics need a class-labelled data set)")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(cfg, recipe)
-    weights, meta_path = folder / f"classifier_{key}.safetensors", folder / f"classifier_{key}.json"
-    if weights.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        state = load_file(weights)
-        net = VideoClassifier(num_classes, meta["channels"], recipe.input_size, recipe.widths)
-        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("stats.")})
-        summary = {**meta["summary"], "mu": state["stats.mu"].double(),
-                   "sigma": state["stats.sigma"].double()}
-        return net.eval(), summary
-
-    net, summary = train_classifier(dataset if dataset is not None else build_dataset(cfg),
-                                    int(num_classes), recipe)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    state["stats.mu"], state["stats.sigma"] = summary["mu"], summary["sigma"]
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
-    meta = {"data": cfg, "recipe": dataclasses.asdict(recipe), "channels": net.channels,
-            "num_classes": net.num_classes,
-            "summary": {k: v for k, v in summary.items() if k not in ("mu", "sigma")}}
-    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, meta_path)
-    return net, summary
+    return _cached(folder, f"classifier_{cache_key(cfg, recipe)}", cfg, recipe,
+                   lambda: train_classifier(dataset if dataset is not None else build_dataset(cfg),
+                                            int(num_classes), recipe),
+                   arrays=("mu", "sigma"))

@@ -10,8 +10,14 @@ classifier trained on that data set (`vsa.eval.classifier`):
   numbers are comparable only between runs scored with the same classifier). It is biased upwards
   for small sample counts: compare runs at the same number of generated videos.
 
+- **shape accuracy** (`shape_acc`, the procedural shapes data sets only): the fraction of videos
+  generated for class c whose objects have class c's shape, by a per-frame classifier of
+  foreground masks (`vsa.eval.classifier.train_shape_classifier`). It sees outlines, not colour or
+  motion, so scattered blocks of the right colour, which pass `class_acc`, fail it. Chance is
+  1 / the number of shapes; a video with no object in any frame counts as wrong.
+
     metrics = SampleMetrics.for_dataset(cfg.data.datamodule.dataset)
-    metrics.score(videos, labels)   # {"class_acc": ..., "fd": ...}
+    metrics.score(videos, labels)   # {"class_acc": ..., "fd": ..., "shape_acc": ...}
 """
 
 from __future__ import annotations
@@ -23,7 +29,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vsa.eval.classifier import ClassifierRecipe, VideoClassifier, classifier_for, feature_stats, predict
+from vsa.eval.classifier import (
+    ClassifierRecipe,
+    ShapeRecipe,
+    VideoClassifier,
+    classifier_for,
+    feature_stats,
+    plain_config,
+    predict,
+    predict_shapes,
+    shape_classifier_for,
+    shape_map,
+)
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
@@ -50,21 +67,37 @@ class SampleMetrics:
         classifier: the feature network / classifier of the data set.
         real_mu, real_sigma: feature statistics of real held-out videos.
         holdout_accuracy: the classifier's accuracy on those real videos (the ceiling of class_acc).
+        shapes: (shape classifier, its summary, the shape of each class [num_classes]) for
+            `shape_acc`, or None (data sets without shapes).
     """
 
     def __init__(self, classifier: VideoClassifier, real_mu: torch.Tensor, real_sigma: torch.Tensor,
-                 holdout_accuracy: float | None = None) -> None:
+                 holdout_accuracy: float | None = None,
+                 shapes: tuple[VideoClassifier, dict, torch.Tensor] | None = None,
+                 shape_recipe: ShapeRecipe | None = None) -> None:
         self.classifier = classifier.eval()
         self.real_mu, self.real_sigma = real_mu.double(), real_sigma.double()
         self.holdout_accuracy = holdout_accuracy
+        self.shapes, self.shape_recipe = shapes, shape_recipe or ShapeRecipe()
+
+    @property
+    def real_shape_acc(self) -> float | None:
+        """The shape classifier's accuracy on real held-out videos (the ceiling of shape_acc)."""
+        return None if self.shapes is None else self.shapes[1].get("holdout_accuracy")
 
     @classmethod
     def for_dataset(cls, dataset_cfg: Mapping, num_classes: int | None = None,
                     recipe: ClassifierRecipe | None = None, cache_dir: str | Path | None = None,
-                    dataset: Dataset | None = None) -> SampleMetrics:
-        """Metrics of the data set of a config with `_target_` (classifier trained once, cached)."""
+                    dataset: Dataset | None = None, shape_recipe: ShapeRecipe | None = None
+                    ) -> SampleMetrics:
+        """Metrics of the data set of a config with `_target_` (classifiers trained once, cached)."""
         net, summary = classifier_for(dataset_cfg, num_classes, recipe, cache_dir, dataset)
-        return cls(net, summary["mu"], summary["sigma"], summary.get("holdout_accuracy"))
+        shapes = shape_classifier_for(dataset_cfg, dataset, shape_recipe, cache_dir)
+        if shapes is not None:
+            data_class = shape_map(dataset if dataset is not None else plain_config(dataset_cfg))
+            shapes = (*shapes, torch.tensor([data_class.shape_of(c) for c in range(net.num_classes)]))
+        return cls(net, summary["mu"], summary["sigma"], summary.get("holdout_accuracy"), shapes,
+                   shape_recipe)
 
     @property
     def num_classes(self) -> int:
@@ -72,8 +105,9 @@ class SampleMetrics:
 
     @torch.no_grad()
     def score(self, videos: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
-        """{"fd", and "class_acc" when `labels` are given} of pixel videos [N, C, T, H, W] in
-        [-1, 1] (clamped, as they would be shown) generated for class `labels` [N]."""
+        """{"fd", and "class_acc" (and "shape_acc") when `labels` are given} of pixel videos
+        [N, C, T, H, W] in [-1, 1] (clamped, as they would be shown) generated for class `labels`
+        [N]."""
         if videos.dim() != 5 or videos.shape[0] < 2:
             raise ValueError(f"videos must be [N >= 2, C, T, H, W], got shape {tuple(videos.shape)}")
         x = videos.detach().float().cpu().clamp(-1.0, 1.0)
@@ -84,4 +118,8 @@ class SampleMetrics:
             if labels.shape[0] != x.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for {x.shape[0]} videos")
             result["class_acc"] = float((logits.argmax(1) == labels).float().mean())
+            if self.shapes is not None:
+                net, _, shape_of = self.shapes
+                predicted = predict_shapes(net, x, self.shape_recipe)
+                result["shape_acc"] = float((predicted == shape_of[labels]).float().mean())
         return result

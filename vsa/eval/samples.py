@@ -3,7 +3,7 @@
     python -m vsa.eval.samples ckpt_path=logs/train/runs/default/checkpoints/last.ckpt
     python -m vsa.eval.samples ckpt_path=... per_class=16 cfg_scale=1.0 ema=false steps=32
 
-prints `class_acc`, `fd` (see `vsa.eval.metrics`) and the reference values of real held-out
+prints `class_acc`, `fd`, `shape_acc` (see `vsa.eval.metrics`) and the reference values of real held-out
 videos, and writes scores.json and grid.png (one row per generated video, classes in order) to
 `logs/eval/<date>_<time>/` (or output_dir=...). The data set is the one the checkpoint's run
 trained on (stored in the checkpoint by the SampleQuality callback, else read from the run
@@ -21,16 +21,20 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vsa.eval.classifier import ClassifierRecipe
+from vsa.eval.classifier import ClassifierRecipe, ShapeRecipe
 from vsa.eval.metrics import SampleMetrics
 
 
 def metrics_for(dataset_cfg: Mapping, num_classes: int | None = None,
-                cache_dir: str | Path | None = None, recipe: Mapping | None = None) -> SampleMetrics:
-    """SampleMetrics of a data set config (the classifier trained once, then cached); `recipe`
-    changes ClassifierRecipe fields."""
-    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (recipe or {}).items()}
-    return SampleMetrics.for_dataset(dataset_cfg, num_classes, ClassifierRecipe(**fields), cache_dir)
+                cache_dir: str | Path | None = None, recipe: Mapping | None = None,
+                shape_recipe: Mapping | None = None) -> SampleMetrics:
+    """SampleMetrics of a data set config (the classifiers trained once, then cached); `recipe`
+    and `shape_recipe` change ClassifierRecipe and ShapeRecipe fields."""
+    def fields(overrides: Mapping | None) -> dict:
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (overrides or {}).items()}
+
+    return SampleMetrics.for_dataset(dataset_cfg, num_classes, ClassifierRecipe(**fields(recipe)), cache_dir,
+                                     shape_recipe=ShapeRecipe(**fields(shape_recipe)))
 
 
 @torch.no_grad()
@@ -101,9 +105,9 @@ def evaluate(cfg: DictConfig) -> dict:
     spec = checkpoint[CHECKPOINT_KEY]
     with config_section("data"):
         dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))
-        recipe = cfg.get("recipe")
-        metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir,
-                              None if recipe is None else OmegaConf.to_container(recipe, resolve=True))
+        recipe, shape_recipe = (None if cfg.get(k) is None else OmegaConf.to_container(cfg[k], resolve=True)
+                                for k in ("recipe", "shape_recipe"))
+        metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir, recipe, shape_recipe)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     codec = build_codec(**spec["codec"]).to(device)
@@ -119,13 +123,17 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(out / "grid.png", to_uint8_frames(videos[:2 * model.cfg.num_classes]))
     result = {**scores, "chance_class_acc": 1.0 / model.cfg.num_classes,
-              "real_class_acc": metrics.holdout_accuracy, "num_videos": int(videos.shape[0]),
+              "real_class_acc": metrics.holdout_accuracy, "real_shape_acc": metrics.real_shape_acc,
+              "chance_shape_acc": None if metrics.shapes is None else 1.0 / len(metrics.shapes[1]["shape_names"]),
+              "num_videos": int(videos.shape[0]),
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
               "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method)}
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"class_acc {scores['class_acc']:.3f} (chance {1 / model.cfg.num_classes:.3f}, real "
-          f"{metrics.holdout_accuracy:.3f}), fd {scores['fd']:.2f} over {videos.shape[0]} videos "
-          f"-> {out}")
+          f"{metrics.holdout_accuracy:.3f}), fd {scores['fd']:.2f}"
+          + (f", shape_acc {scores['shape_acc']:.3f} (chance {result['chance_shape_acc']:.3f}, real "
+             f"{metrics.real_shape_acc:.3f})" if "shape_acc" in scores else "")
+          + f" over {videos.shape[0]} videos -> {out}")
     return {**result, "grid": grid}
 
 

@@ -293,6 +293,7 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         # sample quality of the final validation (vsa.eval; when callbacks.sample_quality is on)
         "class_acc": _metric(trainer, "val/class_acc"),
         "fd": _metric(trainer, "val/fd"),
+        "shape_acc": _metric(trainer, "val/shape_acc"),
         "wall_clock_s": None if recorder is None else recorder.wall_clock_s,
         "train_time_s": None if recorder is None else recorder.train_time_s,
         "tokens_per_s": tokens_per_s,

@@ -394,8 +394,10 @@ class SampleQuality(ValidationEveryNSteps):
     """Every `every_n_steps` (checked at the end of validation), generate `per_class` videos of
     every class with the model under validation, and log how much they look like the data:
     `val/class_acc` (a classifier trained on the data set assigns them their class; chance =
-    1 / num_classes) and `val/fd` (Fréchet distance to real videos in the classifier's features),
-    beside `val/loss` in every logger (W&B, CSV). See `vsa.eval`.
+    1 / num_classes), `val/fd` (Fréchet distance to real videos in the classifier's features) and,
+    on the procedural shapes, `val/shape_acc` (their objects have the class's shape, by a
+    colour-blind classifier of silhouettes), beside `val/loss` in every logger (W&B, CSV). See
+    `vsa.eval`.
 
     The classifier is trained once per data set config (seconds to a minute on a CPU) and cached
     (`cache_dir`, default ~/.cache/vsa/eval). Placed before the EMA callback, it scores the EMA
@@ -406,19 +408,21 @@ class SampleQuality(ValidationEveryNSteps):
         dataset: the data set config (with `_target_`), e.g. ${data.datamodule.dataset}.
         every_n_steps, per_class, steps, method, cfg_scale, seed: what to generate and when.
         cache_dir: where the classifier is cached (None: $VSA_CACHE/eval or ~/.cache/vsa/eval).
-        recipe: ClassifierRecipe fields to change (e.g. fewer steps for tests).
+        recipe, shape_recipe: ClassifierRecipe / ShapeRecipe fields to change (e.g. fewer steps for
+            tests).
     """
 
     def __init__(self, dataset: dict, every_n_steps: int = 200, per_class: int = 4, steps: int = 16,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
-                 cache_dir: str | None = None, recipe: dict | None = None) -> None:
+                 cache_dir: str | None = None, recipe: dict | None = None,
+                 shape_recipe: dict | None = None) -> None:
         super().__init__(every_n_steps)
         if per_class < 1 or steps < 1:
             raise ValueError("per_class and steps must be >= 1")
         self.dataset = dataset
         self.per_class, self.steps = per_class, steps
         self.method, self.cfg_scale, self.seed, self.cache_dir = method, cfg_scale, seed, cache_dir
-        self.recipe = dict(recipe or {})
+        self.recipe, self.shape_recipe = dict(recipe or {}), dict(shape_recipe or {})
         self._metrics = None
         self._disabled = False
 
@@ -449,7 +453,7 @@ class SampleQuality(ValidationEveryNSteps):
 
         if self._metrics is None:
             self._metrics = metrics_for(self.dataset, pl_module.model.cfg.num_classes,
-                                        self.cache_dir, self.recipe)
+                                        self.cache_dir, self.recipe, self.shape_recipe)
         with trainer.precision_plugin.forward_context():
             scores, _ = generate_and_score(
                 pl_module.model, pl_module.latent_shape, pl_module.decode, self._metrics,
