@@ -187,6 +187,34 @@ def predict(net: VideoClassifier, videos: torch.Tensor, batch_size: int = 64
     return torch.cat(logits), torch.cat(features)
 
 
+def fit(net: VideoClassifier, inputs: torch.Tensor, targets: torch.Tensor,
+        recipe: ClassifierRecipe | ShapeRecipe, transpose: bool = False) -> float:
+    """Train `net` on (inputs, targets) with the recipe's AdamW + one-cycle schedule: random
+    batches and random flips (and transpositions), which keep shape classes and motion meaningful.
+    Returns the last batch's loss."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps,
+                                                   pct_start=0.1)
+    order = torch.Generator().manual_seed(recipe.seed)
+    net.train()
+    for _ in range(recipe.steps):
+        batch = torch.randint(inputs.shape[0], (recipe.batch_size,), generator=order)
+        x = inputs[batch]
+        flips = torch.rand(3 if transpose else 2, generator=order) < 0.5
+        if flips[0]:
+            x = x.flip(-1)
+        if flips[1]:
+            x = x.flip(-2)
+        if transpose and flips[2]:
+            x = x.transpose(-1, -2)
+        loss = F.cross_entropy(net(x)[0], targets[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return float(loss.detach())
+
+
 def train_classifier(dataset: Dataset, num_classes: int, recipe: ClassifierRecipe | None = None,
                      ) -> tuple[VideoClassifier, dict]:
     """Train a VideoClassifier on `dataset` (items {"video", "label"}) deterministically on the CPU.
@@ -205,32 +233,14 @@ def train_classifier(dataset: Dataset, num_classes: int, recipe: ClassifierRecip
         torch.manual_seed(recipe.seed)
         net = VideoClassifier(num_classes, videos.shape[1], recipe.input_size, recipe.widths)
         x_all = net.prepare(videos)  # pool once: the training loop sees only input_size tensors
-        optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps,
-                                                       pct_start=0.1)
-        order = torch.Generator().manual_seed(recipe.seed)
-        net.train()
-        for _ in range(recipe.steps):
-            batch = torch.randint(len(train_idx), (recipe.batch_size,), generator=order)
-            x = x_all[batch]
-            # Augmentation: random flips keep shape classes and motion patterns meaningful.
-            flips = torch.rand(2, generator=order) < 0.5
-            if flips[0]:
-                x = x.flip(-1)
-            if flips[1]:
-                x = x.flip(-2)
-            loss = F.cross_entropy(net(x)[0], labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        final_loss = fit(net, x_all, labels, recipe)
     net.eval()
     hold_videos, hold_labels = stack_items(dataset, hold_idx)
     logits, features = predict(net, hold_videos)
     accuracy = float((logits.argmax(1) == hold_labels).float().mean())
     mu, sigma = feature_stats(features)
     summary = {"holdout_accuracy": accuracy, "train_samples": len(train_idx),
-               "holdout_samples": len(hold_idx), "final_loss": float(loss.detach()), "mu": mu, "sigma": sigma}
+               "holdout_samples": len(hold_idx), "final_loss": final_loss, "mu": mu, "sigma": sigma}
     return net, summary
 
 
@@ -297,34 +307,15 @@ def train_shape_classifier(dataset: Dataset, recipe: ShapeRecipe | None = None
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(recipe.seed)
         net = VideoClassifier(num_shapes, 1, (1, *recipe.size), recipe.widths)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps,
-                                                       pct_start=0.1)
-        order = torch.Generator().manual_seed(recipe.seed)
-        net.train()
-        for _ in range(recipe.steps):
-            batch = torch.randint(frames.shape[0], (recipe.batch_size,), generator=order)
-            x = frames[batch]
-            # Flips and transposition keep every shape (all five are symmetric under them).
-            flips = torch.rand(3, generator=order) < 0.5
-            if flips[0]:
-                x = x.flip(-1)
-            if flips[1]:
-                x = x.flip(-2)
-            if flips[2]:
-                x = x.transpose(-1, -2)
-            loss = F.cross_entropy(net(x)[0], targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        # Transposition too: all five shapes are symmetric under it.
+        final_loss = fit(net, frames, targets, recipe, transpose=True)
     net.eval()
     hold_videos, hold_labels = stack_items(dataset, hold_idx)
     predicted = predict_shapes(net, hold_videos, recipe)
     truth = torch.tensor([dataset.shape_of(int(c)) for c in hold_labels])
     summary = {"holdout_accuracy": float((predicted == truth).float().mean()),
                "train_frames": int(frames.shape[0]), "holdout_samples": len(hold_idx),
-               "final_loss": float(loss.detach()), "shape_names": list(dataset.shape_names)}
+               "final_loss": final_loss, "shape_names": list(dataset.shape_names)}
     return net, summary
 
 
