@@ -16,7 +16,8 @@ Two parts (--parts, comma-separated):
             16x21x60x104 latents): peak memory and median time of a training step (bf16 autocast,
             fp32 master weights, AdamW, activation checkpointing), dense vs VSA 0.875; sampling
             time of 50 Euler steps with CFG (the VSA paper's 31 s -> 18 s point).
-Prints a short table last; writes everything to --out.
+--compile compiles the blocks (WanVideoModel.compile_blocks) in both parts. Prints a short table
+last; writes everything to --out.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def autocast(device: torch.device):
 
 def sample_seconds(model, shape, text, steps: int, device) -> float:
     """Wall time of `steps` Euler steps with classifier-free guidance (cond + null text in one
-    batch of 2, as diffusers' pipeline), batch 1, no grad."""
+    batch of 2, as diffusers' pipeline), batch 1, no grad, after one untimed model call."""
     model.eval()
     x = torch.randn(1, *shape, device=device)
     both = torch.cat([text, torch.zeros_like(text)])
+    with torch.no_grad(), autocast(device):  # warm-up, not timed: compilation, autotuning
+        model(torch.cat([x, x]), torch.ones(2, device=device), text=both)
     sync()
     start = time.perf_counter()
     with torch.no_grad(), autocast(device):
@@ -146,8 +149,11 @@ def finetune_part(args, device) -> dict:
 
     def build(attention: str):
         torch.manual_seed(0)
-        return build_wan(transformer=arch, in_channels=arch["in_channels"], attention=attention, tile=tile,
+        model = build_wan(transformer=arch, in_channels=arch["in_channels"], attention=attention, tile=tile,
                          sparsity=0.0, impl="torch" if args.smoke else None).to(device)
+        if args.compile:
+            model.compile_blocks()
+        return model
 
     dense = build("full")
     pre = train_steps(dense, batches, args.pretrain, device, lr=args.lr)
@@ -187,6 +193,8 @@ def big_part(args, device) -> dict:
         model = build_wan(transformer=arch, in_channels=arch["in_channels"], attention=name, tile=tile,
                           sparsity=0.875, activation_checkpointing=True,
                           impl="torch" if args.smoke else None).to(device)
+        if args.compile:
+            model.compile_blocks()
         x0 = torch.randn(1, *shape, device=device)
         try:
             run = train_steps(model, lambda step: (x0, text), args.big_steps, device)
@@ -210,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--big-steps", type=int, default=6, help="timed training steps of the 1.3B part")
     ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the Wan blocks (module.compile_blocks); the first steps compile")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, CPU: checks the script runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

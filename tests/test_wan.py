@@ -449,3 +449,30 @@ def test_caption_dropout_and_guidance_use_the_empty_prompts_embedding(tmp_path, 
         assert not torch.allclose(model(x, t, text=null), model(x, t, text=torch.zeros_like(text)))
     with pytest.raises(FileNotFoundError, match="encode_latents.py --text-encoder writes it"):
         tiny(cond_dropout=0.5, null_text=str(tmp_path / "none.safetensors"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_function():
+    """compile_blocks compiles diffusers' Wan blocks with our processor inside, fullgraph (no graph
+    break), and keeps the outputs, the gradients and the state dict's names; CUDA-graph modes are
+    refused with the fix."""
+    eager = tiny(sparsity=0.5)
+    perturb_gates(eager)
+    compiled = tiny(sparsity=0.5)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    assert compiled.blocks_compiled and list(compiled.state_dict()) == list(eager.state_dict())
+    x, t, text = inputs()
+    outs = []
+    for model in (eager, compiled):
+        model.eval()
+        out = model(x, t, text=text)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="compile_mode=null"):
+        tiny().compile_blocks(mode="reduce-overhead")

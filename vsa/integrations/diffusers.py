@@ -429,7 +429,10 @@ class _GridHook:
     def __call__(self, module, args, kwargs) -> None:
         arguments = _call_arguments(module, args, kwargs)
         if self.kind == "wan":
-            self.core.grid = wan_grid(module, arguments["hidden_states"])
+            latents = arguments["hidden_states"]
+            self.core.grid = wan_grid(module, latents)
+            # Build the layout here, outside the blocks (compiled blocks find it in the cache).
+            self.core.layout(math.prod(self.core.grid), latents.device)
         else:
             if arguments.get("img_ids") is None:
                 raise ValueError("Flux was called without img_ids: the image token grid is unknown")
