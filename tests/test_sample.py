@@ -198,3 +198,16 @@ def test_text_to_video_demo_trains_on_captions_and_samples_from_prompts(tmp_path
     scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert scores["n"] == 3 and 0 <= scores["both"] <= 1 and len(scores["prompts"]) == 3
     assert (tmp_path / "scores" / "grid.png").is_file()
+
+
+def test_unipc_sampling_through_sample_py_configs(dense_checkpoint, tmp_path):
+    """method=unipc (diffusers' UniPC, Wan's scheduler) samples a checkpoint; with many steps it
+    reaches the videos that Heun reaches (the same ODE), and differs from a 3-step Euler run."""
+    pytest.importorskip("diffusers")
+    runs = {name: torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / name, extra))["latents"],
+                             weights_only=True)
+            for name, extra in [("unipc", ["method=unipc", "steps=64"]), ("heun", ["method=heun", "steps=64"]),
+                                ("euler3", ["method=euler"])]}
+    assert runs["unipc"].shape == (2, 3, 4, 16, 16) and torch.isfinite(runs["unipc"]).all()
+    close = (runs["unipc"] - runs["heun"]).abs().max()
+    assert close < 0.1 * (runs["euler3"] - runs["heun"]).abs().max(), close

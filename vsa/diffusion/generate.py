@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from vsa.diffusion.samplers import guided_velocity, sample_ode
+from vsa.diffusion.samplers import METHODS, guided_velocity, sample_ode
 
 if TYPE_CHECKING:  # (a model is used through its interface: cfg, null_condition, calls)
     from vsa.models import VideoDiT
@@ -39,8 +39,8 @@ def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, s
         raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if method not in ("euler", "heun"):
-        raise ValueError(f"method must be euler or heun, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 0:
         raise ValueError(f"cfg_scale must be a number >= 0 (1 = no guidance, 4 = the default "
                          f"guidance, 0 = unconditional), got {cfg_scale!r}")

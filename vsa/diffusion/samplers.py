@@ -2,7 +2,9 @@
 
 Euler is first order in the step size, Heun (Euler predictor + trapezoidal corrector, applied on
 every step including the last: the flow's velocity is defined at t = 0) is second order, at two
-velocity evaluations per step. Classifier-free guidance combines a conditional and an
+velocity evaluations per step. UniPC (diffusers' `UniPCMultistepScheduler` with flow sigmas, the
+scheduler of diffusers' Wan pipeline; needs the `diffusers` extra) is a multistep predictor-corrector
+at one evaluation per step, accurate in few steps. Classifier-free guidance combines a conditional and an
 unconditional velocity: v = v_u + scale * (v_c - v_u), both from one batched model call.
 """
 
@@ -16,7 +18,7 @@ from torch import nn
 from vsa.diffusion.flow import shift_timesteps
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], t [B]) -> v
-METHODS = ("euler", "heun")
+METHODS = ("euler", "heun", "unipc")
 
 
 def timestep_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None
@@ -61,6 +63,10 @@ def sample_ode(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, metho
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {METHODS}")
+    if method == "unipc":
+        if t_grid is not None:
+            raise ValueError("method 'unipc' makes its own time grid (steps, shift); t_grid is for euler/heun")
+        return sample_unipc(velocity, noise, steps, shift)
     grid = timestep_grid(steps, shift) if t_grid is None else t_grid.to(torch.float64).cpu()
     if grid.dim() != 1 or grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()):
         raise ValueError("t_grid must be a 1-D strictly decreasing sequence of >= 2 times (1 -> 0)")
@@ -78,6 +84,33 @@ def sample_ode(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, metho
         else:
             x_pred = x + dt * v
             x = x + 0.5 * dt * (v + v_at(x_pred, t_next))
+    return x
+
+
+def sample_unipc(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, shift: float = 1.0,
+                 order: int = 2) -> torch.Tensor:
+    """Integrate from `noise` at t = 1 to t = 0 with diffusers' UniPC multistep solver (flow
+    sigmas, `flow_shift=shift`, `solver_order=order`): Wan's pipeline scheduler with its settings
+    (bh2 corrector, x0 prediction). The state is kept in fp32; `velocity` gets t = sigma in [0, 1]."""
+    try:
+        from diffusers import UniPCMultistepScheduler
+    except ImportError as exc:
+        raise ImportError("method 'unipc' uses diffusers' UniPCMultistepScheduler: pip install -e '.[diffusers]' "
+                          "(or sample with method=euler|heun)") from exc
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=float(shift), solver_order=order,
+                                        solver_type="bh2", predict_x0=True)
+    scheduler.set_timesteps(steps, device=noise.device)
+    # Step by position: its integer timesteps repeat at many steps with a shift, and a lookup of
+    # the first one would start at the wrong step.
+    scheduler.set_begin_index(0)
+    x = noise.float()
+    batch = x.shape[0]
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = torch.full((batch,), float(scheduler.sigmas[i]), device=x.device, dtype=torch.float32)
+        x = scheduler.step(velocity(x, t).float(), timestep, x, return_dict=False)[0]
     return x
 
 
