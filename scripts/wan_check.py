@@ -150,7 +150,7 @@ def finetune_part(args, device) -> dict:
     def build(attention: str):
         torch.manual_seed(0)
         model = build_wan(transformer=arch, in_channels=arch["in_channels"], attention=attention, tile=tile,
-                         sparsity=0.0, impl="torch" if args.smoke else None).to(device)
+                          sparsity=0.0, impl="torch" if args.smoke else None).to(device)
         if args.compile:
             model.compile_blocks()
         return model
