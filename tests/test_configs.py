@@ -27,7 +27,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # Experiments of other models than VideoDiT (a pretrained diffusers Wan: tests/test_wan.py).
 VIDEODIT_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith("wan_")]
 PAIRS = ["60m", "150m", "300m", "600m", "1b"]
-DEFAULT_RUN_VARIANTS = ["t2v_shapes"]  # the default run's recipe with another conditioning
+# The default run's recipe and data, with another conditioning or a wider model trained longer.
+DEFAULT_RUN_VARIANTS = {"t2v_shapes": {"captions": True}, "shapes_wide": {}}
 
 
 def compose_train(overrides: list[str], tmp: str = "/tmp/vsa-config-test", hydra: bool = False):
@@ -100,9 +101,9 @@ def test_only_the_default_run_uses_its_own_data_and_mlp():
     assert (dataset.max_objects, list(dataset.radius)) == (1, [0.2, 0.3])
     assert (default.model.mlp_conv, default.model.mlp_ratio) == (3, 2.0)
     assert (default.data.datamodule.batch_size, default.trainer.max_steps) == (4, 800)
-    for variant in DEFAULT_RUN_VARIANTS:  # the default run's data (with captions) and MLP
+    for variant, extra in DEFAULT_RUN_VARIANTS.items():  # the default run's data and MLP
         cfg = compose_train([f"experiment={variant}"])
-        assert cfg.data.datamodule.dataset == {**default.data.datamodule.dataset, "captions": True}
+        assert cfg.data.datamodule.dataset == {**default.data.datamodule.dataset, **extra}
         assert (cfg.model.mlp_conv, cfg.model.mlp_ratio) == (3, 2.0)
     runs = [[f"experiment={e}", *(["init_from=/x.ckpt"] if e == "vsa_finetune" else [])]
             for e in VIDEODIT_EXPERIMENTS if e not in DEFAULT_RUN_VARIANTS] + [[f"sweep={s}"] for s in SWEEPS]
