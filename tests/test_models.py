@@ -315,13 +315,14 @@ def test_checkpointing_a_number_of_blocks_gives_the_same_gradients():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention,options", [("vsa", {}), ("sta", {"window": (2, 2, 2)})])
-def test_compiled_blocks_compute_the_same_function(attention, options):
-    """compile_blocks (fullgraph: no graph break in a block, through the VSA custom op, and a
-    static pattern's map built outside the blocks) keeps the outputs, the gradients and the state
-    dict's names."""
+@pytest.mark.parametrize("attention,options,mlp_conv", [("vsa", {}, 3), ("sta", {"window": (2, 2, 2)}, 0)])
+def test_compiled_blocks_compute_the_same_function(attention, options, mlp_conv):
+    """compile_blocks (fullgraph: no graph break in a block, through the VSA custom op, the MLP's
+    token convolution with its own CPU backward, and a static pattern's map built outside the
+    blocks) keeps the outputs, the gradients and the state dict's names."""
     torch.manual_seed(0)
-    kw = dict(in_channels=4, num_classes=3, attention=attention, attention_options=options, sparsity=0.5)
+    kw = dict(in_channels=4, num_classes=3, attention=attention, attention_options=options, sparsity=0.5,
+              mlp_conv=mlp_conv)
     eager = build_model("0.6M", **kw)
     with torch.no_grad():
         for p in eager.parameters():
@@ -412,6 +413,44 @@ def test_mlp_conv_model_is_order_agnostic():
     tiled.eval(), raster.eval()
     torch.testing.assert_close(tiled(x, t, labels=labels), raster(x, t, labels=labels),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kernel,bias,channels_last", [
+    ((2, 6, 3, 5, 7), 3, True, True),     # batch 2, a ragged grid, the MLP's strides
+    ((1, 4, 2, 3, 4), 5, False, False),   # fewer frames than the kernel, no bias
+    ((3, 5, 4, 4, 4), 1, True, False),    # a 1x1x1 kernel
+])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_depthwise_conv3d_matches_torch_conv3d_forward_and_gradients(shape, kernel, bias,
+                                                                     channels_last, scale):
+    """The CPU backward of DepthwiseConv3d (its own, not torch's) gives torch's conv3d gradients
+    in float64, for the input, the weight and the bias; its state dict is nn.Conv3d's."""
+    from vsa.models.conv import DepthwiseConv3d
+
+    torch.manual_seed(kernel)
+    conv = DepthwiseConv3d(shape[1], kernel, bias=bias).double()
+    torch.nn.init.normal_(conv.weight)
+    assert list(conv.state_dict()) == list(torch.nn.Conv3d(shape[1], shape[1], kernel, bias=bias).state_dict())
+    x = torch.randn(shape, dtype=torch.float64) * scale
+    if channels_last:
+        x = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y = conv(x)
+    y_ref = torch.nn.functional.conv3d(x_ref, conv.weight, conv.bias, padding=kernel // 2, groups=shape[1])
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, conv.weight] + ([conv.bias] if bias else []), g)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, conv.weight] + ([conv.bias] if bias else []), g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
+def test_depthwise_conv3d_refuses_even_kernels():
+    from vsa.models.conv import DepthwiseConv3d
+
+    with pytest.raises(ValueError, match="odd"):
+        DepthwiseConv3d(4, 2)
 
 
 @pytest.mark.parametrize("bad", [2, -1, True, 3.0, "3"])

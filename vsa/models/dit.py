@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from vsa.attention import AttentionContext, build_backend
 from vsa.layout import TileLayout, int_triple
 from vsa.models.config import DiTConfig, check_sparsity
+from vsa.models.conv import DepthwiseConv3d
 from vsa.models.rope import apply_rope, rope_angles
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [S, head_dim // 2], tile-major order
@@ -122,8 +123,7 @@ class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, conv: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.conv = (nn.Conv3d(hidden, hidden, conv, padding=conv // 2, groups=hidden)
-                     if conv else None)
+        self.conv = DepthwiseConv3d(hidden, conv) if conv else None
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, width)
 
