@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra.utils
 import numpy as np
 import pytest
 import torch
-import hydra.utils
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from compiled_check import assert_compiled_matches_eager  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from vsa.config import ConfigError  # noqa: E402
@@ -461,18 +462,7 @@ def test_compiled_blocks_compute_the_same_function():
     compiled = tiny(sparsity=0.5)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks()
-    assert compiled.blocks_compiled and list(compiled.state_dict()) == list(eager.state_dict())
     x, t, text = inputs()
-    outs = []
-    for model in (eager, compiled):
-        model.eval()
-        out = model(x, t, text=text)
-        out.square().mean().backward()
-        outs.append(out)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        assert (a.grad is None) == (b.grad is None), name
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+    assert_compiled_matches_eager(eager, compiled, lambda model: model(x, t, text=text))
     with pytest.raises(ValueError, match="compile_mode=null"):
         tiny().compile_blocks(mode="reduce-overhead")

@@ -115,6 +115,21 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).flatten(2))
 
 
+def compile_in_place(blocks: Sequence[nn.Module], **options) -> dict:
+    """torch.compile every module of `blocks` in place (`nn.Module.compile`); return the options
+    used: `options` over the defaults fullgraph=True (a graph break in a block is a bug) and
+    dynamic=False (one graph per input shape)."""
+    options = {"fullgraph": True, "dynamic": False, **options}
+    # All blocks share one code object, whose compiled graphs dynamo caches up to a limit (8 by
+    # default): train/eval, recomputation, other shapes, other models in the same process each
+    # need their own. Past the limit a fullgraph compile fails, so raise it.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(**options)
+    return options
+
+
 class MLP(nn.Module):
     """fc1 -> GELU -> fc2; with `conv` > 0, fc1's output h gets a depthwise 3D convolution over the
     token grid added to it, h + conv(h), before the GELU (as SANA's Mix-FFN; in raster order). The
@@ -266,14 +281,7 @@ class VideoDiT(nn.Module):
         gating fuse around the matmuls and the attention op. Parameter names and the state dict are
         unchanged. Default options: fullgraph=True (a graph break in a block is a bug), dynamic=False
         (one graph per video shape; all blocks share it)."""
-        options = {"fullgraph": True, "dynamic": False, **options}
-        # All blocks share one code object, whose compiled graphs dynamo caches up to a limit (8 by
-        # default): train/eval, recomputation, other shapes, other models in the same process
-        # each need their own. Past the limit a fullgraph compile fails, so raise it.
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 64)
-        for block in self.blocks:
-            block.compile(**options)
+        options = compile_in_place(self.blocks, **options)
         self.blocks_compiled = True
         self.blocks_graphed = options.get("mode") in ("reduce-overhead", "max-autotune")
 

@@ -44,6 +44,7 @@ from vsa.integrations.diffusers import (
 )
 from vsa.layout import int_triple
 from vsa.models.config import check_sparsity
+from vsa.models.dit import compile_in_place
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 WEIGHT_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
@@ -247,16 +248,12 @@ class WanVideoModel(nn.Module):
         attention op. Parameter names and the state dict are unchanged. Default options as
         VideoDiT.compile_blocks: fullgraph=True, dynamic=False. A new sparsity (a staircase step)
         is a new graph, once."""
-        options = {"fullgraph": True, "dynamic": False, **options}
         if options.get("mode") in ("reduce-overhead", "max-autotune"):
             # A graphed block's output buffer is overwritten by the next replay while diffusers'
             # block loop still reads it (VideoDiT clones between blocks; diffusers' loop cannot).
             raise ValueError(f"module.compile_mode={options['mode']} (CUDA graphs) is not supported for "
                              "the Wan model; use module.compile_mode=null")
-        config = torch._dynamo.config  # all blocks share one code object: one graph per variant
-        config.recompile_limit = max(config.recompile_limit, 64)
-        for block in self.transformer.blocks:
-            block.compile(**options)
+        compile_in_place(self.transformer.blocks, **options)
         self.blocks_compiled = True
 
     # ---- sparsity (set by the staircase schedule) --------------------------------------------
