@@ -335,6 +335,29 @@ def test_compiled_blocks_compute_the_same_function(attention, options, mlp_conv)
     assert_compiled_matches_eager(eager, compiled, lambda model: model(x, t, labels=labels))
 
 
+def test_x0_prediction_returns_the_velocity_of_the_predicted_x0():
+    """prediction="x0": the same weights as a velocity model, whose output is now read as x0;
+    forward returns v = (x_t - x0) / max(t, 0.05), for every sample's own t."""
+    from vsa.models.config import X0_MIN_T
+
+    velocity = randomized(tiny(num_classes=3))
+    x0_model = tiny(num_classes=3, prediction="x0")
+    x0_model.load_state_dict(velocity.state_dict())
+    x, labels = torch.randn(4, 4, 4, 8, 8), torch.tensor([0, 1, 2, 0])
+    t = torch.tensor([1.0, 0.5, 0.05, 0.01])
+    velocity.eval(), x0_model.eval()
+    x0 = velocity(x, t, labels=labels)
+    expected = (x - x0) / torch.tensor([1.0, 0.5, X0_MIN_T, X0_MIN_T]).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(x0_model(x, t, labels=labels), expected)
+
+
+@pytest.mark.parametrize("kw,message", [({"prediction": "eps"}, "prediction must be one of"),
+                                        ({"prediction": "x0", "out_channels": 8}, "out_channels")])
+def test_bad_prediction_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
+
+
 def test_full_attention_rejects_unknown_kernels():
     with pytest.raises(ValueError, match="kernel"):
         build_model("0.6M", attention="full", attention_options={"kernel": "fa9"})

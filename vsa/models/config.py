@@ -8,6 +8,9 @@ from typing import Any
 from vsa.layout import ORDERS, int_triple
 from vsa.ops import SUPPORTED_HEAD_DIMS
 
+PREDICTIONS = ("velocity", "x0")  # DiTConfig.prediction
+X0_MIN_T = 0.05  # prediction="x0": v = (x_t - x0) / max(t, X0_MIN_T)
+
 
 @dataclass
 class DiTConfig:
@@ -32,6 +35,12 @@ class DiTConfig:
     mlp_conv: int = 0
     in_channels: int = 16
     out_channels: int | None = None  # None: same as in_channels
+    # What the network's last layer predicts. "velocity": v = noise - x0 directly. "x0": the clean
+    # sample x0 (JiT, arXiv 2511.13720); forward() still returns a velocity, (x_t - x0) / t with
+    # t clipped below at 0.05, so losses and samplers do not change. x0 lies on the data's
+    # low-dimensional structure where v carries the noise: a small model learns it faster
+    # (docs/sample_quality.md). Needs out_channels == in_channels.
+    prediction: str = "velocity"
     patch: tuple[int, int, int] = (1, 2, 2)
     tile: tuple[int, int, int] = (4, 4, 4)
     # "cubes": tiles are boxes of `tile` (ragged at the edges); "curve": groups of the tile's volume
@@ -70,6 +79,11 @@ class DiTConfig:
         for name in ("depth", "in_channels", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.prediction == "x0" and self.out_channels != self.in_channels:
+            raise ValueError(f"prediction='x0' predicts the input itself: out_channels ({self.out_channels}) "
+                             f"must equal in_channels ({self.in_channels}); leave out_channels null")
         conv = self.mlp_conv
         if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or (conv and conv % 2 == 0):
             raise ValueError(f"mlp_conv must be 0 (no convolution) or an odd kernel size >= 1 in "

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vsa.attention import AttentionContext, build_backend
 from vsa.layout import TileLayout, int_triple
-from vsa.models.config import DiTConfig, check_sparsity
+from vsa.models.config import X0_MIN_T, DiTConfig, check_sparsity
 from vsa.models.conv import DepthwiseConv3d
 from vsa.models.rope import apply_rope, rope_angles
 
@@ -449,7 +449,10 @@ class VideoDiT(nn.Module):
 
         shift, scale = (self.final_modulation + c[:, None]).unbind(dim=1)
         out = self.final_linear(modulate(self.final_norm(h), shift, scale))
-        return self.unpatchify(layout.from_tiles(out, dim=1), grid)  # and the one back
+        out = self.unpatchify(layout.from_tiles(out, dim=1), grid)  # and the one back
+        if self.cfg.prediction == "x0":  # the network predicts x0; the model returns a velocity
+            return (x - out) / t.clamp(min=X0_MIN_T).to(out.dtype).view(-1, 1, 1, 1, 1)
+        return out
 
 
 def count_params(model: nn.Module) -> int:
