@@ -515,17 +515,22 @@ def test_a_dead_data_loader_worker_stops_the_run_in_one_line_and_it_resumes(tmp_
     assert torch.load(tmp_path / "w" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
 
 
-def test_ctrl_c_saves_the_step_it_reached(tmp_path):
-    """SIGINT mid-run: the run stops after the step in flight, writes last.ckpt of that step
-    (not the periodic one, every 1000 steps here) and exits with status 130."""
+@pytest.mark.parametrize("name,group,workers", [("SIGINT", False, 0), ("SIGTERM", True, 1)])
+def test_a_stop_signal_saves_the_step_it_reached(tmp_path, name, group, workers):
+    """SIGINT (Ctrl-C) or SIGTERM mid-run: the run stops after the step in flight, writes
+    last.ckpt of that step (not the periodic one, every 1000 steps here) and exits with status
+    128 + the signal. SIGTERM goes to the whole process group, data-loader worker included, as
+    `timeout` and SLURM send it: the worker must not die of it before the step is saved."""
     import signal
     import time
 
+    signum = getattr(signal, name)
     command = [sys.executable, "train.py", "experiment=tiny", "trainer.max_steps=100000",
                "callbacks.checkpoint.every_n_train_steps=1000", "trainer.val_check_interval=1000",
+               f"data.datamodule.num_workers={workers}",
                "logger=csv", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
     process = subprocess.Popen(command, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=group)
     try:
         lines = []
         for line in process.stdout:
@@ -533,16 +538,19 @@ def test_ctrl_c_saves_the_step_it_reached(tmp_path):
             if "Run folder" in line:
                 break
         time.sleep(4)  # a few steps (~0.1 s each)
-        process.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         output = "".join(lines) + process.communicate(timeout=120)[0]
     finally:
         process.kill()
-    assert process.returncode == 130, output[-3000:]
+    assert process.returncode == 128 + signum, output[-3000:]
     assert "Traceback" not in output
     ckpt = torch.load(tmp_path / "train" / "runs" / "tiny" / "checkpoints" / "last.ckpt", weights_only=True)
     step = ckpt["global_step"]
     assert 0 < step < 1000
-    assert f"Stopped by SIGINT at step {step}:" in output
+    assert f"Stopped by {name} at step {step}:" in output
 
 
 @pytest.mark.slow

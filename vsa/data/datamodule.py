@@ -24,11 +24,14 @@ deterministic clips). Alternatively pass `val_dataset` to validate on a separate
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Subset
 
 DatasetLike = Dataset | Callable[[], Dataset] | Mapping
@@ -51,6 +54,18 @@ def _materialise(name: str, spec: DatasetLike | None) -> Dataset | None:
         raise TypeError(f"{name} must be a map-style dataset (with __getitem__ and __len__), a factory "
                         f"returning one, or a config with `_target_`; got {type(spec).__name__}")
     return spec
+
+
+def worker_init(worker_id: int) -> None:
+    """Init function of every data-loader worker: ignore SIGINT and SIGTERM, then seed as Lightning
+    does (`seed_everything(workers=True)`, which adds no init function of its own to a loader that
+    has one). Ctrl-C in a terminal, `timeout`, and SLURM signal the whole process group; a worker
+    that died of it would fail the main process's next batch before the main process could stop
+    after its step and save it. The workers end with the main process (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -138,14 +153,19 @@ class VideoDataModule(L.LightningDataModule):
             val_source.train = False
         self.val_set = Subset(val_source, val_indices)
 
+    def worker_options(self) -> dict[str, Any]:
+        """DataLoader arguments for the worker processes (none without workers): persistent,
+        `prefetch_factor`, and `worker_init` as their init function."""
+        if self.num_workers == 0:
+            return {}
+        extra: dict[str, Any] = {"persistent_workers": True, "worker_init_fn": worker_init}
+        if self.prefetch_factor is not None:
+            extra["prefetch_factor"] = self.prefetch_factor
+        return extra
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        extra: dict[str, Any] = {}
-        if self.num_workers > 0:
-            extra["persistent_workers"] = True
-            if self.prefetch_factor is not None:
-                extra["prefetch_factor"] = self.prefetch_factor
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, drop_last=drop_last, **extra)
+                          pin_memory=self.pin_memory, drop_last=drop_last, **self.worker_options())
 
     def _setup_train(self) -> None:
         """Set up the splits and check that the training split fills at least one batch."""

@@ -119,11 +119,6 @@ class ResumableDataModule(VideoDataModule):
         self._setup_train()
         sampler = ResumableSampler(len(self.train_set), self.batch_size, seed=self.seed,
                                    drop_last=self.drop_last, start_batch=self.consumed_batches())
-        extra = {}
-        if self.num_workers > 0:
-            extra["persistent_workers"] = True
-            if self.prefetch_factor is not None:
-                extra["prefetch_factor"] = self.prefetch_factor
         return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               drop_last=self.drop_last, **extra)
+                               drop_last=self.drop_last, **self.worker_options())
