@@ -151,3 +151,36 @@ def check_sparsity(sparsity: float | None, topk: int | None) -> None:
         raise ValueError(f"sparsity must lie in [0, 1) (0 = dense), got {sparsity}")
     if topk is not None and (int(topk) != topk or topk < 1):
         raise ValueError(f"topk must be None or a positive int (key tiles per query tile), got {topk}")
+
+
+class SparsityKnobs:
+    """Mixin: the `sparsity` and `topk` a model's VSA attention uses, set at any time (the
+    staircase schedule, a sampling override), validated by `check_sparsity` and then passed on by
+    `sparsity_changed()`: a no-op for a model that reads them every call (VideoDiT), a push into
+    the attention processors for one that cannot (the Wan model)."""
+
+    _sparsity: float | None = None
+    _topk: int | None = None
+
+    @property
+    def sparsity(self) -> float | None:
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: float | None) -> None:
+        check_sparsity(value, None)
+        self._sparsity = None if value is None else float(value)
+        self.sparsity_changed()
+
+    @property
+    def topk(self) -> int | None:
+        return self._topk
+
+    @topk.setter
+    def topk(self, value: int | None) -> None:
+        check_sparsity(None, value)
+        self._topk = None if value is None else int(value)
+        self.sparsity_changed()
+
+    def sparsity_changed(self) -> None:
+        """Called after every change of `sparsity` or `topk`."""

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vsa.attention import AttentionContext, build_backend
 from vsa.layout import TileLayout, int_triple
-from vsa.models.config import X0_MIN_T, DiTConfig, check_sparsity
+from vsa.models.config import X0_MIN_T, DiTConfig, SparsityKnobs
 from vsa.models.conv import DepthwiseConv3d
 from vsa.models.rope import apply_rope, rope_angles
 
@@ -182,7 +182,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(h, ctx.layout)
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(SparsityKnobs, nn.Module):
     """Video Diffusion Transformer predicting the flow-matching velocity (see module docstring).
 
     forward(x [B, C, T, H, W], t [B] in [0, 1], labels [B] | None, text [B, L, text_dim] | None,
@@ -284,24 +284,6 @@ class VideoDiT(nn.Module):
         options = compile_in_place(self.blocks, **options)
         self.blocks_compiled = True
         self.blocks_graphed = options.get("mode") in ("reduce-overhead", "max-autotune")
-
-    @property
-    def sparsity(self) -> float | None:
-        return self._sparsity
-
-    @sparsity.setter
-    def sparsity(self, value: float | None) -> None:
-        check_sparsity(value, None)
-        self._sparsity = None if value is None else float(value)
-
-    @property
-    def topk(self) -> int | None:
-        return self._topk
-
-    @topk.setter
-    def topk(self, value: int | None) -> None:
-        check_sparsity(None, value)
-        self._topk = None if value is None else int(value)
 
     # ---- token geometry ----------------------------------------------------------------------
 

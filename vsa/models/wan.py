@@ -43,7 +43,7 @@ from vsa.integrations.diffusers import (
     wan_gates,
 )
 from vsa.layout import int_triple
-from vsa.models.config import check_sparsity
+from vsa.models.config import SparsityKnobs, check_sparsity
 from vsa.models.dit import compile_in_place
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -72,6 +72,7 @@ class WanConfig:
     caption_words: tuple[str, ...] = ()
     tile_order: str = "cubes"
     mlp_conv: int = 0
+    prediction: str = "velocity"  # Wan's pretrained transformer predicts the velocity
 
     def __post_init__(self) -> None:
         self.transformer = {k: v for k, v in dict(self.transformer).items() if not k.startswith("_")}
@@ -82,6 +83,9 @@ class WanConfig:
         if self.num_classes or self.caption_words or self.tile_order != "cubes" or self.mlp_conv:
             raise ValueError("Wan is text-conditioned with tile_order=cubes: num_classes=0, no "
                              "caption_words, no mlp_conv")
+        if self.prediction != "velocity":
+            raise ValueError(f"Wan's transformer predicts the velocity: model.prediction must be "
+                             f"'velocity', got {self.prediction!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
         if self.cond_dropout > 0 and self.null_text is None:
@@ -207,7 +211,7 @@ def load_transformer(pretrained: str | Path | None = None, transformer: dict | N
 # --------------------------------------------------------------------------------------------------
 
 
-class WanVideoModel(nn.Module):
+class WanVideoModel(SparsityKnobs, nn.Module):
     """A diffusers Wan transformer predicting the flow-matching velocity, with VSA in its
     self-attention (see the module docstring). `transformer`: the diffusers model (its weights are
     the model's `transformer.*`); `gates`: VSA's gates G_c (`gates.*`; given: trained ones, e.g.
@@ -258,27 +262,7 @@ class WanVideoModel(nn.Module):
 
     # ---- sparsity (set by the staircase schedule) --------------------------------------------
 
-    @property
-    def sparsity(self) -> float | None:
-        return self._sparsity
-
-    @sparsity.setter
-    def sparsity(self, value: float | None) -> None:
-        check_sparsity(value, None)
-        self._sparsity = None if value is None else float(value)
-        self._push_sparsity()
-
-    @property
-    def topk(self) -> int | None:
-        return self._topk
-
-    @topk.setter
-    def topk(self, value: int | None) -> None:
-        check_sparsity(None, value)
-        self._topk = None if value is None else int(value)
-        self._push_sparsity()
-
-    def _push_sparsity(self) -> None:
+    def sparsity_changed(self) -> None:
         """Hand the current top-k (wins) or sparsity to the VSA processors."""
         if self.handle is not None and self.handle.core.selects:
             if self._topk is not None:
@@ -372,7 +356,8 @@ def build_wan(pretrained: str | None = None, transformer: dict | None = None,
               topk: int | None = None, cond_dropout: float = 0.0, null_text: str | None = None,
               activation_checkpointing: bool = False,
               dtype: str | None = None, impl: str | None = None, patch=None, num_classes: int = 0,
-              tile_order: str = "cubes", text_dim: int = 0, name: str | None = None) -> WanVideoModel:
+              tile_order: str = "cubes", text_dim: int = 0, prediction: str = "velocity",
+              name: str | None = None) -> WanVideoModel:
     """A `WanVideoModel` from config values (configs/model/wan*.yaml; train.py passes in_channels,
     the data's latent channels, and the shared `model:` fields of configs/train.yaml).
 
@@ -389,7 +374,7 @@ def build_wan(pretrained: str | None = None, transformer: dict | None = None,
                     attention=attention, attention_options=dict(attention_options or {}), tile=tile,
                     sparsity=sparsity, topk=topk, cond_dropout=cond_dropout, null_text=null_text,
                     activation_checkpointing=activation_checkpointing, num_classes=num_classes,
-                    tile_order=tile_order)
+                    tile_order=tile_order, prediction=prediction)
     source = pretrained if pretrained is not None else "the random Wan config"
     if in_channels is not None and int(in_channels) != cfg.in_channels:
         raise ValueError(f"the latents have {in_channels} channels but the Wan transformer ({source}) "
