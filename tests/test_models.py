@@ -461,6 +461,23 @@ def test_depthwise_conv3d_matches_torch_conv3d_forward_and_gradients(shape, kern
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
 
 
+def test_depthwise_conv3d_under_cpu_autocast_is_torchs_conv3d():
+    """bf16 autocast on the CPU (trainer.precision=bf16-mixed) takes torch's own backward."""
+    from vsa.models.conv import DepthwiseConv3d
+
+    conv = DepthwiseConv3d(8, 3)
+    x = torch.randn(2, 8, 3, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        y_ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1, groups=8)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    grads = torch.autograd.grad(y.float().sum(), [x, conv.weight])
+    grads_ref = torch.autograd.grad(y_ref.float().sum(), [x, conv.weight])
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
+
+
 def test_depthwise_conv3d_refuses_even_kernels():
     from vsa.models.conv import DepthwiseConv3d
 

@@ -9,7 +9,8 @@ oneDNN kernels instead (18 ms together), which takes the default run's training 
   (stride 1, "same" padding): 2-3 ms;
 - grad_weight, one kernel time-slice at a time, is the weight gradient of a depthwise 2D
   convolution over all frames (the input shifted in time): ~15 ms for the three slices.
-On other devices `DepthwiseConv3d` is a plain `nn.Conv3d` (cuDNN's backward is used).
+On other devices, and under CPU autocast or mixed dtypes, `DepthwiseConv3d` is a plain
+`nn.Conv3d` (cuDNN's or torch's own backward).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class DepthwiseConv3d(nn.Conv3d):
                          bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not torch.is_grad_enabled():
-            return super().forward(x)
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.dtype != self.weight.dtype
+                or torch.is_autocast_enabled("cpu")):
+            return super().forward(x)  # torch's own backward: other devices, mixed dtypes
         return _DepthwiseConv3dFn.apply(x, self.weight, self.bias)
