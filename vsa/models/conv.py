@@ -33,7 +33,6 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         pad = [k // 2 for k in weight.shape[2:]]
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, padding=pad, groups=weight.shape[0])
 
     @staticmethod
@@ -51,11 +50,11 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
             # the kernel's time tap a.
             xp = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, pad[0], pad[0]))
             taps = [torch.ops.aten.convolution_backward(
-                        g, _frames(xp[:, a:a + t].contiguous()), weight[:, :, a], None, [1, 1],
+                        g, _frames(xp[:, a:a + t]), weight[:, :, a], None, [1, 1],
                         pad[1:], [1, 1], False, [0, 0], channels, [False, True, False])[1]
                     for a in range(kt)]
             grad_w = torch.stack(taps, dim=2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             grad_b = grad.sum(dim=(0, 2, 3, 4))
         return grad_x, grad_w, grad_b
 
