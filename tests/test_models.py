@@ -188,6 +188,33 @@ def test_vsa_pretrain_gates_train():
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("gates", ["pretrain", "adapt"])
+def test_vsa_gate_projection_in_the_qkv_matmul_equals_its_own(gates, monkeypatch):
+    """The block computes VSA's gate projection in its qkv matmul (stacked weights, ctx.x_proj);
+    outputs and every gradient equal the backend projecting ctx.x_norm itself (the VSA op runs in
+    float32: the two differ only in the matmul's rounding)."""
+    def run(fused: bool):
+        model = randomized(tiny(attention="vsa", sparsity=0.5, num_classes=4,
+                                    attention_options={"gates": gates}))
+        if not fused:
+            for block in model.blocks:
+                monkeypatch.setattr(block.attn.backend, "input_projection", lambda: None)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 8, 16, 16, generator=gen)
+        out = model(x, torch.tensor([0.3, 0.8]), labels=torch.tensor([1, 2]))
+        (out * torch.randn(out.shape, generator=gen)).sum().backward()
+        return out, {n: p.grad for n, p in model.named_parameters()}
+
+    out_sep, grads_sep = run(fused=False)
+    out, grads = run(fused=True)
+    torch.testing.assert_close(out, out_sep, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_sep.keys()
+    for name, grad in grads.items():  # float32 rounding of accumulated gradients, relative to each
+        error = (grad - grads_sep[name]).norm() / grads_sep[name].norm()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    assert grads["blocks.0.attn.backend.gate_proj.weight"].abs().sum() > 0
+
+
 def test_full_backend_matches_explicit_softmax():
     backend = build_backend("full", width=128, n_heads=2, head_dim=64)
     layout = TileLayout((2, 4, 4))

@@ -28,6 +28,9 @@ class AttentionContext:
     x_norm:    the block's normalised (and modulated) input `[B, S, width]`, for gate projections.
     prepared:  what the backend's `prepare(layout, batch)` returned (e.g. a static pattern's tile
                map), built by the caller outside compiled code; None: the backend builds it.
+    x_proj:    the backend's `input_projection()` applied to x_norm `[B, S, out_features]`,
+               computed by the caller in the same matmul as its qkv projection; None: the backend
+               applies its projection to x_norm itself.
     """
 
     layout: TileLayout
@@ -35,6 +38,7 @@ class AttentionContext:
     topk: int | None = None
     x_norm: torch.Tensor | None = None
     prepared: tuple[torch.Tensor, ...] | None = None
+    x_proj: torch.Tensor | None = None
 
 
 class AttentionBackend(nn.Module):
@@ -104,6 +108,12 @@ class AttentionBackend(nn.Module):
         `AttentionContext.prepared`. A model builds them once per forward before its blocks run,
         because building them (cached host-side work) cannot be traced by a fullgraph
         torch.compile of a block. None (the default): nothing to prepare."""
+        return None
+
+    def input_projection(self) -> nn.Linear | None:
+        """The backend's own linear projection of ctx.x_norm (VSA's gates), for a caller whose qkv
+        projection reads the same tensor: it may stack both weights into one matmul and pass the
+        backend's share as `ctx.x_proj`. None (the default): the backend projects nothing."""
         return None
 
     def reset_parameters(self) -> None:

@@ -86,16 +86,22 @@ class VideoSparseAttention(AttentionBackend):
                 self.gate_proj.bias[: self.width].zero_()   # G_c starts at 0
                 self.gate_proj.bias[self.width:].fill_(1.0)  # G_f starts at 1
 
+    def input_projection(self) -> nn.Linear:
+        """The gate projection: a block may compute it in its qkv matmul (ctx.x_proj)."""
+        return self.gate_proj
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         self.check_inputs(q, k, v, ctx)
-        if ctx.x_norm is None:
+        if ctx.x_proj is None and ctx.x_norm is None:
             raise ValueError("the vsa backend projects its gates from ctx.x_norm, the block's "
-                             "normalised input [B, S, width]; the context carries none")
+                             "normalised input [B, S, width] (or takes them projected, as "
+                             "ctx.x_proj); the context carries neither")
         if ctx.topk is None and ctx.sparsity is None:
             raise ValueError("the vsa backend needs ctx.sparsity (in [0, 1)) or ctx.topk (>= 1)")
         batch, seq = q.shape[:2]
-        gates = self.gate_proj(ctx.x_norm).view(batch, seq, -1, self.n_heads, self.head_dim)
+        gates = ctx.x_proj if ctx.x_proj is not None else self.gate_proj(ctx.x_norm)
+        gates = gates.view(batch, seq, -1, self.n_heads, self.head_dim)
         if self.gates == "pretrain":
             gate_c, gate_f = gates[:, :, 0], gates[:, :, 1]
         else:

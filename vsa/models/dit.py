@@ -72,7 +72,12 @@ class QKNorm(nn.RMSNorm):
 
 
 class SelfAttention(nn.Module):
-    """qkv projection, qk-RMSNorm, 3D RoPE, attention backend, output projection."""
+    """qkv projection, qk-RMSNorm, 3D RoPE, attention backend, output projection.
+
+    The backend sees the block's normalised input as ctx.x_norm. When it has a projection of its
+    own (VSA's gates, `input_projection()`), that projection runs in the same matmul as qkv, its
+    weight stacked under qkv's (one read of x, one launch), and reaches the backend as ctx.x_proj;
+    the parameters stay two modules (same state dict)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -85,7 +90,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=2)
+        extra = self.backend.input_projection()
+        if extra is None:
+            qkv, x_proj = self.qkv(x), None
+        else:
+            weight = torch.cat([self.qkv.weight, extra.weight])
+            bias = torch.cat([self.qkv.bias, extra.bias])
+            qkv, x_proj = F.linear(x, weight, bias).split([self.qkv.out_features, extra.out_features], -1)
+        ctx = dataclasses.replace(ctx, x_norm=x, x_proj=x_proj)
+        q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(dim=2)
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
         o = self.backend(q, k, v, ctx)  # [B, S, H, D]
@@ -175,7 +188,7 @@ class DiTBlock(nn.Module):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + c6).unbind(dim=1)
         h = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1[:, None] * self.attn(h, rope, dataclasses.replace(ctx, x_norm=h))
+        x = x + gate1[:, None] * self.attn(h, rope, ctx)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), text, text_mask)
         h = modulate(self.norm2(x), shift2, scale2)
