@@ -12,11 +12,24 @@ dense FLOPs x kept fraction; forward 4*B*H*S*S_kv*D, forward+backward 3.5x forwa
 Prints a markdown table last; writes the same rows (plus device, versions, date) as JSON. --sweep
 times dense cuDNN, our VSA and FlexAttention (forward; same blocks) over sequence lengths 8K-128K
 at 87.5% sparsity and over sparsities 50-95% at 32K tokens (H12, D128, B1).
+
+Peers (--peers DIR, a FastVideo checkout in a git-ignored folder, never committed; docs/benchmarks.md):
+FastVideo's whole VSA op (`fastvideo_kernel.video_sparse_attn`: the same mean-pooled coarse stage,
+top-K and block-sparse fine stage, output O_c + O_f) on the same values, timed in the same process,
+with its Triton fine stage and, where FastVideo's compiled extension imports (`fastvideo_kernel._C`,
+built by its fastvideo-kernel/build.sh on a Hopper GPU), its ThunderKittens one (batch 1 only).
+A check row gives the peer's output against ours.
+
+    python scripts/bench_attention.py --peers peers/FastVideo --shapes 0,2 --no-check
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -72,6 +85,61 @@ def flex_runner(idx_pairs, S, B, H):
                           dict(fwd, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)]
     run.kernel_options = run.options_to_try[0]
     return run
+
+
+class FastVideoPeer:
+    """FastVideo's VSA op on [B, S, H, D] inputs, for the benchmark loop. It takes [B, H, S, D]
+    contiguous tensors, so `bind` makes its own leaf copies of the shape's inputs once, outside
+    the timing; calls ignore the tensors passed and use those (`grad_inputs`: the leaves whose
+    gradients the timing loop resets). `env`: FastVideo's backend switches, set at each call."""
+
+    def __init__(self, op, env: dict[str, str], topk: int, n_tiles: int, batch_one: bool = False):
+        self.op, self.env, self.topk, self.n_tiles, self.batch_one = op, env, topk, n_tiles, batch_one
+        self.grad_inputs = None
+
+    def bind(self, q, k, v) -> None:
+        if self.batch_one and q.shape[0] != 1:
+            raise ValueError(f"FastVideo's ThunderKittens kernel takes batch 1 only (got {q.shape[0]})")
+        self.grad_inputs = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+        self.sizes = torch.full((self.n_tiles,), 64, dtype=torch.int32, device=q.device)
+
+    def __call__(self, q, k, v):
+        os.environ.update(self.env)
+        out = self.op(*self.grad_inputs, self.sizes, self.sizes, self.topk)
+        return out.transpose(1, 2)  # [B, S, H, D], as ours
+
+
+def load_fastvideo(path: str):
+    """FastVideo's VSA op from a checkout at `path`, and what was loaded (commit, whether the TK
+    extension imported)."""
+    src = Path(path) / "fastvideo-kernel" / "python"
+    if not (src / "fastvideo_kernel").is_dir():
+        raise SystemExit(f"--peers {path}: no fastvideo-kernel/python/fastvideo_kernel inside; put a "
+                         "FastVideo checkout in a git-ignored folder (docs/benchmarks.md, 'Peers')")
+    sys.path.insert(0, str(src))
+    from fastvideo_kernel import video_sparse_attn
+
+    try:
+        commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = (Path(path) / "COMMIT").read_text().strip() if (Path(path) / "COMMIT").exists() else None
+    try:
+        from fastvideo_kernel._C import fastvideo_kernel_ops  # noqa: F401  (TK, built on the GPU)
+        has_tk = True
+    except ImportError:
+        has_tk = False
+    return video_sparse_attn, dict(fastvideo_commit=commit, fastvideo_tk_extension=has_tk)
+
+
+def peer_runners(op, info: dict, topk: int, n_tiles: int) -> dict[str, FastVideoPeer]:
+    """{method name: runner}: FastVideo's Triton fine stage, and its TK one when built."""
+    runners = {"peer: FastVideo VSA, Triton": FastVideoPeer(
+        op, {"FASTVIDEO_VSA_TRITON": "1", "FASTVIDEO_VSA_TK": "0"}, topk, n_tiles)}
+    if info["fastvideo_tk_extension"]:
+        runners["peer: FastVideo VSA, ThunderKittens"] = FastVideoPeer(
+            op, {"FASTVIDEO_VSA_TRITON": "0", "FASTVIDEO_VSA_TK": "1"}, topk, n_tiles, batch_one=True)
+    return runners
 
 
 def accuracy_row(name, grid, D, sparsity, dev, order="cubes") -> dict:
@@ -161,7 +229,12 @@ def main():
     ap.add_argument("--no-check", action="store_true", help="skip the bf16-vs-float64 accuracy rows")
     ap.add_argument("--profile", action="store_true", help="print where VSA fwd+bwd time goes (first shape)")
     ap.add_argument("--sweep", action="store_true", help="speedup vs sequence length and vs sparsity (for the plot)")
+    ap.add_argument("--peers", default=None, metavar="DIR",
+                    help="a FastVideo checkout (git-ignored): add its VSA op's rows (see the docstring)")
     args = ap.parse_args()
+    if args.peers is not None and not Path(args.peers).is_dir():
+        ap.error(f"--peers {args.peers}: no such folder; fetch FastVideo into a git-ignored folder first")
+    peer_op, peer_info = load_fastvideo(args.peers) if args.peers is not None else (None, {})
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     if args.sweep:
@@ -199,6 +272,22 @@ def main():
             rows.append(dict(shape=name, method="check: ours vs FlexAttention output", rel_diff=diff))
         methods["ours: VSA (coarse + top-k + fine + combine)"] = (
             lambda q, k, v: video_sparse_attention(q, k, v, layout, topk=K), kept)
+        if peer_op is not None and not layout.is_ragged:  # FastVideo takes full 64-token tiles
+            for mname, runner in peer_runners(peer_op, peer_info, K, n).items():
+                try:
+                    runner.bind(q, k, v)
+                    with torch.no_grad():
+                        diff = rel_err(runner(q, k, v),
+                                       video_sparse_attention(q, k, v, layout, topk=K).double())
+                except Exception as e:  # a peer that does not run here is reported, not fatal
+                    rows.append(dict(shape=name, method=mname, error=f"{type(e).__name__}: {str(e)[:300]}",
+                                     **peer_info))
+                    print(name, mname, "ERROR", rows[-1]["error"], flush=True)
+                    continue
+                rows.append(dict(shape=name, method=f"check: {mname} vs ours, output", rel_diff=diff,
+                                 **peer_info))
+                print(f"{name:36s} {mname} vs ours: rel diff {diff:.2e}", flush=True)
+                methods[mname] = (runner, kept)
         base = {}
         for mname, (fn, frac) in methods.items():
             row = dict(shape=name, B=B, H=H, S=S, D=D, grid=list(grid), tile_order=order, n_tiles=n, topk=K,
@@ -212,7 +301,7 @@ def main():
                     if attempt is not None:
                         fn.kernel_options = row["kernel_options"] = attempt
                     try:
-                        fb = bench(lambda: fn(q, k, v), grad_inputs=[q, k, v])
+                        fb = bench(lambda: fn(q, k, v), grad_inputs=getattr(fn, "grad_inputs", None) or [q, k, v])
                         break
                     except Exception as e:
                         if attempt is getattr(fn, "options_to_try", [None])[-1]:
@@ -248,7 +337,7 @@ def main():
         q = k = v = None  # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
-    meta = run_meta(sparsity=args.sparsity, dtype="bfloat16")
+    meta = run_meta(sparsity=args.sparsity, dtype="bfloat16", **peer_info)
     write_results(args.out, meta, rows)
     print("\n" + markdown_table(rows, meta))
 
