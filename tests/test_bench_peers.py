@@ -1,0 +1,59 @@
+"""scripts/bench_attention.py --peers: FastVideo's VSA op timed beside ours (the GPU runs it; these
+tests check the wrapping on the CPU with a stand-in op of FastVideo's signature)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_video_sparse_attn(q, k, v, variable_block_sizes, q_variable_block_sizes, topk):
+    """FastVideo's signature on [B, H, S, D]; records what it was given."""
+    fake_video_sparse_attn.seen = dict(shapes=[tuple(x.shape) for x in (q, k, v)],
+                                       contiguous=all(x.is_contiguous() for x in (q, k, v)),
+                                       sizes=variable_block_sizes.tolist(), topk=topk)
+    return q * 2 + v + 0 * k
+
+
+def test_peer_runner_feeds_contiguous_bhsd_leaves_and_returns_bshd(bench, monkeypatch):
+    monkeypatch.setenv("FASTVIDEO_VSA_TRITON", "0")  # restored after the test
+    B, S, H, D = 2, 128, 3, 16
+    q, k, v = (torch.randn(B, S, H, D, requires_grad=True) for _ in range(3))
+    runner = bench.FastVideoPeer(fake_video_sparse_attn, {"FASTVIDEO_VSA_TRITON": "1"}, topk=1, n_tiles=2)
+    runner.bind(q, k, v)
+    out = runner(q, k, v)
+    seen = fake_video_sparse_attn.seen
+    assert seen == dict(shapes=[(B, H, S, D)] * 3, contiguous=True, sizes=[64, 64], topk=1)
+    torch.testing.assert_close(out, q * 2 + v)  # back in [B, S, H, D], the same values
+    assert bench.os.environ["FASTVIDEO_VSA_TRITON"] == "1"
+    out.sum().backward()  # the gradients reach the runner's own leaves, which the timing resets
+    assert all(x.grad is not None for x in runner.grad_inputs) and q.grad is None
+
+
+def test_peer_runners_add_thunderkittens_only_when_built_and_for_batch_one(bench):
+    names = lambda tk: list(bench.peer_runners(fake_video_sparse_attn, {"fastvideo_tk_extension": tk}, 4, 8))
+    assert names(False) == ["peer: FastVideo VSA, Triton"]
+    assert names(True) == ["peer: FastVideo VSA, Triton", "peer: FastVideo VSA, ThunderKittens"]
+    tk = bench.peer_runners(fake_video_sparse_attn, {"fastvideo_tk_extension": True}, 1, 2)[
+        "peer: FastVideo VSA, ThunderKittens"]
+    q = torch.randn(2, 128, 1, 16)
+    with pytest.raises(ValueError, match="batch 1 only"):
+        tk.bind(q, q, q)
+
+
+def test_peers_folder_without_fastvideo_is_refused_with_the_fix(bench, tmp_path):
+    with pytest.raises(SystemExit, match="fastvideo-kernel/python/fastvideo_kernel.*git-ignored"):
+        bench.load_fastvideo(str(tmp_path))
