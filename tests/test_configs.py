@@ -27,8 +27,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # Experiments of other models than VideoDiT (a pretrained diffusers Wan: tests/test_wan.py).
 VIDEODIT_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith("wan_")]
 PAIRS = ["60m", "150m", "300m", "600m", "1b"]
-# The default run's recipe and data, with another conditioning or a wider model trained longer.
-DEFAULT_RUN_VARIANTS = {"t2v_shapes": {"captions": True}, "shapes_wide": {}}
+# The default run's recipe and data, with another conditioning or a wider model trained longer,
+# and where their data differs from it (the 8 frames they were measured with; the default has 4).
+DEFAULT_RUN_VARIANTS = {"t2v_shapes": {"captions": True, "frames": 8}, "shapes_wide": {"frames": 8}}
 
 
 def compose_train(overrides: list[str], tmp: str = "/tmp/vsa-config-test", hydra: bool = False):
@@ -89,18 +90,32 @@ def test_only_the_default_run_sets_its_own_timestep_shift():
         assert cfg.module.timesteps.shift is None, sweep
 
 
+def test_only_the_default_run_and_shapes_wide_predict_x0():
+    """The default CPU run predicts x0 (cleaner samples, docs/sample_quality.md, 2026-12-07), and so
+    does experiment=shapes_wide; every other experiment and every sweep predicts the velocity, as
+    their measured results (and Wan's pretrained transformer) do."""
+    assert compose_train([]).model.prediction == "x0"
+    for experiment in VIDEODIT_EXPERIMENTS:
+        extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
+        cfg = compose_train([f"experiment={experiment}", *extra])
+        assert cfg.model.prediction == ("x0" if experiment == "shapes_wide" else "velocity"), experiment
+    assert compose_train(["experiment=wan_vsa_finetune", "pretrained=/x"]).model.prediction == "velocity"
+    for sweep in SWEEPS:
+        assert compose_train([f"sweep={sweep}"]).model.prediction == "velocity", sweep
+
+
 def test_only_the_default_run_uses_its_own_data_and_mlp():
     """The default CPU run draws one large object per clip (max_objects 1, radius 0.2-0.3), trains
-    800 steps of batch 4 with a token convolution in the MLPs (mlp_conv 3, ratio 2; see
-    docs/sample_quality.md, 2026-12-05). Every experiment and sweep on the synthetic videos keeps
-    the data set's defaults, and every sweep the presets' plain MLP."""
+    1,200 steps of batch 4 on 4 frames with a token convolution in the MLPs (mlp_conv 3, ratio 2;
+    see docs/sample_quality.md, 2026-12-05 and 2026-12-07). Every experiment and sweep on the
+    synthetic videos keeps the data set's defaults, and every sweep the presets' plain MLP."""
     from vsa.data import SyntheticVideoDataset
 
     default = compose_train([])
     dataset = default.data.datamodule.dataset
     assert (dataset.max_objects, list(dataset.radius)) == (1, [0.2, 0.3])
     assert (default.model.mlp_conv, default.model.mlp_ratio) == (3, 2.0)
-    assert (default.data.datamodule.batch_size, default.trainer.max_steps) == (4, 800)
+    assert (default.data.datamodule.batch_size, default.trainer.max_steps, dataset.frames) == (4, 1200, 4)
     for variant, extra in DEFAULT_RUN_VARIANTS.items():  # the default run's data and MLP
         cfg = compose_train([f"experiment={variant}"])
         assert cfg.data.datamodule.dataset == {**default.data.datamodule.dataset, **extra}
@@ -192,14 +207,14 @@ def test_builtin_data_configs_compose_and_build(data):
     assert container["key"] == "video" and container["num_classes"] > 0
     dataset = instantiate(cfg.data.datamodule.dataset)
     assert dataset.num_classes == container["num_classes"]
-    assert input_shape(cfg)[1:] == (8, 16, 16)
+    assert input_shape(cfg)[1:] == ((4 if data == "synthetic" else 8), 16, 16)  # the default run: 4 frames
     if data == "long_range":
         assert (dataset.distance, dataset.kind) == (0.5, "repeat")
     if data == "footage":
         val = instantiate(cfg.data.datamodule.val_dataset)
         assert (val.split, val.frames, val.val_fraction) == ("val", dataset.frames, dataset.val_fraction)
     else:
-        assert tuple(dataset[0]["video"].shape) == (3, 8, 32, 32)
+        assert tuple(dataset[0]["video"].shape) == (3, input_shape(cfg)[1], 32, 32)
 
 
 def test_slurm_launcher_composes_with_requeue(tmp_path):
