@@ -76,7 +76,7 @@ SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml") if not p.stem
 
 
 def test_only_the_default_run_sets_its_own_timestep_shift():
-    """The default 512-token CPU run trains and samples at shift 3 (docs/sample_quality.md); every
+    """The default 256-token CPU run trains and samples at shift 3 (docs/sample_quality.md); every
     experiment and sweep keeps the resolution shift (null), so none inherits the default's 3.
     (A pretrained Wan keeps its own flow shift: tests/test_wan.py.)"""
     assert compose_train([]).module.timesteps.shift == 3.0
