@@ -95,7 +95,7 @@ class FastVideoPeer:
 
     def __init__(self, op, env: dict[str, str], topk: int, n_tiles: int, batch_one: bool = False):
         self.op, self.env, self.topk, self.n_tiles, self.batch_one = op, env, topk, n_tiles, batch_one
-        self.grad_inputs = None
+        self.grad_inputs = self.sizes = None
 
     def bind(self, q, k, v) -> None:
         if self.batch_one and q.shape[0] != 1:
@@ -119,11 +119,15 @@ def load_fastvideo(path: str):
     sys.path.insert(0, str(src))
     from fastvideo_kernel import video_sparse_attn
 
-    try:
-        commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = (Path(path) / "COMMIT").read_text().strip() if (Path(path) / "COMMIT").exists() else None
+    commit = None  # the folder's COMMIT file (an exported tree), else its own git checkout's HEAD
+    if (Path(path) / "COMMIT").exists():
+        commit = (Path(path) / "COMMIT").read_text().strip()
+    else:
+        git = subprocess.run(["git", "-C", path, "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True)
+        lines = git.stdout.split()
+        if git.returncode == 0 and Path(lines[0]).resolve() == Path(path).resolve():
+            commit = lines[1]  # (not the HEAD of a repository the folder merely sits in)
     try:
         from fastvideo_kernel._C import fastvideo_kernel_ops  # noqa: F401  (TK, built on the GPU)
         has_tk = True

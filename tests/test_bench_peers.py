@@ -57,3 +57,17 @@ def test_peer_runners_add_thunderkittens_only_when_built_and_for_batch_one(bench
 def test_peers_folder_without_fastvideo_is_refused_with_the_fix(bench, tmp_path):
     with pytest.raises(SystemExit, match="fastvideo-kernel/python/fastvideo_kernel.*git-ignored"):
         bench.load_fastvideo(str(tmp_path))
+
+
+def test_peers_folder_loads_the_op_and_records_its_commit(bench, tmp_path, monkeypatch):
+    """An exported FastVideo tree (no git of its own, inside another repository): the op comes from
+    its fastvideo-kernel/python, the commit from its COMMIT file; no TK extension here."""
+    package = tmp_path / "fastvideo-kernel" / "python" / "fastvideo_kernel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def video_sparse_attn(*args):\n    return 'peer'\n")
+    (tmp_path / "COMMIT").write_text("abc123\n")
+    monkeypatch.setattr(bench.sys, "path", list(bench.sys.path))  # restored after the test
+    monkeypatch.delitem(bench.sys.modules, "fastvideo_kernel", raising=False)
+    op, info = bench.load_fastvideo(str(tmp_path))
+    assert op() == "peer" and info == {"fastvideo_commit": "abc123", "fastvideo_tk_extension": False}
+    bench.sys.modules.pop("fastvideo_kernel", None)
