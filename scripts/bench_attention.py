@@ -73,6 +73,10 @@ def flex_runner(idx_pairs, S, B, H):
     full_idx = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     mask = BlockMask.from_kv_blocks(torch.zeros_like(cnt), full_idx, cnt, full_idx,
                                     BLOCK_SIZE=(128, 64), seq_lengths=(S, S))
+    # Each shape and tiling is a recompilation: past dynamo's limit (8) it would fall back to the
+    # unfused flex_attention, which materialises the [B, H, S, S] scores (32 GB at 2x16x16384).
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v):
@@ -82,7 +86,8 @@ def flex_runner(idx_pairs, S, B, H):
     # mask's blocks; main() moves on to the next backward tiling when one fails to compile.
     fwd = {"BLOCK_M": 128, "BLOCK_N": 64}
     run.options_to_try = [dict(fwd, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64),
-                          dict(fwd, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32)]
+                          dict(fwd, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32),
+                          dict(fwd, BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_stages=1)]
     run.kernel_options = run.options_to_try[0]
     return run
 
@@ -105,7 +110,8 @@ class FastVideoPeer:
 
     def __call__(self, q, k, v):
         os.environ.update(self.env)
-        out = self.op(*self.grad_inputs, self.sizes, self.sizes, self.topk)
+        # block_size is the tile's (T, H, W): an int b means b x b x b (64 would be 262,144 tokens)
+        out = self.op(*self.grad_inputs, self.sizes, self.sizes, self.topk, block_size=(4, 4, 4))
         return out.transpose(1, 2)  # [B, S, H, D], as ours
 
 

@@ -20,11 +20,12 @@ def bench():
     return module
 
 
-def fake_video_sparse_attn(q, k, v, variable_block_sizes, q_variable_block_sizes, topk):
-    """FastVideo's signature on [B, H, S, D]; records what it was given."""
+def fake_video_sparse_attn(q, k, v, variable_block_sizes, q_variable_block_sizes, topk, block_size=64):
+    """FastVideo's signature on [B, H, S, D] (its default block_size 64 means 64x64x64 tokens);
+    records what it was given."""
     fake_video_sparse_attn.seen = dict(shapes=[tuple(x.shape) for x in (q, k, v)],
                                        contiguous=all(x.is_contiguous() for x in (q, k, v)),
-                                       sizes=variable_block_sizes.tolist(), topk=topk)
+                                       sizes=variable_block_sizes.tolist(), topk=topk, block_size=block_size)
     return q * 2 + v + 0 * k
 
 
@@ -36,7 +37,8 @@ def test_peer_runner_feeds_contiguous_bhsd_leaves_and_returns_bshd(bench, monkey
     runner.bind(q, k, v)
     out = runner(q, k, v)
     seen = fake_video_sparse_attn.seen
-    assert seen == dict(shapes=[(B, H, S, D)] * 3, contiguous=True, sizes=[64, 64], topk=1)
+    assert seen == dict(shapes=[(B, H, S, D)] * 3, contiguous=True, sizes=[64, 64], topk=1,
+                     block_size=(4, 4, 4))
     torch.testing.assert_close(out, q * 2 + v)  # back in [B, S, H, D], the same values
     assert bench.os.environ["FASTVIDEO_VSA_TRITON"] == "1"
     out.sum().backward()  # the gradients reach the runner's own leaves, which the timing resets
