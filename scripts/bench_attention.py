@@ -18,9 +18,12 @@ FastVideo's whole VSA op (`fastvideo_kernel.video_sparse_attn`: the same mean-po
 top-K and block-sparse fine stage, output O_c + O_f) on the same values, timed in the same process,
 with its Triton fine stage and, where FastVideo's compiled extension imports (`fastvideo_kernel._C`,
 built by its fastvideo-kernel/build.sh on a Hopper GPU), its ThunderKittens one (batch 1 only).
-A check row gives the peer's output against ours.
+A check row gives the peer's output against ours. `--build-tk` compiles that ThunderKittens
+kernel here with torch's cpp_extension (Hopper only; it needs DIR/fastvideo-kernel/include/tk, the
+ThunderKittens headers at FastVideo's pinned submodule commit) instead of FastVideo's build.
 
     python scripts/bench_attention.py --peers peers/FastVideo --shapes 0,2 --no-check
+    python scripts/bench_attention.py --peers peers/FastVideo --build-tk --shapes 0,2 --no-check
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -113,6 +117,61 @@ class FastVideoPeer:
         # block_size is the tile's (T, H, W): an int b means b x b x b (64 would be 262,144 tokens)
         out = self.op(*self.grad_inputs, self.sizes, self.sizes, self.topk, block_size=(4, 4, 4))
         return out.transpose(1, 2)  # [B, S, H, D], as ours
+
+
+# The Python binding of FastVideo's two Hopper entry points (its csrc/common_extension.cpp also
+# registers kernels this benchmark does not build). Names as FastVideo's Python looks them up.
+TK_BINDING = r"""
+#include <torch/extension.h>
+#include <vector>
+std::vector<torch::Tensor> block_sparse_attention_forward(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor q2k_block_sparse_index,
+    torch::Tensor q2k_block_sparse_num, torch::Tensor block_size);
+std::vector<torch::Tensor> block_sparse_attention_backward(
+    torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o, torch::Tensor l_vec,
+    torch::Tensor og, torch::Tensor k2q_block_sparse_index, torch::Tensor k2q_block_sparse_num,
+    torch::Tensor block_size);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("block_sparse_fwd", &block_sparse_attention_forward, "FastVideo's ThunderKittens VSA forward (sm_90a)");
+  m.def("block_sparse_bwd", &block_sparse_attention_backward, "FastVideo's ThunderKittens VSA backward (sm_90a)");
+}
+"""
+TK_CUDA_FLAGS = ["-O3", "-DNDEBUG", "-std=c++20", "-DKITTENS_HOPPER", "--use_fast_math",
+                 "--expt-extended-lambda", "--expt-relaxed-constexpr", "-DTORCH_COMPILE",
+                 "-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def build_tk(path: str, build_dir: str | None = None, load=None):
+    """Compile FastVideo's ThunderKittens H100 kernel (fastvideo-kernel/csrc/attention/
+    block_sparse_h100.cu) with torch's cpp_extension, and register it where FastVideo's Python
+    imports it (`fastvideo_kernel._C.fastvideo_kernel_ops`). Returns the compiled module.
+    `load`: torch.utils.cpp_extension.load (a stand-in in tests)."""
+    kernel = Path(path) / "fastvideo-kernel"
+    source = kernel / "csrc" / "attention" / "block_sparse_h100.cu"
+    tk = kernel / "include" / "tk"
+    for needed, what in ((source, "FastVideo's kernel source"), (tk / "include" / "kittens.cuh",
+                         "the ThunderKittens headers at FastVideo's pinned commit (its include/tk submodule)")):
+        if not needed.exists():
+            raise SystemExit(f"--build-tk: {needed} is missing: {what}; docs/benchmarks.md, 'Peers', "
+                             "says how to fetch it")
+    if load is None:
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            raise SystemExit("--build-tk: FastVideo's ThunderKittens kernel needs a Hopper GPU (sm_90a); "
+                             "leave --build-tk out to time its Triton kernel only")
+        from torch.utils.cpp_extension import load
+    build = Path(build_dir) if build_dir else kernel / "build_tk"
+    build.mkdir(parents=True, exist_ok=True)
+    binding = build / "tk_binding.cpp"
+    binding.write_text(TK_BINDING)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # cpp_extension's own -gencode: sm_90a, not sm_90
+    ops = load(name="fastvideo_kernel_ops", sources=[str(binding), str(source)],
+               extra_include_paths=[str(tk / "include"), str(tk / "prototype")],
+               extra_cflags=["-O3", "-std=c++20"], extra_cuda_cflags=TK_CUDA_FLAGS,
+               extra_ldflags=["-lcuda"], build_directory=str(build), verbose=False)
+    package = types.ModuleType("fastvideo_kernel._C")
+    package.fastvideo_kernel_ops = ops
+    sys.modules["fastvideo_kernel._C"] = package
+    return ops
 
 
 def load_fastvideo(path: str):
@@ -241,10 +300,20 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="speedup vs sequence length and vs sparsity (for the plot)")
     ap.add_argument("--peers", default=None, metavar="DIR",
                     help="a FastVideo checkout (git-ignored): add its VSA op's rows (see the docstring)")
+    ap.add_argument("--build-tk", action="store_true",
+                    help="with --peers: compile FastVideo's ThunderKittens kernel here (Hopper) for its rows")
     args = ap.parse_args()
     if args.peers is not None and not Path(args.peers).is_dir():
         ap.error(f"--peers {args.peers}: no such folder; fetch FastVideo into a git-ignored folder first")
+    if args.build_tk:
+        if args.peers is None:
+            ap.error("--build-tk needs --peers DIR (the FastVideo checkout whose kernel it compiles)")
+        build_tk(args.peers)
+        tk_commit = Path(args.peers) / "fastvideo-kernel" / "include" / "tk" / "COMMIT"
     peer_op, peer_info = load_fastvideo(args.peers) if args.peers is not None else (None, {})
+    if args.build_tk:
+        peer_info["thunderkittens_built_here"] = True
+        peer_info["thunderkittens_commit"] = tk_commit.read_text().strip() if tk_commit.exists() else None
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     if args.sweep:

@@ -4,6 +4,7 @@ tests check the wrapping on the CPU with a stand-in op of FastVideo's signature)
 from __future__ import annotations
 
 import importlib.util
+import types
 from pathlib import Path
 
 import pytest
@@ -72,4 +73,49 @@ def test_peers_folder_loads_the_op_and_records_its_commit(bench, tmp_path, monke
     monkeypatch.delitem(bench.sys.modules, "fastvideo_kernel", raising=False)
     op, info = bench.load_fastvideo(str(tmp_path))
     assert op() == "peer" and info == {"fastvideo_commit": "abc123", "fastvideo_tk_extension": False}
+    bench.sys.modules.pop("fastvideo_kernel", None)
+
+
+def test_build_tk_refuses_a_checkout_without_the_thunderkittens_headers(bench, tmp_path):
+    source = tmp_path / "fastvideo-kernel" / "csrc" / "attention" / "block_sparse_h100.cu"
+    source.parent.mkdir(parents=True)
+    source.write_text("// kernel\n")
+    with pytest.raises(SystemExit, match="include/tk/include/kittens.cuh is missing.*pinned commit"):
+        bench.build_tk(str(tmp_path), load=lambda **kw: None)
+
+
+def test_build_tk_compiles_for_sm90a_and_fastvideo_imports_the_result(bench, tmp_path, monkeypatch):
+    """The cpp_extension call (a stand-in here) gets Hopper's flags, FastVideo's kernel source, our
+    binding and the ThunderKittens include paths; FastVideo's own import then finds the module."""
+    kernel = tmp_path / "fastvideo-kernel"
+    (kernel / "csrc" / "attention").mkdir(parents=True)
+    (kernel / "csrc" / "attention" / "block_sparse_h100.cu").write_text("// kernel\n")
+    (kernel / "include" / "tk" / "include").mkdir(parents=True)
+    (kernel / "include" / "tk" / "include" / "kittens.cuh").write_text("// headers\n")
+    package = kernel / "python" / "fastvideo_kernel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def video_sparse_attn(*args):\n    return 'peer'\n")
+    monkeypatch.setattr(bench.sys, "path", list(bench.sys.path))
+    monkeypatch.delitem(bench.sys.modules, "fastvideo_kernel", raising=False)
+    monkeypatch.setitem(bench.sys.modules, "fastvideo_kernel._C", None)  # removed after the test
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(block_sparse_fwd="fwd", block_sparse_bwd="bwd")
+
+    ops = bench.build_tk(str(tmp_path), build_dir=str(tmp_path / "build"), load=fake_load)
+    assert seen["name"] == "fastvideo_kernel_ops"
+    binding, source = (Path(p) for p in seen["sources"])
+    assert source == kernel / "csrc" / "attention" / "block_sparse_h100.cu"
+    assert '"block_sparse_fwd"' in binding.read_text() and '"block_sparse_bwd"' in binding.read_text()
+    assert seen["extra_include_paths"][0] == str(kernel / "include" / "tk" / "include")
+    flags = seen["extra_cuda_cflags"]
+    assert {"-std=c++20", "-DKITTENS_HOPPER", "-gencode=arch=compute_90a,code=sm_90a"} <= set(flags)
+    assert seen["extra_ldflags"] == ["-lcuda"] and bench.os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    op, info = bench.load_fastvideo(str(tmp_path))
+    assert info["fastvideo_tk_extension"] is True
+    from fastvideo_kernel._C import fastvideo_kernel_ops
+    assert fastvideo_kernel_ops is ops and ops.block_sparse_fwd == "fwd"
     bench.sys.modules.pop("fastvideo_kernel", None)
