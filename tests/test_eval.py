@@ -163,6 +163,7 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     result = evaluate(cfg)
     assert 0 <= result["class_acc"] <= 1 and result["fd"] >= 0 and result["num_videos"] == 10
     assert 0 <= result["shape_acc"] <= 1 and result["chance_shape_acc"] == 0.2
+    assert sum(map(sum, result["shape_confusion"]["counts"])) == 10  # one row per prompted shape
     assert (tmp_path / "eval" / "scores.json").is_file() and result["grid"].is_file()
 
 
@@ -206,12 +207,22 @@ def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
     assert noise["shape_acc"] <= 0.4
     assert blocks["class_acc"] >= 0.8 and blocks["shape_acc"] <= 0.6, blocks  # measured 0.88, 0.27
     assert metrics.score(videos, (labels + 1) % 10)["shape_acc"] <= 0.05  # neighbouring classes' shapes differ
+    # The per-shape view: every video counted once, under its prompted shape, on the diagonal.
+    confusion = metrics.shape_confusion(videos, labels)
+    counts = torch.tensor(confusion["counts"])
+    assert confusion["shapes"] == ["circle", "square", "diamond", "ring", "cross"] and counts.shape == (5, 6)
+    assert counts.sum() == 60 and counts.diagonal().sum() >= 0.95 * 60
+    assert all(acc >= 0.8 for acc in confusion["acc"].values())
+    shifted = torch.tensor(metrics.shape_confusion(videos, (labels + 1) % 10)["counts"])
+    assert shifted.diagonal().sum() <= 3 and shifted.sum() == 60
     # Cached: loaded, not retrained; a data set without shapes gets no shape_acc.
     start = time.perf_counter()
     again = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
     assert time.perf_counter() - start < 5 and again.score(videos, labels) == pytest.approx(real)
-    assert shape_map(FixedSquares()) is None and "shape_acc" not in SampleMetrics(
-        metrics.classifier, metrics.real_mu, metrics.real_sigma).score(videos, labels)
+    no_shapes = SampleMetrics(metrics.classifier, metrics.real_mu, metrics.real_sigma)
+    assert shape_map(FixedSquares()) is None and "shape_acc" not in no_shapes.score(videos, labels)
+    with pytest.raises(ValueError, match="no shapes"):
+        no_shapes.shape_confusion(videos, labels)
 
 
 def test_foreground_is_the_objects_silhouette():

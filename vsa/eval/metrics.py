@@ -123,3 +123,23 @@ class SampleMetrics:
                 predicted = predict_shapes(net, x, self.shape_recipe)
                 result["shape_acc"] = float((predicted == shape_of[labels]).float().mean())
         return result
+
+    @torch.no_grad()
+    def shape_confusion(self, videos: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Which shape the shape classifier sees in videos generated for class `labels`:
+        {"shapes": names, "counts": [prompted][seen] video counts (a last column for "none": no
+        object found), "acc": {shape: its accuracy}}. Needs a data set with shapes."""
+        if self.shapes is None:
+            raise ValueError("this data set has no shapes (shape_confusion needs the procedural shapes)")
+        net, summary, shape_of = self.shapes
+        names = list(summary["shape_names"])
+        labels = torch.as_tensor(labels).long().cpu().reshape(-1)
+        if labels.shape[0] != videos.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {videos.shape[0]} videos")
+        seen = predict_shapes(net, videos.detach().float().cpu().clamp(-1.0, 1.0), self.shape_recipe)
+        prompted = shape_of[labels]
+        counts = torch.zeros(len(names), len(names) + 1, dtype=torch.long)
+        counts.index_put_((prompted, torch.where(seen < 0, len(names), seen)), torch.ones_like(seen),
+                          accumulate=True)
+        acc = {name: float(counts[i, i] / counts[i].sum()) for i, name in enumerate(names) if counts[i].sum()}
+        return {"shapes": names, "counts": counts.tolist(), "acc": acc}

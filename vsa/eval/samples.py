@@ -128,12 +128,18 @@ def evaluate(cfg: DictConfig) -> dict:
               "num_videos": int(videos.shape[0]),
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
               "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method)}
+    if metrics.shapes is not None:  # which shape is seen for each prompted one (labels as generated)
+        labels = torch.arange(videos.shape[0]) % model.cfg.num_classes
+        result["shape_confusion"] = metrics.shape_confusion(videos, labels)
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"class_acc {scores['class_acc']:.3f} (chance {1 / model.cfg.num_classes:.3f}, real "
           f"{metrics.holdout_accuracy:.3f}), fd {scores['fd']:.2f}"
           + (f", shape_acc {scores['shape_acc']:.3f} (chance {result['chance_shape_acc']:.3f}, real "
              f"{metrics.real_shape_acc:.3f})" if "shape_acc" in scores else "")
           + f" over {videos.shape[0]} videos -> {out}")
+    if "shape_confusion" in result:
+        print("shape_acc per prompted shape: " + ", ".join(
+            f"{name} {acc:.2f}" for name, acc in result["shape_confusion"]["acc"].items()))
     return {**result, "grid": grid}
 
 
