@@ -3,6 +3,7 @@ that must generate videos of the requested class, and the validation callback's 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -14,7 +15,7 @@ from torch.utils.data import Dataset
 from vsa.data import SyntheticVideoDataset
 from vsa.diffusion import flow_matching_loss, sample_timesteps, timestep_shift
 from vsa.eval import ClassifierRecipe, SampleMetrics, frechet_distance
-from vsa.eval.classifier import ShapeRecipe, foreground, shape_map, stack_items
+from vsa.eval.classifier import ShapeRecipe, count_pieces, foreground, shape_map, stack_items
 from vsa.eval.samples import generate_and_score
 from vsa.models import DiTConfig, VideoDiT
 
@@ -207,6 +208,13 @@ def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
     assert noise["shape_acc"] <= 0.4
     assert blocks["class_acc"] >= 0.8 and blocks["shape_acc"] <= 0.6, blocks  # measured 0.88, 0.27
     assert metrics.score(videos, (labels + 1) % 10)["shape_acc"] <= 0.05  # neighbouring classes' shapes differ
+    # Whole objects: about the real held-out videos' pieces per frame (1-3 objects a clip); the same
+    # objects cut into 2x2-pixel fragments 2 pixels apart: several times as many.
+    assert real["pieces"] == pytest.approx(metrics.real_pieces, abs=0.3) and 1.0 <= real["pieces"] <= 3.0
+    grid = torch.arange(videos.shape[-1]) // 2 % 2 == 0
+    cut = torch.where(grid[:, None] & grid[None, :], videos, torch.full_like(videos, -1.0))
+    fragments = metrics.score(cut, labels)
+    assert fragments["pieces"] >= 2.5 * real["pieces"], fragments  # measured 5.0 vs 1.53
     # The per-shape view: every video counted once, under its prompted shape, on the diagonal.
     confusion = metrics.shape_confusion(videos, labels)
     counts = torch.tensor(confusion["counts"])
@@ -219,10 +227,32 @@ def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
     start = time.perf_counter()
     again = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
     assert time.perf_counter() - start < 5 and again.score(videos, labels) == pytest.approx(real)
+    # A shape classifier cached before pieces were counted gets its real reference counted on load.
+    for meta_path in tmp_path.glob("shapes_*.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["summary"]["holdout_pieces"]
+        meta_path.write_text(json.dumps(meta))
+    older = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
+    assert older.real_pieces == pytest.approx(metrics.real_pieces)
     no_shapes = SampleMetrics(metrics.classifier, metrics.real_mu, metrics.real_sigma)
     assert shape_map(FixedSquares()) is None and "shape_acc" not in no_shapes.score(videos, labels)
     with pytest.raises(ValueError, match="no shapes"):
         no_shapes.shape_confusion(videos, labels)
+
+
+def test_pieces_count_whole_objects_once_and_fragments_each():
+    """count_pieces: a square is one piece, two apart are two, 16 scattered 2x2 blocks are 16 (a
+    lone pixel is below min_size and not counted); frames without an object are left out of the
+    mean, and a video with none is NaN."""
+    videos = torch.full((4, 3, 2, 32, 32), -1.0)
+    videos[0, :, :, 4:14, 4:14] = 1.0                       # one square in both frames
+    videos[1, :, 0, 2:8, 2:8] = videos[1, :, 0, 20:26, 20:26] = 1.0   # two; frame 1 empty
+    for i in range(4):                                       # 16 blocks of 2x2, 6 pixels apart
+        for j in range(4):
+            videos[3, :, :, 2 + 8 * i:4 + 8 * i, 2 + 8 * j:4 + 8 * j] = 1.0
+    videos[3, :, :, 31, 31] = 1.0                            # a lone pixel: not a piece
+    pieces = count_pieces(videos, ShapeRecipe())
+    assert pieces[:2].tolist() == [1.0, 2.0] and math.isnan(pieces[2]) and pieces[3] == 16.0
 
 
 def test_foreground_is_the_objects_silhouette():

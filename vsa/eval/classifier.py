@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -274,6 +275,28 @@ def mask_frames(videos: torch.Tensor, recipe: ShapeRecipe) -> tuple[torch.Tensor
     return frames, masks.sum(dim=(1, 3, 4)) >= recipe.min_pixels
 
 
+def count_pieces(videos: torch.Tensor, recipe: ShapeRecipe, min_size: int = 3) -> torch.Tensor:
+    """The number of separate pieces of foreground per object frame, averaged over each video's
+    frames that hold an object [N] (NaN for a video with none): connected regions (8-neighbour) of
+    the `foreground` mask with at least `min_size` pixels. A whole object is one piece; confetti, or
+    a ring drawn as broken arcs, is many; real clips with k objects give up to k (fewer where
+    objects touch; an object wrapping around the frame edge is two)."""
+    from scipy import ndimage
+
+    masks = foreground(videos.float().cpu(), recipe.size)[:, 0].numpy().astype(bool)  # [N, T, H, W]
+    has_object = masks.sum(axis=(2, 3)) >= recipe.min_pixels
+    eight = np.ones((3, 3), dtype=bool)
+    pieces = np.zeros(masks.shape[:2])
+    for n, t in zip(*np.nonzero(has_object)):
+        regions, count = ndimage.label(masks[n, t], structure=eight)
+        sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+        pieces[n, t] = (sizes >= min_size).sum()
+    frames = has_object.sum(1)
+    per_video = np.full(len(frames), np.nan)
+    per_video[frames > 0] = pieces.sum(1)[frames > 0] / frames[frames > 0]
+    return torch.from_numpy(per_video)
+
+
 @torch.no_grad()
 def predict_shapes(net: VideoClassifier, videos: torch.Tensor, recipe: ShapeRecipe) -> torch.Tensor:
     """The shape of each video [N] (index into the data set's shapes): the argmax of the frame
@@ -314,6 +337,7 @@ def train_shape_classifier(dataset: Dataset, recipe: ShapeRecipe | None = None
     predicted = predict_shapes(net, hold_videos, recipe)
     truth = torch.tensor([dataset.shape_of(int(c)) for c in hold_labels])
     summary = {"holdout_accuracy": float((predicted == truth).float().mean()),
+               "holdout_pieces": float(count_pieces(hold_videos, recipe).nanmean()),
                "train_frames": int(frames.shape[0]), "holdout_samples": len(hold_idx),
                "final_loss": final_loss, "shape_names": list(dataset.shape_names)}
     return net, summary
@@ -361,9 +385,16 @@ def shape_classifier_for(dataset_cfg: Mapping, dataset: Dataset | None = None,
         return None
     recipe = recipe or ShapeRecipe()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _cached(folder, f"shapes_{cache_key(cfg, recipe)}", cfg, recipe,
-                   lambda: train_shape_classifier(dataset if dataset is not None else build_dataset(cfg),
-                                                  recipe))
+    net, summary = _cached(folder, f"shapes_{cache_key(cfg, recipe)}", cfg, recipe,
+                           lambda: train_shape_classifier(dataset if dataset is not None else build_dataset(cfg),
+                                                          recipe))
+    if "holdout_pieces" not in summary:  # cached before pieces were counted: count them now
+        data = dataset if dataset is not None else build_dataset(cfg)
+        split = ClassifierRecipe(train_samples=recipe.train_samples, holdout_samples=recipe.holdout_samples,
+                                 seed=recipe.seed)
+        hold_videos, _ = stack_items(data, split_indices(len(data), split)[1])
+        summary["holdout_pieces"] = float(count_pieces(hold_videos, recipe).nanmean())
+    return net, summary
 
 
 def shape_map(dataset) -> type | None:

@@ -15,6 +15,10 @@ classifier trained on that data set (`vsa.eval.classifier`):
   foreground masks (`vsa.eval.classifier.train_shape_classifier`). It sees outlines, not colour or
   motion, so scattered blocks of the right colour, which pass `class_acc`, fail it. Chance is
   1 / the number of shapes; a video with no object in any frame counts as wrong.
+- **pieces** (`pieces`, the same data sets): separate pieces of foreground per frame that holds an
+  object, averaged over frames and videos (`vsa.eval.classifier.count_pieces`). Whole objects give
+  about the number of objects per clip (the real held-out videos': `real_pieces`); fragments, which
+  the shape classifier can take for a ring, give more.
 
     metrics = SampleMetrics.for_dataset(cfg.data.datamodule.dataset)
     metrics.score(videos, labels)   # {"class_acc": ..., "fd": ..., "shape_acc": ...}
@@ -34,6 +38,7 @@ from vsa.eval.classifier import (
     ShapeRecipe,
     VideoClassifier,
     classifier_for,
+    count_pieces,
     feature_stats,
     plain_config,
     predict,
@@ -85,6 +90,12 @@ class SampleMetrics:
         """The shape classifier's accuracy on real held-out videos (the ceiling of shape_acc)."""
         return None if self.shapes is None else self.shapes[1].get("holdout_accuracy")
 
+    @property
+    def real_pieces(self) -> float | None:
+        """Pieces per object frame of real held-out videos (the reference for `pieces`; None from
+        a shape classifier cached before it was recorded)."""
+        return None if self.shapes is None else self.shapes[1].get("holdout_pieces")
+
     @classmethod
     def for_dataset(cls, dataset_cfg: Mapping, num_classes: int | None = None,
                     recipe: ClassifierRecipe | None = None, cache_dir: str | Path | None = None,
@@ -113,6 +124,8 @@ class SampleMetrics:
         x = videos.detach().float().cpu().clamp(-1.0, 1.0)
         logits, features = predict(self.classifier, x)
         result = {"fd": frechet_distance(*feature_stats(features), self.real_mu, self.real_sigma)}
+        if self.shapes is not None:  # whole objects or fragments (the real data's: real_pieces)
+            result["pieces"] = float(count_pieces(x, self.shape_recipe).nanmean())
         if labels is not None:
             labels = torch.as_tensor(labels).long().cpu().reshape(-1)
             if labels.shape[0] != x.shape[0]:
@@ -142,4 +155,6 @@ class SampleMetrics:
         counts.index_put_((prompted, torch.where(seen < 0, len(names), seen)), torch.ones_like(seen),
                           accumulate=True)
         acc = {name: float(counts[i, i] / counts[i].sum()) for i, name in enumerate(names) if counts[i].sum()}
-        return {"shapes": names, "counts": counts.tolist(), "acc": acc}
+        pieces = count_pieces(videos, self.shape_recipe)
+        pieces = {name: float(pieces[prompted == i].nanmean()) for i, name in enumerate(names) if counts[i].sum()}
+        return {"shapes": names, "counts": counts.tolist(), "acc": acc, "pieces": pieces}

@@ -124,6 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
     grid = save_grid(out / "grid.png", to_uint8_frames(videos[:2 * model.cfg.num_classes]))
     result = {**scores, "chance_class_acc": 1.0 / model.cfg.num_classes,
               "real_class_acc": metrics.holdout_accuracy, "real_shape_acc": metrics.real_shape_acc,
+              "real_pieces": metrics.real_pieces,
               "chance_shape_acc": None if metrics.shapes is None else 1.0 / len(metrics.shapes[1]["shape_names"]),
               "num_videos": int(videos.shape[0]),
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
@@ -138,8 +139,11 @@ def evaluate(cfg: DictConfig) -> dict:
              f"{metrics.real_shape_acc:.3f})" if "shape_acc" in scores else "")
           + f" over {videos.shape[0]} videos -> {out}")
     if "shape_confusion" in result:
-        print("shape_acc per prompted shape: " + ", ".join(
-            f"{name} {acc:.2f}" for name, acc in result["shape_confusion"]["acc"].items()))
+        real = "-" if metrics.real_pieces is None else f"{metrics.real_pieces:.2f}"
+        print(f"pieces per object frame {scores['pieces']:.2f} (real {real}); per prompted shape, "
+              "shape_acc / pieces: " + ", ".join(
+                  f"{name} {acc:.2f} / {result['shape_confusion']['pieces'][name]:.2f}"
+                  for name, acc in result["shape_confusion"]["acc"].items()))
     return {**result, "grid": grid}
 
 
