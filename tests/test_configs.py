@@ -104,6 +104,21 @@ def test_only_the_default_run_and_shapes_wide_predict_x0():
         assert compose_train([f"sweep={sweep}"]).model.prediction == "velocity", sweep
 
 
+def test_only_the_default_run_trains_at_lr_5e_3():
+    """The default CPU run's AdamW learning rate is 5e-3 (docs/sample_quality.md, 2026-12-07, third
+    session); the experiments and sweeps that inherited train.yaml's earlier 3e-3 pin it, so their
+    measured recipes stay as they were."""
+    assert compose_train([]).module.optimizer.lr == 5e-3
+    for experiment in ("shapes_wide", "t2v_shapes", "tiny"):
+        assert compose_train([f"experiment={experiment}"]).module.optimizer.lr == 3e-3, experiment
+    assert compose_train(["sweep=scaling_tiny"]).module.optimizer.lr == 3e-3
+    for experiment in VIDEODIT_EXPERIMENTS:
+        extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
+        assert compose_train([f"experiment={experiment}", *extra]).module.optimizer.lr != 5e-3, experiment
+    for sweep in SWEEPS:
+        assert compose_train([f"sweep={sweep}"]).module.optimizer.lr != 5e-3, sweep
+
+
 def test_only_the_default_run_uses_its_own_data_and_mlp():
     """The default CPU run draws one large object per clip (max_objects 1, radius 0.2-0.3), trains
     1,200 steps of batch 4 on 4 frames with a token convolution in the MLPs (mlp_conv 3, ratio 2;
