@@ -308,6 +308,12 @@ def predict_shapes(net: VideoClassifier, videos: torch.Tensor, recipe: ShapeReci
     return torch.where(has_object.any(1), probs.argmax(-1), torch.full_like(probs[:, 0], -1).long())
 
 
+def shape_split(dataset: Dataset, recipe: ShapeRecipe) -> tuple[list[int], list[int]]:
+    """The shape classifier's (training, held-out) sample indices of `dataset`."""
+    return split_indices(len(dataset), ClassifierRecipe(
+        train_samples=recipe.train_samples, holdout_samples=recipe.holdout_samples, seed=recipe.seed))
+
+
 def train_shape_classifier(dataset: Dataset, recipe: ShapeRecipe | None = None
                            ) -> tuple[VideoClassifier, dict]:
     """Train the per-frame shape classifier on `dataset`, whose class -> shape map is its
@@ -316,9 +322,7 @@ def train_shape_classifier(dataset: Dataset, recipe: ShapeRecipe | None = None
     held-out videos' shape accuracy (`holdout_accuracy`)."""
     recipe = recipe or ShapeRecipe()
     num_shapes = len(dataset.shape_names)
-    split = ClassifierRecipe(train_samples=recipe.train_samples, holdout_samples=recipe.holdout_samples,
-                             seed=recipe.seed)
-    train_idx, hold_idx = split_indices(len(dataset), split)
+    train_idx, hold_idx = shape_split(dataset, recipe)
     videos, labels = stack_items(dataset, train_idx)
     frames, has_object = mask_frames(videos, recipe)
     shapes = torch.tensor([dataset.shape_of(int(c)) for c in labels])
@@ -390,9 +394,7 @@ def shape_classifier_for(dataset_cfg: Mapping, dataset: Dataset | None = None,
                                                           recipe))
     if "holdout_pieces" not in summary:  # cached before pieces were counted: count them now
         data = dataset if dataset is not None else build_dataset(cfg)
-        split = ClassifierRecipe(train_samples=recipe.train_samples, holdout_samples=recipe.holdout_samples,
-                                 seed=recipe.seed)
-        hold_videos, _ = stack_items(data, split_indices(len(data), split)[1])
+        hold_videos, _ = stack_items(data, shape_split(data, recipe)[1])
         summary["holdout_pieces"] = float(count_pieces(hold_videos, recipe).nanmean())
     return net, summary
 

@@ -92,8 +92,7 @@ class SampleMetrics:
 
     @property
     def real_pieces(self) -> float | None:
-        """Pieces per object frame of real held-out videos (the reference for `pieces`; None from
-        a shape classifier cached before it was recorded)."""
+        """Pieces per object frame of real held-out videos (the reference for `pieces`)."""
         return None if self.shapes is None else self.shapes[1].get("holdout_pieces")
 
     @classmethod
@@ -141,7 +140,8 @@ class SampleMetrics:
     def shape_confusion(self, videos: torch.Tensor, labels: torch.Tensor) -> dict:
         """Which shape the shape classifier sees in videos generated for class `labels`:
         {"shapes": names, "counts": [prompted][seen] video counts (a last column for "none": no
-        object found), "acc": {shape: its accuracy}}. Needs a data set with shapes."""
+        object found), "acc": {shape: its accuracy}, "pieces": {shape: its mean pieces per object
+        frame}}. Needs a data set with shapes."""
         if self.shapes is None:
             raise ValueError("this data set has no shapes (shape_confusion needs the procedural shapes)")
         net, summary, shape_of = self.shapes
@@ -149,12 +149,13 @@ class SampleMetrics:
         labels = torch.as_tensor(labels).long().cpu().reshape(-1)
         if labels.shape[0] != videos.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for {videos.shape[0]} videos")
-        seen = predict_shapes(net, videos.detach().float().cpu().clamp(-1.0, 1.0), self.shape_recipe)
+        x = videos.detach().float().cpu().clamp(-1.0, 1.0)  # as shown, and as `score` sees them
+        seen = predict_shapes(net, x, self.shape_recipe)
         prompted = shape_of[labels]
         counts = torch.zeros(len(names), len(names) + 1, dtype=torch.long)
         counts.index_put_((prompted, torch.where(seen < 0, len(names), seen)), torch.ones_like(seen),
                           accumulate=True)
         acc = {name: float(counts[i, i] / counts[i].sum()) for i, name in enumerate(names) if counts[i].sum()}
-        pieces = count_pieces(videos, self.shape_recipe)
+        pieces = count_pieces(x, self.shape_recipe)
         pieces = {name: float(pieces[prompted == i].nanmean()) for i, name in enumerate(names) if counts[i].sum()}
         return {"shapes": names, "counts": counts.tolist(), "acc": acc, "pieces": pieces}
