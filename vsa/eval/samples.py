@@ -38,6 +38,11 @@ def metrics_for(dataset_cfg: Mapping, num_classes: int | None = None,
 
 
 @torch.no_grad()
+def class_labels(num_classes: int, per_class: int) -> list[int]:
+    """The class of each video `generate_and_score` generates: 0, 1, ..., C-1, 0, 1, ..."""
+    return [i % num_classes for i in range(per_class * num_classes)]
+
+
 def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], torch.Tensor],
                        metrics: SampleMetrics, per_class: int = 4, steps: int = 16,
                        method: str = "euler", cfg_scale: float = 4.0,
@@ -57,7 +62,7 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
     if num_classes != metrics.num_classes:
         raise ValueError(f"the model has {num_classes} classes, the metric's classifier "
                          f"{metrics.num_classes}; score with the data set the model was trained on")
-    labels = [i % num_classes for i in range(per_class * num_classes)]
+    labels = class_labels(num_classes, per_class)
     device = next(model.parameters()).device
     videos = []
     for chunk in range(math.ceil(len(labels) / batch_size)):
@@ -130,7 +135,7 @@ def evaluate(cfg: DictConfig) -> dict:
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
               "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method)}
     if metrics.shapes is not None:  # which shape is seen for each prompted one (labels as generated)
-        labels = torch.arange(videos.shape[0]) % model.cfg.num_classes
+        labels = torch.tensor(class_labels(model.cfg.num_classes, cfg.per_class))
         result["shape_confusion"] = metrics.shape_confusion(videos, labels)
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"class_acc {scores['class_acc']:.3f} (chance {1 / model.cfg.num_classes:.3f}, real "
