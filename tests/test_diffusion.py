@@ -144,6 +144,31 @@ def test_guidance_combines_cond_and_uncond():
         guided_velocity(model, cond, {}, 2.0)
 
 
+def test_guidance_interval_guides_only_inside_it():
+    model = small_model(num_classes=3)
+    x, labels = torch.randn(3, 4, 4, 8, 8), torch.tensor([0, 2, 1])
+    cond = {"labels": labels}
+    uncond = model.null_condition(cond)
+    t = torch.tensor([0.1, 0.5, 0.9])  # below, inside, above [0.3, 0.7]
+    v_c, v_u = model(x, t, **cond), model(x, t, **uncond)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    guided = guided_velocity(model, cond, uncond, 4.0, interval=(0.3, 0.7))(x, t)
+    torch.testing.assert_close(guided[1], (v_u + 4.0 * (v_c - v_u))[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided[[0, 2]], v_c[[0, 2]], rtol=1e-5, atol=1e-5)
+    # a call with no time inside the interval runs the conditional branch alone (one batch of 3)
+    calls.clear()
+    out = guided_velocity(model, cond, uncond, 4.0, interval=(0.3, 0.7))(x, torch.full((3,), 0.2))
+    assert calls == [3]
+    torch.testing.assert_close(out, model(x, torch.full((3,), 0.2), **cond))
+    # (0, 1) is every step: the plain guided velocity
+    torch.testing.assert_close(guided_velocity(model, cond, uncond, 4.0, interval=(0.0, 1.0))(x, t),
+                               guided_velocity(model, cond, uncond, 4.0)(x, t))
+    for bad in ((0.7, 0.3), (-0.1, 0.5), (0.2,), "ab"):
+        with pytest.raises(ValueError, match="cfg_interval"):
+            guided_velocity(model, cond, uncond, 4.0, interval=bad)
+
+
 def test_sample_runs_and_restores_mode():
     model = small_model(num_classes=3)
     model.train()

@@ -89,6 +89,16 @@ def test_ema_or_raw_weights_and_seeds(dense_checkpoint, tmp_path):
     assert (ema - raw).abs().max() > 1e-3 and (ema - other).abs().max() > 1e-3
 
 
+def test_guidance_interval_through_sample_py(dense_checkpoint, tmp_path):
+    every = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "a", []))["latents"])
+    whole = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "b", ["cfg_interval=[0,1]"]))["latents"])
+    early = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "c", ["cfg_interval=[0.5,1]"]))["latents"])
+    torch.testing.assert_close(whole, every)  # [0, 1] guides every step
+    assert (early - every).abs().max() > 1e-3  # unguided low-noise steps change the videos
+    with pytest.raises(ConfigError, match=r"sampling: cfg_interval must satisfy 0 <= t_lo <= t_hi <= 1"):
+        sample(sample_cfg(dense_checkpoint, tmp_path, ["cfg_interval=[0.8,0.2]"]))
+
+
 def test_bad_sampling_input_fails_clearly(dense_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"sparsity: sparsity must lie in \[0, 1\)"):
         sample(sample_cfg(dense_checkpoint, tmp_path, ["attention=vsa", "sparsity=1.0"]))

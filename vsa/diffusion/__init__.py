@@ -11,7 +11,7 @@ from vsa.diffusion.flow import (
     velocity_target,
 )
 from vsa.diffusion.generate import check_sampling, default_labels, generate
-from vsa.diffusion.samplers import guided_velocity, sample, sample_ode, timestep_grid
+from vsa.diffusion.samplers import check_interval, guided_velocity, sample, sample_ode, timestep_grid
 from vsa.diffusion.validation import (
     validation_loss,
     validation_losses,
@@ -20,6 +20,7 @@ from vsa.diffusion.validation import (
 )
 
 __all__ = [
+    "check_interval",
     "check_sampling",
     "default_labels",
     "flow_matching_loss",

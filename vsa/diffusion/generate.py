@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from vsa.diffusion.samplers import METHODS, guided_velocity, sample_ode
+from vsa.diffusion.samplers import METHODS, check_interval, guided_velocity, sample_ode
 
 if TYPE_CHECKING:  # (a model is used through its interface: cfg, null_condition, calls)
     from vsa.models import VideoDiT
@@ -52,14 +52,16 @@ def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, s
 def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
              labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
              text_encoder: Callable | None = None, steps: int = 32, method: str = "euler",
-             cfg_scale: float = 4.0, shift: float | Callable[[int], float] = 1.0, seed: int = 0,
+             cfg_scale: float = 4.0, cfg_interval: Sequence[float] | None = None,
+             shift: float | Callable[[int], float] = 1.0, seed: int = 0,
              device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
     """Sample `num_videos` model-space tensors [N, C, T, H, W] (fp32) from a VideoDiT.
 
     Noise comes from a CPU generator seeded with `seed`, so a seed gives the same videos on every
     device. `shift` is the timestep shift, or a function of the token count that returns it.
     Class-conditional models get `labels` (default: classes 0, 1, 2, ...), guided with weight
-    `cfg_scale` against the null class. Models with a caption vocabulary (`caption_words`) get
+    `cfg_scale` against the null class, at every step or only at times t_lo <= t <= t_hi of
+    `cfg_interval` (t = 1 is noise; the conditional velocity elsewhere). Models with a caption vocabulary (`caption_words`) get
     `prompts`, one per video, guided against the null (all-zero) text; models trained on text
     embeddings (`text_dim` without `caption_words`) get them from `text_encoder` (captions ->
     (emb [N, L, text_dim], mask [N, L]), e.g. `vsa.data.text.TextEncoder`: the one the training shards
@@ -75,6 +77,7 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         raise ValueError("this model was trained on text embeddings: give the text encoder its shards were "
                          "encoded with (sample.py text_encoder=PATH)")
     check_sampling(num_videos, steps, method, cfg_scale, int(seed))
+    cfg_interval = check_interval(cfg_interval)
     if latent_shape is None or len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -101,7 +104,7 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         cond["text"] = torch.where(empty[:, None, None], null["text"], emb)
         cond["text_mask"] = torch.where(empty[:, None], null["text_mask"], mask)
     uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
-    velocity = guided_velocity(model, cond, uncond, cfg_scale)
+    velocity = guided_velocity(model, cond, uncond, cfg_scale, cfg_interval)
 
     evaluations = steps * (2 if method == "heun" else 1)
     bar = tqdm(total=evaluations, desc=f"{method} x{steps}", unit="eval", disable=not progress)

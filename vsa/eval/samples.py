@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import hydra
@@ -47,6 +47,7 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
                        metrics: SampleMetrics, per_class: int = 4, steps: int = 16,
                        method: str = "euler", cfg_scale: float = 4.0,
                        shift: float | Callable[[int], float] = 1.0, seed: int = 0,
+                       cfg_interval: Sequence[float] | None = None,
                        batch_size: int = 40) -> tuple[dict[str, float], torch.Tensor]:
     """Generate `per_class` videos of each class (labels 0, 1, ..., C-1, 0, 1, ...), decode them to
     pixels with `decode` and score them. Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
@@ -68,7 +69,8 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
     for chunk in range(math.ceil(len(labels) / batch_size)):
         ids = labels[chunk * batch_size:(chunk + 1) * batch_size]
         latents = generate(model, latent_shape, len(ids), labels=ids, steps=steps, method=method,
-                           cfg_scale=cfg_scale, shift=shift, seed=seed + chunk, device=device)
+                           cfg_scale=cfg_scale, cfg_interval=cfg_interval, shift=shift,
+                           seed=seed + chunk, device=device)
         videos.append(decode(latents.float()).float().cpu())
     videos = torch.cat(videos)
     return metrics.score(videos, torch.tensor(labels)), videos
@@ -123,7 +125,7 @@ def evaluate(cfg: DictConfig) -> dict:
         scores, videos = generate_and_score(model, spec["latent_shape"], codec.decode, metrics,
                                             per_class=cfg.per_class, steps=cfg.steps,
                                             method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift,
-                                            seed=cfg.seed)
+                                            seed=cfg.seed, cfg_interval=cfg.get("cfg_interval"))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(out / "grid.png", to_uint8_frames(videos[:2 * model.cfg.num_classes]))
@@ -133,7 +135,8 @@ def evaluate(cfg: DictConfig) -> dict:
               "chance_shape_acc": None if metrics.shapes is None else 1.0 / len(metrics.shapes[1]["shape_names"]),
               "num_videos": int(videos.shape[0]),
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
-              "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method)}
+              "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method),
+              "cfg_interval": None if cfg.get("cfg_interval") is None else list(cfg.cfg_interval)}
     if metrics.shapes is not None:  # which shape is seen for each prompted one (labels as generated)
         labels = torch.tensor(class_labels(model.cfg.num_classes, cfg.per_class))
         result["shape_confusion"] = metrics.shape_confusion(videos, labels)

@@ -24,7 +24,7 @@ from vsa.config import ConfigError, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.data.media import save_grid, to_uint8_frames, write_mp4
 from vsa.data.text import TextEncoder
-from vsa.diffusion import check_sampling, generate, timestep_shift
+from vsa.diffusion import check_interval, check_sampling, generate, timestep_shift
 from vsa.models import VideoDiT
 from vsa.models.config import check_sparsity
 from vsa.models.wan import WanVideoModel
@@ -92,6 +92,7 @@ def sample(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)  # read once: the default holds the launch time
     with config_section("sampling"):
         check_sampling(cfg.num_videos, cfg.steps, cfg.method, cfg.cfg_scale, cfg.seed)
+        cfg_interval = check_interval(cfg.get("cfg_interval"))
     with config_section("sparsity"):
         check_sparsity(cfg.sparsity, cfg.topk)
     with config_section("ckpt_path"):
@@ -132,8 +133,8 @@ def sample(cfg: DictConfig) -> dict:
     with config_section("sampling"), precision_autocast(str(cfg.precision), device):
         latents = generate(model, latent_shape, cfg.num_videos, labels=labels, prompts=prompts,
                            text_encoder=text_encoder, steps=cfg.steps,
-                           method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift, seed=cfg.seed,
-                           device=device, progress=True)
+                           method=cfg.method, cfg_scale=cfg.cfg_scale, cfg_interval=cfg_interval,
+                           shift=shift, seed=cfg.seed, device=device, progress=True)
         pixels = build_codec(**spec["codec"]).to(device).decode(latents.float())
     if device.type == "cuda":
         torch.cuda.synchronize()
