@@ -61,11 +61,12 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     device. `shift` is the timestep shift, or a function of the token count that returns it.
     Class-conditional models get `labels` (default: classes 0, 1, 2, ...), guided with weight
     `cfg_scale` against the null class, at every step or only at times t_lo <= t <= t_hi of
-    `cfg_interval` (t = 1 is noise; the conditional velocity elsewhere). Models with a caption vocabulary (`caption_words`) get
-    `prompts`, one per video, guided against the null (all-zero) text; models trained on text
-    embeddings (`text_dim` without `caption_words`) get them from `text_encoder` (captions ->
-    (emb [N, L, text_dim], mask [N, L]), e.g. `vsa.data.text.TextEncoder`: the one the training shards
-    were encoded with; an empty prompt is the null text). `progress` shows a bar over model evaluations.
+    `cfg_interval` (t = 1 is noise; the conditional velocity elsewhere). Models with a caption
+    vocabulary (`caption_words`) get `prompts`, one per video, guided against the null (all-zero)
+    text; models trained on text embeddings (`text_dim` without `caption_words`) get them from
+    `text_encoder` (captions -> (emb [N, L, text_dim], mask [N, L]), e.g.
+    `vsa.data.text.TextEncoder`: the one the training shards were encoded with; an empty prompt is
+    the null text). `progress` shows a bar over model evaluations.
     """
     text_conditional = bool(model.cfg.text_dim)
     if text_conditional and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
