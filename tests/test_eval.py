@@ -148,6 +148,7 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
                                  "callbacks.sample_quality.every_n_steps=2",
                                  "callbacks.sample_quality.per_class=1",
                                  "callbacks.sample_quality.steps=2",
+                                 "callbacks.sample_quality.cfg_interval=[0.5,1.0]",
                                  f"callbacks.sample_quality.cache_dir={tmp_path / 'cache'}",
                                  f"+callbacks.sample_quality.recipe={recipe}",
                                  f"+callbacks.sample_quality.shape_recipe={shape_recipe}"])
@@ -159,9 +160,10 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("eval", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                                          f"output_dir={tmp_path / 'eval'}", "per_class=1",
-                                         "steps=2", f"cache_dir={tmp_path / 'cache'}",
+                                         "steps=2", f"cache_dir={tmp_path / 'cache'}", "cfg_interval=[0.5,1.0]",
                                          f"recipe={recipe}", f"shape_recipe={shape_recipe}"])
     result = evaluate(cfg)
+    assert result["cfg_interval"] == [0.5, 1.0]
     assert 0 <= result["class_acc"] <= 1 and result["fd"] >= 0 and result["num_videos"] == 10
     assert 0 <= result["shape_acc"] <= 1 and result["chance_shape_acc"] == 0.2
     assert sum(map(sum, result["shape_confusion"]["counts"])) == 10  # one row per prompted shape

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vsa.diffusion import check_interval
 from vsa.models.config import check_sparsity
 
 
@@ -236,12 +237,13 @@ class SampleVideos(ValidationEveryNSteps):
     def __init__(self, every_n_steps: int = 1000, num_videos: int = 4, steps: int = 32,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
                  prompts: list[str] | None = None, text_encoder: str | None = None,
-                 text_max_length: int = 512) -> None:
+                 text_max_length: int = 512, cfg_interval: list[float] | None = None) -> None:
         super().__init__(every_n_steps)
         if num_videos < 1 or steps < 1:
             raise ValueError("num_videos and steps must be >= 1")
         self.num_videos, self.steps = num_videos, steps
         self.method, self.cfg_scale, self.seed = method, cfg_scale, seed
+        self.cfg_interval = check_interval(cfg_interval)
         # Text-conditional models: the prompts, cycled over the videos; models trained on caption
         # embeddings also need the encoder's folder (loaded at the first sampling).
         self.prompts = list(prompts) if prompts else None
@@ -276,7 +278,8 @@ class SampleVideos(ValidationEveryNSteps):
             latents = generate(pl_module.model, pl_module.latent_shape, self.num_videos, prompts=prompts,
                                text_encoder=self._text_encoder,
                                steps=self.steps, method=self.method, cfg_scale=self.cfg_scale,
-                               shift=pl_module.time_shift, seed=self.seed, device=pl_module.device)
+                               cfg_interval=self.cfg_interval, shift=pl_module.time_shift, seed=self.seed,
+                               device=pl_module.device)
         videos = to_uint8_frames(pl_module.decode(latents.float()))
         if not trainer.is_global_zero:
             return
@@ -406,7 +409,8 @@ class SampleQuality(ValidationEveryNSteps):
 
     Args:
         dataset: the data set config (with `_target_`), e.g. ${data.datamodule.dataset}.
-        every_n_steps, per_class, steps, method, cfg_scale, seed: what to generate and when.
+        every_n_steps, per_class, steps, method, cfg_scale, seed, cfg_interval: what to generate
+            and when (cfg_interval: guidance only at t_lo <= t <= t_hi; None = every step).
         cache_dir: where the classifier is cached (None: $VSA_CACHE/eval or ~/.cache/vsa/eval).
         recipe, shape_recipe: ClassifierRecipe / ShapeRecipe fields to change (e.g. fewer steps for
             tests).
@@ -415,13 +419,14 @@ class SampleQuality(ValidationEveryNSteps):
     def __init__(self, dataset: dict, every_n_steps: int = 200, per_class: int = 4, steps: int = 16,
                  method: str = "euler", cfg_scale: float = 4.0, seed: int = 0,
                  cache_dir: str | None = None, recipe: dict | None = None,
-                 shape_recipe: dict | None = None) -> None:
+                 shape_recipe: dict | None = None, cfg_interval: list[float] | None = None) -> None:
         super().__init__(every_n_steps)
         if per_class < 1 or steps < 1:
             raise ValueError("per_class and steps must be >= 1")
         self.dataset = dataset
         self.per_class, self.steps = per_class, steps
         self.method, self.cfg_scale, self.seed, self.cache_dir = method, cfg_scale, seed, cache_dir
+        self.cfg_interval = check_interval(cfg_interval)
         self.recipe, self.shape_recipe = dict(recipe or {}), dict(shape_recipe or {})
         self._metrics = None
         self._disabled = False
@@ -458,6 +463,7 @@ class SampleQuality(ValidationEveryNSteps):
             scores, _ = generate_and_score(
                 pl_module.model, pl_module.latent_shape, pl_module.decode, self._metrics,
                 per_class=self.per_class, steps=self.steps, method=self.method,
-                cfg_scale=self.cfg_scale, shift=pl_module.time_shift, seed=self.seed)
+                cfg_scale=self.cfg_scale, shift=pl_module.time_shift, seed=self.seed,
+                cfg_interval=self.cfg_interval)
         # Every rank generates the same seeded videos: no sync needed.
         pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, on_step=False, on_epoch=True)
