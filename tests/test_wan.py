@@ -319,6 +319,39 @@ def test_the_experiment_finetunes_through_train_py_with_the_staircase(tmp_path):
         sample(sample_cfg("s3", "prompt=a red frame", f"text_encoder={encoder}", "tile=[2,4,4]"))
 
 
+FSDP_ONE_GPU = [o for o in QUICK if o != "trainer=cpu"] + [
+    "trainer=fsdp", "trainer.devices=1", "callbacks.ema=null", "callbacks.sample_videos=null",
+    "model.activation_checkpointing=true", "trainer.max_steps=3"]
+
+
+def test_the_fsdp_overrides_compose():
+    """The GPU test below composes (on any machine): Lightning's FSDP over one device, one unit
+    per WanTransformerBlock, activation checkpointing."""
+    cfg = compose_train(Path("/tmp/vsa-wan-config-test"), "f", FSDP_ONE_GPU + ["data.root=/x"])
+    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.FSDPStrategy"
+    assert cfg.trainer.devices == 1 and cfg.model.activation_checkpointing is True
+    assert cfg.callbacks.ema is None and cfg.callbacks.sample_videos is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Lightning's FSDP)")
+def test_fsdp_finetune_with_activation_checkpointing_on_one_gpu(tmp_path):
+    """trainer=fsdp on one GPU with activation checkpointing and VSA on the Triton kernels: 3 steps
+    through train.py, then the full (gathered) checkpoint loads into a plain model."""
+    from vsa.checkpoint import load_model
+
+    shards = write_shards(tmp_path / "shards")
+    run_train(tmp_path, "fsdp", FSDP_ONE_GPU + [f"data.root={shards}"])
+    ckpt = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert any(k.startswith("model.gates.") for k in ckpt["state_dict"])
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    model, _ = load_model(tmp_path / "fsdp")
+    x, t, text = inputs(shape=(2, 8, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(x, t, text=text)).all()
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 
