@@ -34,16 +34,18 @@ def test_forward_matches_flop_counter_class_model(shape):
     assert analytic.self_attention == 2 * 4 * analytic.tokens ** 2 * 128  # depth 2, width 128
 
 
-def test_forward_matches_flop_counter_with_mlp_conv():
-    """The MLPs' depthwise token convolution (the default run's mlp_conv=3) is counted."""
-    model = build_model("1M", in_channels=12, num_classes=10, mlp_conv=3, mlp_ratio=2.0)
+@pytest.mark.parametrize("mlp_conv,taps", [(3, 27), ((3, 5, 5), 75)])
+def test_forward_matches_flop_counter_with_mlp_conv(mlp_conv, taps):
+    """The MLPs' depthwise token convolution (the default run's mlp_conv=3, or a (t, h, w) kernel)
+    is counted."""
+    model = build_model("1M", in_channels=12, num_classes=10, mlp_conv=mlp_conv, mlp_ratio=2.0)
     shape = (8, 16, 16)
     x, t = torch.randn(2, 12, *shape), torch.rand(2)
     measured = measure(model, x, t, labels=torch.tensor([0, 2]))
     analytic = forward_flops(model.cfg, shape)
     assert measured == 2 * analytic.forward
     plain = forward_flops(build_model("1M", in_channels=12, num_classes=10, mlp_ratio=2.0).cfg, shape)
-    assert analytic.linear - plain.linear == 2 * 512 * 4 * 256 * 27  # tokens, depth, hidden, 3^3
+    assert analytic.linear - plain.linear == 2 * 512 * 4 * 256 * taps  # tokens, depth, hidden, kernel
 
 
 def test_forward_matches_flop_counter_text_model():

@@ -461,6 +461,7 @@ def test_mlp_conv_model_is_order_agnostic():
     ((2, 6, 3, 5, 7), 3, True, True),     # batch 2, a ragged grid, the MLP's strides
     ((1, 4, 2, 3, 4), 5, False, False),   # fewer frames than the kernel, no bias
     ((3, 5, 4, 4, 4), 1, True, False),    # a 1x1x1 kernel
+    ((2, 6, 3, 5, 7), (3, 5, 1), True, True),  # a (t, h, w) kernel
 ])
 @pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
 def test_depthwise_conv3d_matches_torch_conv3d_forward_and_gradients(shape, kernel, bias,
@@ -469,7 +470,7 @@ def test_depthwise_conv3d_matches_torch_conv3d_forward_and_gradients(shape, kern
     in float64, for the input, the weight and the bias; its state dict is nn.Conv3d's."""
     from vsa.models.conv import DepthwiseConv3d
 
-    torch.manual_seed(kernel)
+    torch.manual_seed(sum(shape))
     conv = DepthwiseConv3d(shape[1], kernel, bias=bias).double()
     torch.nn.init.normal_(conv.weight)
     assert list(conv.state_dict()) == list(torch.nn.Conv3d(shape[1], shape[1], kernel, bias=bias).state_dict())
@@ -479,7 +480,8 @@ def test_depthwise_conv3d_matches_torch_conv3d_forward_and_gradients(shape, kern
     x.requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     y = conv(x)
-    y_ref = torch.nn.functional.conv3d(x_ref, conv.weight, conv.bias, padding=kernel // 2, groups=shape[1])
+    pad = tuple(k // 2 for k in conv.kernel_size)
+    y_ref = torch.nn.functional.conv3d(x_ref, conv.weight, conv.bias, padding=pad, groups=shape[1])
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, conv.weight] + ([conv.bias] if bias else []), g)
@@ -512,10 +514,20 @@ def test_depthwise_conv3d_refuses_even_kernels():
         DepthwiseConv3d(4, 2)
 
 
-@pytest.mark.parametrize("bad", [2, -1, True, 3.0, "3"])
+@pytest.mark.parametrize("bad", [2, -1, True, 3.0, "3", [3, 4, 5], [3, 5]])
 def test_mlp_conv_rejects_bad_kernels(bad):
-    with pytest.raises(ValueError, match="mlp_conv must be 0"):
+    with pytest.raises(ValueError, match="mlp_conv must be"):
         tiny(mlp_conv=bad)
+
+
+def test_mlp_conv_takes_a_t_h_w_kernel():
+    model = tiny(mlp_conv=[3, 5, 1])
+    assert model.cfg.mlp_conv == (3, 5, 1)
+    assert all(block.mlp.conv.kernel_size == (3, 5, 1) for block in model.blocks)
+    with pytest.raises(ValueError, match="odd"):
+        from vsa.models.conv import DepthwiseConv3d
+
+        DepthwiseConv3d(4, (3, 2, 3))
 
 
 def test_a_model_with_a_caption_vocabulary_embeds_its_captions():

@@ -27,12 +27,12 @@ class DiTConfig:
     width: int = 768
     head_dim: int = 64
     mlp_ratio: float = 4.0
-    # Kernel (odd, in tokens, the same along t, h, w) of a depthwise 3D convolution over the token
-    # grid inside every block's MLP (fc1 -> + conv -> GELU -> fc2; zero-initialised, so a new model
-    # computes what it would without it); 0 = none. It gives every token its neighbours directly:
-    # the default CPU run draws each object as one moving blob with 3, as scattered 4x4-pixel blocks
-    # without (docs/sample_quality.md).
-    mlp_conv: int = 0
+    # Kernel (odd, in tokens: one int for t, h and w, or (t, h, w)) of a depthwise 3D convolution
+    # over the token grid inside every block's MLP (fc1 -> + conv -> GELU -> fc2; zero-initialised,
+    # so a new model computes what it would without it); 0 = none. It gives every token its
+    # neighbours directly: the default CPU run draws each object as one moving blob with 3, as
+    # scattered 4x4-pixel blocks without (docs/sample_quality.md).
+    mlp_conv: int | tuple[int, int, int] = 0
     in_channels: int = 16
     out_channels: int | None = None  # None: same as in_channels
     # What the network's last layer predicts. "velocity": v = noise - x0 directly. "x0": the clean
@@ -85,10 +85,17 @@ class DiTConfig:
         if self.prediction == "x0" and self.out_channels != self.in_channels:
             raise ValueError(f"prediction='x0' predicts the input itself: out_channels ({self.out_channels}) "
                              f"must equal in_channels ({self.in_channels}); leave out_channels null")
-        conv = self.mlp_conv
-        if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or (conv and conv % 2 == 0):
-            raise ValueError(f"mlp_conv must be 0 (no convolution) or an odd kernel size >= 1 in "
-                             f"tokens, e.g. 3, got {conv!r}")
+        conv, takes = self.mlp_conv, ("0 (no convolution), an odd kernel size >= 1 in tokens (e.g. 3) or "
+                                      "three of them (t, h, w), e.g. [3, 5, 5]")
+        if isinstance(conv, (bool, str, bytes, float)):
+            raise ValueError(f"mlp_conv must be {takes}; got {conv!r}")
+        if isinstance(conv, int):
+            if conv < 0 or (conv and conv % 2 == 0):
+                raise ValueError(f"mlp_conv must be {takes}; got {conv!r}")
+        else:
+            conv = self.mlp_conv = int_triple("mlp_conv", conv)
+            if any(k % 2 == 0 for k in conv):
+                raise ValueError(f"mlp_conv must be {takes}; got {list(conv)}")
         if self.mlp_ratio <= 0 or self.mlp_width < 1:
             raise ValueError(f"mlp_ratio must give a positive MLP width, got {self.mlp_ratio}")
         if self.num_classes < 0 or self.text_dim < 0:

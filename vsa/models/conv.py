@@ -61,12 +61,15 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
 
 class DepthwiseConv3d(nn.Conv3d):
     """`nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)`
-    (same parameters and state dict) with a fast backward on the CPU (module docstring)."""
+    (same parameters and state dict; `kernel_size` one odd int or (t, h, w)) with a fast backward
+    on the CPU (module docstring)."""
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and positive (a 'same' convolution), got {kernel_size}")
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+    def __init__(self, channels: int, kernel_size: int | tuple[int, int, int], bias: bool = True):
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
+            raise ValueError(f"kernel_size must be odd and positive (a 'same' convolution), one int or "
+                             f"(t, h, w), got {kernel_size}")
+        super().__init__(channels, channels, kernel, padding=tuple(k // 2 for k in kernel), groups=channels,
                          bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
