@@ -521,12 +521,12 @@ def test_mlp_conv_rejects_bad_kernels(bad):
 
 
 def test_mlp_conv_takes_a_t_h_w_kernel():
+    from vsa.models.conv import DepthwiseConv3d
+
     model = tiny(mlp_conv=[3, 5, 1])
     assert model.cfg.mlp_conv == (3, 5, 1)
     assert all(block.mlp.conv.kernel_size == (3, 5, 1) for block in model.blocks)
     with pytest.raises(ValueError, match="odd"):
-        from vsa.models.conv import DepthwiseConv3d
-
         DepthwiseConv3d(4, (3, 2, 3))
 
 

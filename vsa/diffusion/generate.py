@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from vsa.diffusion.samplers import METHODS, check_interval, guided_velocity, sample_ode
+from vsa.diffusion.samplers import METHODS, guided_velocity, sample_ode
 
 if TYPE_CHECKING:  # (a model is used through its interface: cfg, null_condition, calls)
     from vsa.models import VideoDiT
@@ -78,7 +78,6 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         raise ValueError("this model was trained on text embeddings: give the text encoder its shards were "
                          "encoded with (sample.py text_encoder=PATH)")
     check_sampling(num_videos, steps, method, cfg_scale, int(seed))
-    cfg_interval = check_interval(cfg_interval)
     if latent_shape is None or len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (C, T, H, W), got {latent_shape}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
