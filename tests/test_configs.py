@@ -75,48 +75,57 @@ def test_every_experiment_composes_into_a_buildable_model(experiment):
 SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def test_only_the_default_run_sets_its_own_timestep_shift():
-    """The default 256-token CPU run trains and samples at shift 3 (docs/sample_quality.md); every
-    experiment and sweep keeps the resolution shift (null), so none inherits the default's 3.
-    (A pretrained Wan keeps its own flow shift: tests/test_wan.py.)"""
-    assert compose_train([]).module.timesteps.shift == 3.0
+def test_the_default_runs_recipe_lives_in_its_experiment_and_reaches_no_other_run():
+    """`python train.py` selects experiment=default: the 256-token CPU recipe (x0 prediction, lr
+    5e-3, timestep shift 3; docs/sample_quality.md). train.yaml itself holds the general defaults
+    (velocity, lr 3e-3, the resolution shift), which every other experiment and every sweep
+    starts from: an experiment replaces the default one, a sweep deselects it."""
+    default, general = compose_train([]), compose_train(["~experiment"])  # deselected
+    assert default == compose_train(["experiment=default"]) and default.experiment_name == "default"
+    recipe = {"model.prediction": "x0", "module.optimizer.lr": 5e-3, "module.timesteps.shift": 3.0}
+    for key, value in recipe.items():
+        assert OmegaConf.select(default, key) == value and OmegaConf.select(general, key) != value, key
+    # Command-line overrides apply on top of it, as before (the run keeps the recipe).
+    assert compose_train(["attention=full", "model=2.3m"]).model.prediction == "x0"
+    for sweep in SWEEPS:
+        cfg = compose_train([f"sweep={sweep}"])
+        assert cfg.model.prediction == "velocity" and cfg.module.timesteps.shift is None, sweep
+        assert cfg.module.optimizer.lr != 5e-3, sweep
+
+
+def test_only_the_default_run_and_its_variants_set_shift_3():
+    """t2v_shapes and shapes_wide are the default run's data with other conditioning or a wider
+    model: they set the default run's shift 3 themselves; every other experiment keeps the
+    resolution shift (null). (A pretrained Wan keeps its own flow shift: tests/test_wan.py.)"""
     for experiment in VIDEODIT_EXPERIMENTS:
         extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
         cfg = compose_train([f"experiment={experiment}", *extra])
-        # t2v_shapes is the default run with captions: its recipe, shift included.
-        assert cfg.module.timesteps.shift == (3.0 if experiment in DEFAULT_RUN_VARIANTS else None), experiment
-    for sweep in SWEEPS:
-        cfg = compose_train([f"sweep={sweep}"])
-        assert cfg.module.timesteps.shift is None, sweep
+        expected = 3.0 if experiment in DEFAULT_RUN_VARIANTS or experiment == "default" else None
+        assert cfg.module.timesteps.shift == expected, experiment
 
 
 def test_only_the_default_run_and_shapes_wide_predict_x0():
     """The default CPU run predicts x0 (cleaner samples, docs/sample_quality.md, 2026-12-07), and so
-    does experiment=shapes_wide; every other experiment and every sweep predicts the velocity, as
-    their measured results (and Wan's pretrained transformer) do."""
-    assert compose_train([]).model.prediction == "x0"
+    does experiment=shapes_wide; every other experiment predicts the velocity, as their measured
+    results (and Wan's pretrained transformer) do."""
     for experiment in VIDEODIT_EXPERIMENTS:
         extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
         cfg = compose_train([f"experiment={experiment}", *extra])
-        assert cfg.model.prediction == ("x0" if experiment == "shapes_wide" else "velocity"), experiment
+        assert cfg.model.prediction == ("x0" if experiment in ("default", "shapes_wide") else "velocity"), experiment
     assert compose_train(["experiment=wan_vsa_finetune", "pretrained=/x"]).model.prediction == "velocity"
-    for sweep in SWEEPS:
-        assert compose_train([f"sweep={sweep}"]).model.prediction == "velocity", sweep
 
 
 def test_only_the_default_run_trains_at_lr_5e_3():
     """The default CPU run's AdamW learning rate is 5e-3 (docs/sample_quality.md, 2026-12-07, third
-    session); the experiments and sweeps that inherited train.yaml's earlier 3e-3 pin it, so their
-    measured recipes stay as they were."""
-    assert compose_train([]).module.optimizer.lr == 5e-3
+    session); the recipes measured before it (shapes_wide, t2v_shapes, tiny, scaling_tiny) keep
+    train.yaml's 3e-3."""
     for experiment in ("shapes_wide", "t2v_shapes", "tiny"):
         assert compose_train([f"experiment={experiment}"]).module.optimizer.lr == 3e-3, experiment
     assert compose_train(["sweep=scaling_tiny"]).module.optimizer.lr == 3e-3
     for experiment in VIDEODIT_EXPERIMENTS:
         extra = ["init_from=/x.ckpt"] if experiment == "vsa_finetune" else []
-        assert compose_train([f"experiment={experiment}", *extra]).module.optimizer.lr != 5e-3, experiment
-    for sweep in SWEEPS:
-        assert compose_train([f"sweep={sweep}"]).module.optimizer.lr != 5e-3, sweep
+        lr = compose_train([f"experiment={experiment}", *extra]).module.optimizer.lr
+        assert (lr == 5e-3) == (experiment == "default"), experiment
 
 
 def test_only_the_default_run_uses_its_own_data_and_mlp():
@@ -136,7 +145,8 @@ def test_only_the_default_run_uses_its_own_data_and_mlp():
         assert cfg.data.datamodule.dataset == {**default.data.datamodule.dataset, **extra}
         assert (cfg.model.mlp_conv, cfg.model.mlp_ratio) == (3, 2.0)
     runs = [[f"experiment={e}", *(["init_from=/x.ckpt"] if e == "vsa_finetune" else [])]
-            for e in VIDEODIT_EXPERIMENTS if e not in DEFAULT_RUN_VARIANTS] + [[f"sweep={s}"] for s in SWEEPS]
+            for e in VIDEODIT_EXPERIMENTS if e not in DEFAULT_RUN_VARIANTS and e != "default"]
+    runs += [[f"sweep={s}"] for s in SWEEPS]
     plain = SyntheticVideoDataset(1, 1, 1, 1)
     for overrides in runs:
         cfg = compose_train(overrides)

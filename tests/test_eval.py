@@ -225,6 +225,9 @@ def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
     assert all(acc >= 0.8 for acc in confusion["acc"].values())
     shifted = torch.tensor(metrics.shape_confusion(videos, (labels + 1) % 10)["counts"])
     assert shifted.diagonal().sum() <= 3 and shifted.sum() == 60
+    # The same table beside the scores, from one prediction (as vsa.eval.samples reports it).
+    both = metrics.score(videos, labels, confusion=True)
+    assert both.pop("shape_confusion") == confusion and both == pytest.approx(real)
     # Cached: loaded, not retrained; a data set without shapes gets no shape_acc.
     start = time.perf_counter()
     again = SampleMetrics.for_dataset(SHAPES_CFG, cache_dir=tmp_path, shape_recipe=SHAPE_RECIPE)
@@ -240,6 +243,8 @@ def test_shape_accuracy_sees_outlines_not_colour(tmp_path):
     assert shape_map(FixedSquares()) is None and "shape_acc" not in no_shapes.score(videos, labels)
     with pytest.raises(ValueError, match="no shapes"):
         no_shapes.shape_confusion(videos, labels)
+    with pytest.raises(ValueError, match="confusion=True needs"):
+        no_shapes.score(videos, labels, confusion=True)
 
 
 def test_pieces_count_whole_objects_once_and_fragments_each():

@@ -431,7 +431,7 @@ def test_mlp_conv_mixes_exactly_the_neighbours_on_the_token_grid(grid):
     from vsa.models.dit import MLP
 
     torch.manual_seed(0)
-    mlp = MLP(16, 32, conv=3)
+    mlp = MLP(16, 32, conv=(3, 3, 3))
     torch.nn.init.normal_(mlp.conv.weight)
     layout = TileLayout(grid, (4, 4, 4))
     T, H, W = grid

@@ -114,17 +114,22 @@ class SampleMetrics:
         return self.classifier.num_classes
 
     @torch.no_grad()
-    def score(self, videos: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+    def score(self, videos: torch.Tensor, labels: torch.Tensor | None = None, confusion: bool = False) -> dict:
         """{"fd", and "class_acc" (and "shape_acc") when `labels` are given} of pixel videos
         [N, C, T, H, W] in [-1, 1] (clamped, as they would be shown) generated for class `labels`
-        [N]."""
+        [N]. With `confusion`, also "shape_confusion" (see `shape_confusion`) from the same
+        predictions."""
         if videos.dim() != 5 or videos.shape[0] < 2:
             raise ValueError(f"videos must be [N >= 2, C, T, H, W], got shape {tuple(videos.shape)}")
+        if confusion and (self.shapes is None or labels is None):
+            raise ValueError("confusion=True needs the `labels` of the videos and a data set with shapes "
+                             "(the procedural shapes)")
         x = videos.detach().float().cpu().clamp(-1.0, 1.0)
         logits, features = predict(self.classifier, x)
         result = {"fd": frechet_distance(*feature_stats(features), self.real_mu, self.real_sigma)}
         if self.shapes is not None:  # whole objects or fragments (the real data's: real_pieces)
-            result["pieces"] = float(count_pieces(x, self.shape_recipe).nanmean())
+            pieces = count_pieces(x, self.shape_recipe)
+            result["pieces"] = float(pieces.nanmean())
         if labels is not None:
             labels = torch.as_tensor(labels).long().cpu().reshape(-1)
             if labels.shape[0] != x.shape[0]:
@@ -132,8 +137,10 @@ class SampleMetrics:
             result["class_acc"] = float((logits.argmax(1) == labels).float().mean())
             if self.shapes is not None:
                 net, _, shape_of = self.shapes
-                predicted = predict_shapes(net, x, self.shape_recipe)
-                result["shape_acc"] = float((predicted == shape_of[labels]).float().mean())
+                seen = predict_shapes(net, x, self.shape_recipe)
+                result["shape_acc"] = float((seen == shape_of[labels]).float().mean())
+                if confusion:
+                    result["shape_confusion"] = self._confusion(seen, shape_of[labels], pieces)
         return result
 
     @torch.no_grad()
@@ -141,21 +148,25 @@ class SampleMetrics:
         """Which shape the shape classifier sees in videos generated for class `labels`:
         {"shapes": names, "counts": [prompted][seen] video counts (a last column for "none": no
         object found), "acc": {shape: its accuracy}, "pieces": {shape: its mean pieces per object
-        frame}}. Needs a data set with shapes."""
+        frame}}. Needs a data set with shapes. (`score(..., confusion=True)` gives it beside the
+        scores without predicting twice.)"""
         if self.shapes is None:
             raise ValueError("this data set has no shapes (shape_confusion needs the procedural shapes)")
-        net, summary, shape_of = self.shapes
-        names = list(summary["shape_names"])
         labels = torch.as_tensor(labels).long().cpu().reshape(-1)
         if labels.shape[0] != videos.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for {videos.shape[0]} videos")
         x = videos.detach().float().cpu().clamp(-1.0, 1.0)  # as shown, and as `score` sees them
+        net, _, shape_of = self.shapes
         seen = predict_shapes(net, x, self.shape_recipe)
-        prompted = shape_of[labels]
+        return self._confusion(seen, shape_of[labels], count_pieces(x, self.shape_recipe))
+
+    def _confusion(self, seen: torch.Tensor, prompted: torch.Tensor, pieces: torch.Tensor) -> dict:
+        """The confusion table of predicted shapes `seen` (-1: none) vs `prompted` [N] (see
+        `shape_confusion`), with each prompted shape's mean `pieces`."""
+        names = list(self.shapes[1]["shape_names"])
         counts = torch.zeros(len(names), len(names) + 1, dtype=torch.long)
         counts.index_put_((prompted, torch.where(seen < 0, len(names), seen)), torch.ones_like(seen),
                           accumulate=True)
         acc = {name: float(counts[i, i] / counts[i].sum()) for i, name in enumerate(names) if counts[i].sum()}
-        pieces = count_pieces(x, self.shape_recipe)
         pieces = {name: float(pieces[prompted == i].nanmean()) for i, name in enumerate(names) if counts[i].sum()}
         return {"shapes": names, "counts": counts.tolist(), "acc": acc, "pieces": pieces}

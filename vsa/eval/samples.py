@@ -48,9 +48,10 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
                        method: str = "euler", cfg_scale: float = 4.0,
                        shift: float | Callable[[int], float] = 1.0, seed: int = 0,
                        cfg_interval: Sequence[float] | None = None,
-                       batch_size: int = 40) -> tuple[dict[str, float], torch.Tensor]:
+                       batch_size: int = 40, confusion: bool = False) -> tuple[dict, torch.Tensor]:
     """Generate `per_class` videos of each class (labels 0, 1, ..., C-1, 0, 1, ...), decode them to
-    pixels with `decode` and score them. Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
+    pixels with `decode` and score them (`confusion`: with the shape confusion table, see
+    `SampleMetrics.score`). Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
 
     Generation runs in chunks of `batch_size` videos with seeds seed, seed + 1, ... per chunk.
     """
@@ -73,7 +74,7 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
                            seed=seed + chunk, device=device)
         videos.append(decode(latents.float()).float().cpu())
     videos = torch.cat(videos)
-    return metrics.score(videos, torch.tensor(labels)), videos
+    return metrics.score(videos, torch.tensor(labels), confusion=confusion), videos
 
 
 def dataset_config(ckpt_path: str | Path, checkpoint: dict, override: Mapping | None) -> dict:
@@ -125,7 +126,9 @@ def evaluate(cfg: DictConfig) -> dict:
         scores, videos = generate_and_score(model, spec["latent_shape"], codec.decode, metrics,
                                             per_class=cfg.per_class, steps=cfg.steps,
                                             method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift,
-                                            seed=cfg.seed, cfg_interval=cfg.get("cfg_interval"))
+                                            seed=cfg.seed, cfg_interval=cfg.get("cfg_interval"),
+                                            confusion=metrics.shapes is not None)
+    confusion = scores.pop("shape_confusion", None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(out / "grid.png", to_uint8_frames(videos[:2 * model.cfg.num_classes]))
@@ -137,9 +140,8 @@ def evaluate(cfg: DictConfig) -> dict:
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
               "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method),
               "cfg_interval": None if cfg.get("cfg_interval") is None else list(cfg.cfg_interval)}
-    if metrics.shapes is not None:  # which shape is seen for each prompted one (labels as generated)
-        labels = torch.tensor(class_labels(model.cfg.num_classes, cfg.per_class))
-        result["shape_confusion"] = metrics.shape_confusion(videos, labels)
+    if confusion is not None:  # which shape is seen for each prompted one
+        result["shape_confusion"] = confusion
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"class_acc {scores['class_acc']:.3f} (chance {1 / model.cfg.num_classes:.3f}, real "
           f"{metrics.holdout_accuracy:.3f}), fd {scores['fd']:.2f}"

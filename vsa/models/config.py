@@ -139,6 +139,13 @@ class DiTConfig:
         return int(self.width * self.mlp_ratio)
 
     @property
+    def mlp_conv_kernel(self) -> tuple[int, int, int] | None:
+        """The MLP's token-convolution kernel (t, h, w) in tokens, or None without one."""
+        if not self.mlp_conv:
+            return None
+        return (self.mlp_conv,) * 3 if isinstance(self.mlp_conv, int) else tuple(self.mlp_conv)
+
+    @property
     def patch_volume(self) -> int:
         return self.patch[0] * self.patch[1] * self.patch[2]
 

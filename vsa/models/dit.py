@@ -144,11 +144,11 @@ def compile_in_place(blocks: Sequence[nn.Module], **options) -> dict:
 
 
 class MLP(nn.Module):
-    """fc1 -> GELU -> fc2; with `conv` > 0, fc1's output h gets a depthwise 3D convolution over the
-    token grid added to it, h + conv(h), before the GELU (as SANA's Mix-FFN; in raster order). The
-    convolution starts at zero, so a new MLP computes what it would without it."""
+    """fc1 -> GELU -> fc2; with a `conv` kernel (t, h, w), fc1's output h gets a depthwise 3D
+    convolution over the token grid added to it, h + conv(h), before the GELU (as SANA's Mix-FFN;
+    in raster order). The convolution starts at zero, so a new MLP computes what it would without it."""
 
-    def __init__(self, width: int, hidden: int, conv: int = 0):
+    def __init__(self, width: int, hidden: int, conv: tuple[int, int, int] | None = None):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.conv = DepthwiseConv3d(hidden, conv) if conv else None
@@ -179,7 +179,7 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(cfg) if cfg.text_dim else None
         self.norm_cross = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.text_dim else None
         self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.mlp_conv)
+        self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.mlp_conv_kernel)
         # adaLN-single: this block's learned offsets to the shared (shift, scale, gate) x 2.
         self.modulation = nn.Parameter(torch.zeros(6, cfg.width))
 

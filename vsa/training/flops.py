@@ -84,9 +84,8 @@ def forward_flops(cfg: DiTConfig, video_shape, text_len: int = 0, sparsity: floa
     backend = _backend(cfg)
     # qkv + out, MLP, the backend's own projections (VSA's gates)
     per_block = 4 * w * w + 2 * w * cfg.mlp_width + backend.gate_weights(w, **cfg.attention_options)
-    if cfg.mlp_conv:
-        kernel = (cfg.mlp_conv,) * 3 if isinstance(cfg.mlp_conv, int) else cfg.mlp_conv
-        per_block += cfg.mlp_width * math.prod(kernel)  # depthwise token convolution (zero padding counted)
+    if cfg.mlp_conv_kernel:  # depthwise token convolution (zero padding counted)
+        per_block += cfg.mlp_width * math.prod(cfg.mlp_conv_kernel)
     if cfg.text_dim:
         per_block += 2 * w * w  # cross-attention q and out projections (on video tokens)
     params_per_token = in_features * w + depth * per_block + w * out_features
