@@ -24,6 +24,9 @@ ThunderKittens headers at FastVideo's pinned submodule commit) instead of FastVi
 
     python scripts/bench_attention.py --peers peers/FastVideo --shapes 0,2 --no-check
     python scripts/bench_attention.py --peers peers/FastVideo --build-tk --shapes 0,2 --no-check
+
+--gluon adds each of our rows again with the forward on the Gluon kernel for Hopper
+(vsa/ops/gluon_fwd.py, KernelOptions.gluon_fwd) and a check row of its output against ours.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch.nn.attention import SDPBackend
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
 from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
-from vsa.ops import coarse_stage, resolve_topk, transpose_block_lists
+from vsa.ops import coarse_stage, gluon_fwd, kernel_options, resolve_topk, transpose_block_lists
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 SHAPES = [
@@ -53,6 +56,14 @@ SHAPES = [
     # the same grid in full 64-token Z-order groups (512 instead of 624 tiles; vsa.layout)
     ("ragged 21x30x52, Z-order groups", 1, 12, (21, 30, 52), 128, "curve"),
 ]
+
+
+def with_gluon_fwd(fn):
+    """`fn` with the fine-stage forward on the Gluon kernel where it applies (KernelOptions.gluon_fwd)."""
+    def run(q, k, v):
+        with kernel_options(gluon_fwd=True):
+            return fn(q, k, v)
+    return run
 
 
 def pairwise_selection(B, H, n_tiles, K, device, gen):
@@ -296,6 +307,8 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.875)
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or 'all'")
     ap.add_argument("--no-check", action="store_true", help="skip the bf16-vs-float64 accuracy rows")
+    ap.add_argument("--gluon", action="store_true",
+                    help="also time our rows with the Gluon forward (KernelOptions.gluon_fwd, Hopper)")
     ap.add_argument("--profile", action="store_true", help="print where VSA fwd+bwd time goes (first shape)")
     ap.add_argument("--sweep", action="store_true", help="speedup vs sequence length and vs sparsity (for the plot)")
     ap.add_argument("--peers", default=None, metavar="DIR",
@@ -351,6 +364,18 @@ def main():
             rows.append(dict(shape=name, method="check: ours vs FlexAttention output", rel_diff=diff))
         methods["ours: VSA (coarse + top-k + fine + combine)"] = (
             lambda q, k, v: video_sparse_attention(q, k, v, layout, topk=K), kept)
+        if args.gluon:  # the same calls with the forward on the Gluon kernel (vsa/ops/gluon_fwd.py)
+            for mname in [m for m in methods if m.startswith("ours:")]:
+                methods[f"{mname}, Gluon fwd"] = (with_gluon_fwd(methods[mname][0]), kept)
+            with torch.no_grad():
+                diff = rel_err(with_gluon_fwd(methods["ours: VSA (coarse + top-k + fine + combine)"][0])(q, k, v),
+                               video_sparse_attention(q, k, v, layout, topk=K).double())
+            why = gluon_fwd.why_not(q, k, v, layout.offsets, layout.offsets, layout.max_tile_size,
+                                    layout.max_tile_size)
+            rows.append(dict(shape=name, method="check: ours with the Gluon fwd vs ours, output", rel_diff=diff,
+                             gluon_taken=why is None, gluon_why_not=why))
+            print(f"{name:36s} Gluon fwd vs Triton fwd: rel diff {diff:.2e} ({why or 'Gluon kernel taken'})",
+                  flush=True)
         if peer_op is not None and not layout.is_ragged:  # FastVideo takes full 64-token tiles
             for mname, runner in peer_runners(peer_op, peer_info, K, n).items():
                 try:

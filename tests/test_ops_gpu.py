@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
+from vsa.ops import gluon_fwd, kernel_options
+from vsa.ops.block_sparse import bsa_forward
 from vsa.ops.reference import (
+    block_sparse_attention_reference,
     block_sparse_attention_reference_grads,
     video_sparse_attention_reference,
 )
@@ -82,6 +85,61 @@ def test_vsa_bf16(grid, D, scale, order):
     errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
     print(f"\nbf16 VSA {grid} D{D} scale {scale}: rel err o/dq/dk/dv/dgc/dgf = "
           + " / ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < BF16_TOL
+
+
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not hopper() or not gluon_fwd.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("D,scale,dtype", [(64, 1.0, torch.bfloat16), (128, 30.0, torch.bfloat16),
+                                           (128, 0.01, torch.bfloat16), (64, 4.0, torch.float16)])
+def test_gluon_forward(D, scale, dtype):
+    """The Gluon kernel against the float64 reference on the same rounded inputs (lists of 0 to K
+    tiles, a different selection per head), and against block_sparse.py's kernel: O and LSE."""
+    layout = TileLayout((8, 16, 16), device="cuda")  # 32 cubes of 64 tokens
+    B, H, n = 2, 3, layout.n_tiles
+    q, k, v = (x.to(dtype) for x in inputs(B, layout.seq_len, H, D, scale, seed=D))
+    K = 6
+    idx = torch.rand(B, H, n, n, device="cuda").topk(K, dim=-1).indices.int()
+    cnt = torch.randint(0, K + 1, (B, H, n), device="cuda", dtype=torch.int32)
+    args = (q, k, v, layout.offsets, layout.offsets, idx, cnt, layout.max_tile_size, layout.max_tile_size)
+    assert gluon_fwd.why_not(*args[:5], *args[7:]) is None
+    poison_allocator()
+    with kernel_options(gluon_fwd=True):
+        o, lse, _ = bsa_forward(*args)
+    torch.cuda.synchronize()
+    ref = block_sparse_attention_reference(*(x.double() for x in (q, k, v)), layout, idx, cnt)
+    err = rel_err(o, ref)
+    o_triton, lse_triton, _ = bsa_forward(*args)
+    print(f"\ngluon fwd D{D} scale {scale} {dtype}: rel err {err:.2e}, vs triton "
+          f"{rel_err(o, o_triton.double()):.2e}")
+    assert err < BF16_TOL
+    empty = (cnt == 0).repeat_interleave(64, dim=2)  # [B, H, S]: rows of an empty list
+    assert torch.isneginf(lse[empty]).all() and torch.equal(torch.isneginf(lse), torch.isneginf(lse_triton))
+    torch.testing.assert_close(lse[~empty], lse_triton[~empty], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not hopper() or not gluon_fwd.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
+def test_vsa_with_the_gluon_forward():
+    """The whole VSA (coarse stage, gated combine in the Gluon epilogue, the Triton backward on
+    its O and LSE) against the float64 reference, forward and every gradient."""
+    layout = TileLayout((8, 16, 16), device="cuda")
+    q, k, v = inputs(2, layout.seq_len, 2, 128, 4.0, seed=5)
+    gates = [torch.randn_like(q) for _ in range(2)]
+    do = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
+    poison_allocator()
+    with kernel_options(gluon_fwd=True):
+        out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
+        out.backward(do)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
+    ref = video_sparse_attention_reference(*ref_leaves[:3], layout, sparsity=0.75, gate_c=ref_leaves[3],
+                                           gate_f=ref_leaves[4])
+    ref.backward(do.double())
+    errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
+    print("\nbf16 VSA, Gluon forward: rel err o/dq/dk/dv/dgc/dgf = " + " / ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < BF16_TOL
 
 
