@@ -26,7 +26,7 @@ ThunderKittens headers at FastVideo's pinned submodule commit) instead of FastVi
     python scripts/bench_attention.py --peers peers/FastVideo --build-tk --shapes 0,2 --no-check
 
 --gluon adds each of our rows again with the forward on the Gluon kernel for Hopper
-(vsa/ops/gluon_fwd.py, KernelOptions.gluon_fwd) and a check row of its output against ours.
+(vsa/ops/gluon_hopper.py, KernelOptions.gluon_fwd) and a check row of its output against ours.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
 from vsa.benchmark import bench, rel_err, run_meta, sdpa, write_results
-from vsa.ops import coarse_stage, gluon_fwd, kernel_options, resolve_topk, transpose_block_lists
+from vsa.ops import coarse_stage, gluon_hopper, kernel_options, resolve_topk, transpose_block_lists
 from vsa.ops.reference import block_sparse_attention_reference_grads
 
 SHAPES = [
@@ -58,11 +58,14 @@ SHAPES = [
 ]
 
 
-def with_gluon_fwd(fn):
-    """`fn` with the fine-stage forward on the Gluon kernel where it applies (KernelOptions.gluon_fwd)."""
+def with_gluon(fn, backward: bool = False):
+    """`fn` to be timed with the fine stage's forward (and `backward`: its backward too) on the Gluon
+    kernels for Hopper where they apply: the options (KernelOptions.gluon_fwd / gluon_bwd) ride on
+    the function as `vsa_options`, and the timing loop sets them around the forward and the
+    backward alike (the backward launches outside `fn`)."""
     def run(q, k, v):
-        with kernel_options(gluon_fwd=True):
-            return fn(q, k, v)
+        return fn(q, k, v)
+    run.vsa_options = dict(gluon_fwd=True, gluon_bwd=backward)
     return run
 
 
@@ -364,13 +367,15 @@ def main():
             rows.append(dict(shape=name, method="check: ours vs FlexAttention output", rel_diff=diff))
         methods["ours: VSA (coarse + top-k + fine + combine)"] = (
             lambda q, k, v: video_sparse_attention(q, k, v, layout, topk=K), kept)
-        if args.gluon:  # the same calls with the forward on the Gluon kernel (vsa/ops/gluon_fwd.py)
+        if args.gluon:  # the same calls with the forward on the Gluon kernel (vsa/ops/gluon_hopper.py)
             for mname in [m for m in methods if m.startswith("ours:")]:
-                methods[f"{mname}, Gluon fwd"] = (with_gluon_fwd(methods[mname][0]), kept)
+                methods[f"{mname}, Gluon fwd"] = (with_gluon(methods[mname][0]), kept)
+                methods[f"{mname}, Gluon fwd+bwd"] = (with_gluon(methods[mname][0], backward=True), kept)
             with torch.no_grad():
-                diff = rel_err(with_gluon_fwd(methods["ours: VSA (coarse + top-k + fine + combine)"][0])(q, k, v),
-                               video_sparse_attention(q, k, v, layout, topk=K).double())
-            why = gluon_fwd.why_not(q, k, v, layout.offsets, layout.offsets, layout.max_tile_size,
+                with kernel_options(gluon_fwd=True):
+                    gluon_out = video_sparse_attention(q, k, v, layout, topk=K)
+                diff = rel_err(gluon_out, video_sparse_attention(q, k, v, layout, topk=K).double())
+            why = gluon_hopper.why_not(q, k, v, layout.offsets, layout.offsets, layout.max_tile_size,
                                     layout.max_tile_size)
             rows.append(dict(shape=name, method="check: ours with the Gluon fwd vs ours, output", rel_diff=diff,
                              gluon_taken=why is None, gluon_why_not=why))
@@ -397,20 +402,21 @@ def main():
             row = dict(shape=name, B=B, H=H, S=S, D=D, grid=list(grid), tile_order=order, n_tiles=n, topk=K,
                        method=mname,
                        kept_fraction=frac)
-            try:
-                with torch.no_grad():
-                    fwd = bench(lambda: fn(q, k, v))
-                row["fwd_ms"] = fwd
-                for attempt in getattr(fn, "options_to_try", [None]):
-                    if attempt is not None:
-                        fn.kernel_options = row["kernel_options"] = attempt
-                    try:
-                        fb = bench(lambda: fn(q, k, v), grad_inputs=getattr(fn, "grad_inputs", None) or [q, k, v])
-                        break
-                    except Exception as e:
-                        if attempt is getattr(fn, "options_to_try", [None])[-1]:
-                            raise
-                        print(name, mname, "retrying:", type(e).__name__, flush=True)
+            try:  # the Gluon rows' kernel options (vsa_options) hold for their forward and backward
+                with kernel_options(**getattr(fn, "vsa_options", {})):
+                    with torch.no_grad():
+                        fwd = bench(lambda: fn(q, k, v))
+                    row["fwd_ms"] = fwd
+                    for attempt in getattr(fn, "options_to_try", [None]):
+                        if attempt is not None:
+                            fn.kernel_options = row["kernel_options"] = attempt
+                        try:
+                            fb = bench(lambda: fn(q, k, v), grad_inputs=getattr(fn, "grad_inputs", None) or [q, k, v])
+                            break
+                        except Exception as e:
+                            if attempt is getattr(fn, "options_to_try", [None])[-1]:
+                                raise
+                            print(name, mname, "retrying:", type(e).__name__, flush=True)
             except Exception as e:  # a baseline that does not run on this stack is reported, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)

@@ -1,9 +1,10 @@
-"""Compile the Gluon forward for Hopper (vsa/ops/gluon_fwd.py) on any machine, GPU or not, and
+"""Compile the Gluon kernels for Hopper (vsa/ops/gluon_hopper.py) on any machine, GPU or not, and
 report what the compiler made of it: the target, shared memory, warps, the wgmma / TMA /
 register-reallocation instructions in the PTX, and ptxas's registers and spills.
 
-    python scripts/compile_gluon.py                      # D 64 and 128, with and without the combine
-    python scripts/compile_gluon.py --head-dims 128 --stages 3 --json /tmp/gluon.json
+    python scripts/compile_gluon.py                      # fwd, dQ, dK/dV; D 64 and 128; each with and
+                                                         # without the combine (fwd) / bias (bwd)
+    python scripts/compile_gluon.py --kernels dkv --head-dims 128 --stages 3 --json /tmp/gluon.json
 
 A stand-in for Triton's CUDA driver reports a compute capability 9.0 target, so `warmup` compiles
 (PTX, then a cubin with Triton's own ptxas) and launches nothing. Run it without TRITON_INTERPRET
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vsa.ops import gluon_fwd  # noqa: E402
+from vsa.ops import gluon_hopper  # noqa: E402
 
 
 class HopperTarget:
@@ -65,29 +66,44 @@ def ptxas_report(ptx: str) -> dict:
             "spill_loads": number(r"(\d+) bytes spill loads")}
 
 
-def compile_variant(head_dim: int, combine: bool, stages: int | None) -> dict:
-    """Compile one variant (bf16, counts, 2 x 2 heads of 8 tiles: shapes do not change the code)."""
-    from triton.experimental.gluon import language as gl
-
-    B, H, n, K, tile = 2, 2, 8, 3, gluon_fwd.TILE
-    q, k, v = (torch.zeros(B, n * tile, H, head_dim, dtype=torch.bfloat16) for _ in range(3))
+def compile_variant(kernel: str, head_dim: int, extra: bool, stages: int | None) -> dict:
+    """Compile one variant of `kernel` ("fwd", "dq" or "dkv"; `extra`: the forward's gated combine,
+    the backward's per-tile bias) for bf16 with count tensors, 2 x 2 heads of 8 tiles (shapes do not
+    change the code)."""
+    B, H, n, K, tile = 2, 2, 8, 3, gluon_hopper.TILE
+    S = n * tile
+    q, k, v, do = (torch.zeros(B, S, H, head_dim, dtype=torch.bfloat16) for _ in range(4))
     offsets = torch.arange(n + 1, dtype=torch.int32) * tile
     idx = torch.zeros(B, H, n, K, dtype=torch.int32)
     cnt = torch.full((B, H, n), K, dtype=torch.int32)
-    o, lse, o_c = torch.empty_like(q), torch.empty(B, H, n * tile), torch.zeros(B, n, H, head_dim)
-    layout = gl.NVMMASharedLayout.get_default_for([tile, head_dim], gl.bfloat16)
-    descs = [gluon_fwd.GluonTensorDescriptor(x, *gluon_fwd._two_d(x), [tile, head_dim], layout) for x in (q, k, v)]
-    n_stages = gluon_fwd.stages(head_dim, stages)
-    kernel = gluon_fwd._fwd_ws_kernel.warmup(
-        *descs, o, lse, o, o_c, q, q, offsets, idx, cnt, o.stride(0), o.stride(1), o.stride(2), H, n, n * tile,
-        n * tile, K, 0.1, HEAD_D=head_dim, BLOCK=tile, STAGES=n_stages, COMBINE=combine, HAS_GC=combine,
-        HAS_GF=combine, HAS_CNT=True, PRODUCER_REGS=gluon_fwd.PRODUCER_REGS, num_warps=gluon_fwd.CONSUMER_WARPS,
-        maxnreg=gluon_fwd.MAX_REGS, grid=(n, B * H))
-    ptx = kernel.asm["ptx"]
+    lse, delta, per_tile = torch.empty(B, H, S), torch.empty(B, H, S), torch.zeros(B, n, H, head_dim)
+    n_stages = gluon_hopper.stages(head_dim, stages)
+    launch = dict(HEAD_D=head_dim, BLOCK=tile, STAGES=n_stages, PRODUCER_REGS=gluon_hopper.PRODUCER_REGS,
+                  num_warps=gluon_hopper.CONSUMER_WARPS, maxnreg=gluon_hopper.MAX_REGS, grid=(n, B * H))
+    if kernel == "fwd":
+        o = torch.empty_like(q)
+        compiled = gluon_hopper._fwd_ws_kernel.warmup(
+            *gluon_hopper._descriptors(q, k, v), o, lse, o, per_tile, q, q, offsets, idx, cnt, o.stride(0),
+            o.stride(1), o.stride(2), H, n, S, S, K, 0.1, COMBINE=extra, HAS_GC=extra, HAS_GF=extra, HAS_CNT=True,
+            **launch)
+    elif kernel == "dq":
+        compiled = gluon_hopper._dq_ws_kernel.warmup(
+            *gluon_hopper._descriptors(q, k, v, do), torch.empty_like(q), lse, delta, per_tile, offsets, idx, cnt,
+            do.stride(0), do.stride(1), do.stride(2), H, n, S, S, K, 0.1, 0.1, HAS_BIAS=extra, HAS_CNT=True,
+            **launch)
+    elif kernel == "dkv":
+        dk = torch.empty_like(k)
+        compiled = gluon_hopper._dkv_ws_kernel.warmup(
+            *gluon_hopper._descriptors(q, k, v, do), dk, torch.empty_like(v), lse, delta, per_tile, per_tile,
+            offsets, idx.flatten(), torch.arange(B * H * n + 1, dtype=torch.int32), dk.stride(0), dk.stride(1),
+            dk.stride(2), H, n, S, S, 0.1, 0.1, HAS_BIAS=extra, **launch)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; use fwd, dq or dkv")
+    ptx = compiled.asm["ptx"]
     target = re.search(r"^\.target (\S+)", ptx, re.M)
-    return {"head_dim": head_dim, "combine": combine, "stages": n_stages,
-            "target": target.group(1) if target else None, "cubin_bytes": len(kernel.asm["cubin"]),
-            "shared_bytes": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps,
+    return {"kernel": kernel, "head_dim": head_dim, "extra": extra, "stages": n_stages,
+            "target": target.group(1) if target else None, "cubin_bytes": len(compiled.asm["cubin"]),
+            "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
             "wgmma": ptx.count("wgmma.mma_async"), "tma_loads": ptx.count("cp.async.bulk.tensor"),
             "setmaxnreg": sorted({line.split()[0] + " " + line.split()[-1].rstrip(";")
                                   for line in ptx.splitlines() if "setmaxnreg" in line}),
@@ -96,20 +112,23 @@ def compile_variant(head_dim: int, combine: bool, stages: int | None) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=list(gluon_fwd.HEAD_DIMS))
-    parser.add_argument("--stages", type=int, default=None, help="K/V buffers (default: gluon_fwd.stages)")
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkv"], choices=["fwd", "dq", "dkv"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(gluon_hopper.HEAD_DIMS))
+    parser.add_argument("--stages", type=int, default=None, help="K/V buffers (default: gluon_hopper.stages)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    if not gluon_fwd.GLUON:
+    if not gluon_hopper.GLUON:
         raise SystemExit("this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: Gluon kernels compile only outside the interpreter")
     from triton.runtime import driver
 
     driver.set_active(HopperTarget())
-    rows = [compile_variant(d, c, args.stages) for d, c in itertools.product(args.head_dims, (False, True))]
+    rows = [compile_variant(kernel, d, extra, args.stages)
+            for kernel, d, extra in itertools.product(args.kernels, args.head_dims, (False, True))]
     for r in rows:
-        print(f"D {r['head_dim']:3d} combine {r['combine']!s:5} stages {r['stages']}: {r['target']}, "
+        extra = {"fwd": "combine", "dq": "bias", "dkv": "bias"}[r["kernel"]]
+        print(f"{r['kernel']:3s} D {r['head_dim']:3d} {extra} {r['extra']!s:5} stages {r['stages']}: {r['target']}, "
               f"shared {r['shared_bytes'] / 1024:.1f} KB, {r['num_warps']} warps, {r['wgmma']} wgmma, "
               f"{r['tma_loads']} TMA loads, {r['registers']} registers, spills {r['spill_stores']}/"
               f"{r['spill_loads']} B, {', '.join(r['setmaxnreg'])}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vsa import TileLayout, block_sparse_attention, video_sparse_attention
-from vsa.ops import gluon_fwd, kernel_options
+from vsa.ops import gluon_hopper, kernel_options
 from vsa.ops.block_sparse import bsa_forward
 from vsa.ops.reference import (
     block_sparse_attention_reference,
@@ -92,7 +92,7 @@ def hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-@pytest.mark.skipif(not hopper() or not gluon_fwd.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
+@pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("D,scale,dtype", [(64, 1.0, torch.bfloat16), (128, 30.0, torch.bfloat16),
                                            (128, 0.01, torch.bfloat16), (64, 4.0, torch.float16)])
 def test_gluon_forward(D, scale, dtype):
@@ -105,7 +105,7 @@ def test_gluon_forward(D, scale, dtype):
     idx = torch.rand(B, H, n, n, device="cuda").topk(K, dim=-1).indices.int()
     cnt = torch.randint(0, K + 1, (B, H, n), device="cuda", dtype=torch.int32)
     args = (q, k, v, layout.offsets, layout.offsets, idx, cnt, layout.max_tile_size, layout.max_tile_size)
-    assert gluon_fwd.why_not(*args[:5], *args[7:]) is None
+    assert gluon_hopper.why_not(*args[:5], *args[7:]) is None
     poison_allocator()
     with kernel_options(gluon_fwd=True):
         o, lse, _ = bsa_forward(*args)
@@ -121,17 +121,47 @@ def test_gluon_forward(D, scale, dtype):
     torch.testing.assert_close(lse[~empty], lse_triton[~empty], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.skipif(not hopper() or not gluon_fwd.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
-def test_vsa_with_the_gluon_forward():
-    """The whole VSA (coarse stage, gated combine in the Gluon epilogue, the Triton backward on
-    its O and LSE) against the float64 reference, forward and every gradient."""
+@pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon")
+@pytest.mark.parametrize("D,scale", [(64, 1.0), (128, 30.0), (128, 0.01)])
+def test_gluon_backward(D, scale):
+    """The Gluon dQ and dK/dV kernels (on the Gluon forward's O and LSE) against the float64
+    reference's gradients, lists of 0 to K tiles per head; run twice, bit-identical."""
+    layout = TileLayout((8, 16, 16), device="cuda")
+    B, H, n = 2, 3, layout.n_tiles
+    q, k, v = inputs(B, layout.seq_len, H, D, scale, seed=D + 1)
+    K = 6
+    idx = torch.rand(B, H, n, n, device="cuda").topk(K, dim=-1).indices.int()
+    cnt = torch.randint(0, K + 1, (B, H, n), device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        poison_allocator()
+        with kernel_options(gluon_fwd=True, gluon_bwd=True):
+            out = block_sparse_attention(*leaves, layout, idx, cnt)
+            out.backward(do)
+        grads.append([out] + [x.grad for x in leaves])
+    ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx, cnt, do.double())
+    errs = [rel_err(x, r) for x, r in zip(grads[0], ref)]
+    print(f"\ngluon fwd+bwd D{D} scale {scale}: rel err o/dq/dk/dv = " + " / ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < BF16_TOL
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon")
+@pytest.mark.parametrize("backward", [False, True])
+def test_vsa_with_the_gluon_kernels(backward):
+    """The whole VSA (coarse stage, gated combine in the Gluon epilogue; the backward on the
+    Triton kernels or the Gluon ones, with the tile means' bias) against the float64 reference,
+    forward and every gradient."""
     layout = TileLayout((8, 16, 16), device="cuda")
     q, k, v = inputs(2, layout.seq_len, 2, 128, 4.0, seed=5)
     gates = [torch.randn_like(q) for _ in range(2)]
     do = torch.randn_like(q)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
     poison_allocator()
-    with kernel_options(gluon_fwd=True):
+    with kernel_options(gluon_fwd=True, gluon_bwd=backward):
         out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
         out.backward(do)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
@@ -139,7 +169,8 @@ def test_vsa_with_the_gluon_forward():
                                            gate_f=ref_leaves[4])
     ref.backward(do.double())
     errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
-    print("\nbf16 VSA, Gluon forward: rel err o/dq/dk/dv/dgc/dgf = " + " / ".join(f"{e:.2e}" for e in errs))
+    print(f"\nbf16 VSA, Gluon forward, Gluon backward {backward}: rel err o/dq/dk/dv/dgc/dgf = "
+          + " / ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < BF16_TOL
 
 

@@ -25,8 +25,9 @@ through TMA tensor descriptors (`KernelOptions.tma`, `_unit_load`): one copy per
 arithmetic. A program's own rows, other GPUs, the interpreter (unless forced) and layouts TMA cannot
 describe use per-row pointer loads.
 
-On Hopper, `KernelOptions.gluon_fwd` sends the forward to the Gluon kernel of `gluon_fwd.py` where
-it applies (tiles of exactly 64 tokens, bf16/fp16, D 64/128); these kernels run everywhere else.
+On Hopper, `KernelOptions.gluon_fwd` / `gluon_bwd` send the forward / backward to the Gluon kernels
+of `gluon_hopper.py` where they apply (tiles of exactly 64 tokens, bf16/fp16, D 64/128); these
+kernels run everywhere else.
 
 Tuning knobs (block caps, load path, the autotuner's search space) come from `KernelOptions`
 (vsa/ops/options.py), resolved once per launch wrapper call.
@@ -44,7 +45,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from vsa.layout import TileFill
-from vsa.ops import gluon_fwd
+from vsa.ops import gluon_hopper
 from vsa.ops.options import KernelOptions, current_kernel_options
 
 LOG2E = 1.4426950408889634
@@ -578,10 +579,10 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     holds all `q2k_idx.shape[-1]` entries (no count tensor needed). `options`: the kernel options
     (default: those in force, `current_kernel_options()`)."""
     options = options or current_kernel_options()
-    if options.gluon_fwd and gluon_fwd.why_not(q, k, v, q_offsets, kv_offsets, max_q_tile, max_kv_tile,
+    if options.gluon_fwd and gluon_hopper.why_not(q, k, v, q_offsets, kv_offsets, max_q_tile, max_kv_tile,
                                                 (gate_c, gate_f)) is None:
-        return gluon_fwd.forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c, gate_c, gate_f,
-                                 options.gluon_stages)
+        return gluon_hopper.forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c, gate_c, gate_f,
+                                    options.gluon_stages)
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
     block_m, block_n = _blocks(max_q_tile, max_kv_tile, "fwd", options)
@@ -681,6 +682,11 @@ def bsa_backward(do, q, k, v, o, lse, q_offsets, kv_offsets, q2k_idx, q2k_cnt, m
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
             do.stride(2), H, Sq, HEAD_D=D, BLOCK=64,
         )
+    if options.gluon_bwd and gluon_hopper.why_not(q, k, v, q_offsets, kv_offsets, max_q_tile, max_kv_tile,
+                                                   do=do) is None:
+        k2q_idx, k2q_start = transpose_block_lists(q2k_idx, q2k_cnt, n_kv)
+        return gluon_hopper.backward(do, q, k, v, lse, delta, q_offsets, kv_offsets, q2k_idx, q2k_cnt, k2q_idx,
+                                     k2q_start, bias, options.gluon_stages)
     scale = D ** -0.5
     dq = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, Skv, H, D), device=q.device, dtype=k.dtype)

@@ -44,12 +44,15 @@ class KernelOptions:
             them (docs/history/kernel_notes.md, v6 and "Backward block shapes").
         interpreter_units: tile chunks per loop step (1 or 2) when the interpreter runs the kernels
             (on a GPU the autotuner picks); the tests run both.
-        gluon_fwd: run the forward with the Gluon kernel for Hopper (`gluon_fwd.py`: warp-specialised
+        gluon_fwd: run the forward with the Gluon kernel for Hopper (`gluon_hopper.py`: warp-specialised
             TMA producer, wgmma consumer) where it applies (compute capability 9.x, bf16/fp16,
-            D 64/128, tiles of exactly 64 tokens; `gluon_fwd.why_not`), `block_sparse.py`'s
+            D 64/128, tiles of exactly 64 tokens; `gluon_hopper.why_not`), `block_sparse.py`'s
             kernel elsewhere. Off by default until its GPU checks and timings are in
             (docs/history/kernel_notes.md, "Gluon").
-        gluon_stages: the Gluon forward's K/V buffers in flight (1-4); None: 3 at D 64, 2 at D 128.
+        gluon_bwd: the same for the backward (dQ and dK/dV kernels; the delta and the transposed
+            lists as before).
+        gluon_stages: the Gluon kernels' walked-tile buffers in flight (1-4); None: 3 at D 64, 2 at
+            D 128.
         autotune: the autotuner's search space, "full" (benchmarks, training) or "quick" (GPU test
             runs: UNITS 1 and 2 at 4 warps / 2 stages plus the 1-stage fallback). None: the
             environment variable VSA_AUTOTUNE, "full" when unset.
@@ -69,6 +72,7 @@ class KernelOptions:
     dkv_blocks: tuple[int, int] = (64, 64)
     interpreter_units: int = 2
     gluon_fwd: bool = False
+    gluon_bwd: bool = False
     gluon_stages: int | None = None
     autotune: str | None = None
     select_precision: str = "tf32x3"
@@ -94,8 +98,9 @@ class KernelOptions:
             object.__setattr__(self, name, pair)  # lists (e.g. from a config) become hashable
         if self.interpreter_units not in (1, 2) or isinstance(self.interpreter_units, bool):
             raise ValueError(f"interpreter_units must be 1 or 2, got {self.interpreter_units!r}")
-        if not isinstance(self.gluon_fwd, bool):
-            raise TypeError(f"gluon_fwd must be True or False, got {self.gluon_fwd!r}")
+        for name in ("gluon_fwd", "gluon_bwd"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.gluon_stages is not None and (isinstance(self.gluon_stages, bool)
                                               or self.gluon_stages not in (1, 2, 3, 4)):
             raise ValueError(f"gluon_stages must be None (by head dim) or 1-4, got {self.gluon_stages!r}")
