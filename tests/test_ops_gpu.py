@@ -174,6 +174,56 @@ def test_vsa_with_the_gluon_kernels(backward):
     assert max(errs) < BF16_TOL
 
 
+@pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon")
+def test_gluon_options_on_a_ragged_grid_run_the_triton_kernels():
+    """Ragged tiles are not the Gluon kernels' (why_not says so): with the options on, the Triton
+    kernels run and the results match the float64 reference as without them."""
+    layout = TileLayout((5, 30, 52), device="cuda")
+    q, k, v = inputs(1, layout.seq_len, 2, 128, 1.0, seed=7)
+    assert "ragged" in gluon_hopper.why_not(q, k, v, layout.offsets, layout.offsets, layout.max_tile_size,
+                                            layout.max_tile_size)
+    n = layout.n_tiles
+    idx = torch.rand(1, 2, n, n, device="cuda").topk(8, dim=-1).indices.int()
+    cnt = torch.randint(1, 9, (1, 2, n), device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with kernel_options(gluon_fwd=True, gluon_bwd=True):
+        out = block_sparse_attention(*leaves, layout, idx, cnt)
+        out.backward(do)
+    ref = block_sparse_attention_reference_grads(*(x.double() for x in (q, k, v)), layout, idx, cnt, do.double())
+    assert max(rel_err(x, r) for x, r in zip([out] + [x.grad for x in leaves], ref)) < BF16_TOL
+
+
+@pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon")
+def test_a_compiled_training_step_with_the_gluon_kernels_equals_eager():
+    """A VideoDiT (4 x 16 x 16 tokens: 16 full tiles, D 64) in bf16 autocast with the Gluon kernels:
+    compile_blocks gives the eager step's output and gradients (bf16 tolerance)."""
+    from vsa.models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(in_channels=4, num_classes=3, attention="vsa", sparsity=0.75)
+    eager = build_model("0.6M", **kw).cuda()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0, 0.1)
+    compiled = build_model("0.6M", **kw).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    x = torch.randn(2, 4, 4, 32, 32, device="cuda")
+    t, labels = torch.rand(2, device="cuda"), torch.tensor([0, 2], device="cuda")
+    outs = []
+    with kernel_options(gluon_fwd=True, gluon_bwd=True):
+        for model in (eager, compiled):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x, t, labels=labels)
+            out.float().square().mean().backward()
+            outs.append(out.float())
+    assert rel_err(outs[1], outs[0].double()) < BF16_TOL
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.grad is not None and a.grad.norm() > 0:
+            assert rel_err(b.grad, a.grad.double()) < 5e-2, name
+
+
 def test_backward_deterministic_bf16():
     layout = TileLayout((16, 32, 32), device="cuda")
     q, k, v = inputs(2, layout.seq_len, 4, 64, 1.0, seed=1)
@@ -187,7 +237,16 @@ def test_backward_deterministic_bf16():
         assert torch.equal(a, b)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("gluon", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon"))])
+def test_torch_compile_fullgraph(gluon):
+    """VSA inside torch.compile(fullgraph=True) equals eager, forward and gradients (with the
+    Gluon kernels too: they run inside the same custom ops)."""
+    with kernel_options(gluon_fwd=gluon, gluon_bwd=gluon):
+        _compiled_equals_eager()
+
+
+def _compiled_equals_eager():
     layout = TileLayout((8, 16, 16), device="cuda")
     q, k, v = inputs(1, layout.seq_len, 2, 64, 1.0, seed=2)
     gate = torch.randn_like(q)
@@ -207,10 +266,18 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-2)
 
 
-def test_cuda_graph_replay_matches_eager():
+@pytest.mark.parametrize("gluon", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hopper() or not gluon_hopper.GLUON, reason="the Gluon kernels need a Hopper GPU and Gluon"))])
+def test_cuda_graph_replay_matches_eager(gluon):
     """Forward+backward captured in a CUDA graph (what compile_mode=reduce-overhead does) and
     replayed on new inputs equals eager bit for bit: the TMA descriptors, encoded on the host at
-    launch, are baked into the graph with the static buffers' addresses."""
+    launch, are baked into the graph with the static buffers' addresses. Also with the Gluon
+    kernels (their descriptors are made at launch the same way)."""
+    with kernel_options(gluon_fwd=gluon, gluon_bwd=gluon):
+        _graph_replay_equals_eager()
+
+
+def _graph_replay_equals_eager():
     layout = TileLayout((8, 16, 16), device="cuda")
     static = [x.requires_grad_() for x in inputs(1, layout.seq_len, 2, 128, 1.0, seed=3)]
     do = torch.randn_like(static[0])
