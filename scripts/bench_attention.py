@@ -25,8 +25,9 @@ ThunderKittens headers at FastVideo's pinned submodule commit) instead of FastVi
     python scripts/bench_attention.py --peers peers/FastVideo --shapes 0,2 --no-check
     python scripts/bench_attention.py --peers peers/FastVideo --build-tk --shapes 0,2 --no-check
 
---gluon adds each of our rows again with the forward on the Gluon kernel for Hopper
-(vsa/ops/gluon_hopper.py, KernelOptions.gluon_fwd) and a check row of its output against ours.
+--gluon adds each of our rows again with the Gluon kernels for Hopper (vsa/ops/gluon_hopper.py): the
+forward only, the forward and backward, and those with the overlapped forward (KernelOptions
+gluon_fwd, gluon_bwd, gluon_overlap), and a check row of the Gluon forward's output against ours.
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ SHAPES = [
 ]
 
 
-def with_gluon(fn, backward: bool = False):
+def with_gluon(fn, backward: bool = False, overlap: bool = False):
     """`fn` to be timed with the fine stage's forward (and `backward`: its backward too) on the Gluon
     kernels for Hopper where they apply: the options (KernelOptions.gluon_fwd / gluon_bwd) ride on
     the function as `vsa_options`, and the timing loop sets them around the forward and the
     backward alike (the backward launches outside `fn`)."""
     def run(q, k, v):
         return fn(q, k, v)
-    run.vsa_options = dict(gluon_fwd=True, gluon_bwd=backward)
+    run.vsa_options = dict(gluon_fwd=True, gluon_bwd=backward, gluon_overlap=overlap)
     return run
 
 
@@ -371,6 +372,8 @@ def main():
             for mname in [m for m in methods if m.startswith("ours:")]:
                 methods[f"{mname}, Gluon fwd"] = (with_gluon(methods[mname][0]), kept)
                 methods[f"{mname}, Gluon fwd+bwd"] = (with_gluon(methods[mname][0], backward=True), kept)
+                methods[f"{mname}, Gluon fwd (overlap)+bwd"] = (
+                    with_gluon(methods[mname][0], backward=True, overlap=True), kept)
             with torch.no_grad():
                 with kernel_options(gluon_fwd=True):
                     gluon_out = video_sparse_attention(q, k, v, layout, topk=K)

@@ -2,8 +2,8 @@
 report what the compiler made of it: the target, shared memory, warps, the wgmma / TMA /
 register-reallocation instructions in the PTX, and ptxas's registers and spills.
 
-    python scripts/compile_gluon.py                      # fwd, dQ, dK/dV; D 64 and 128; each with and
-                                                         # without the combine (fwd) / bias (bwd)
+    python scripts/compile_gluon.py                      # fwd (plain, overlapped), dQ, dK/dV; D 64
+                                                         # and 128; with and without the combine / bias
     python scripts/compile_gluon.py --kernels dkv --head-dims 128 --stages 3 --json /tmp/gluon.json
 
 A stand-in for Triton's CUDA driver reports a compute capability 9.0 target, so `warmup` compiles
@@ -67,7 +67,8 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def compile_variant(kernel: str, head_dim: int, extra: bool, stages: int | None) -> dict:
-    """Compile one variant of `kernel` ("fwd", "dq" or "dkv"; `extra`: the forward's gated combine,
+    """Compile one variant of `kernel` ("fwd", "fwd_overlap" (KernelOptions.gluon_overlap), "dq" or
+    "dkv"; `extra`: the forward's gated combine,
     the backward's per-tile bias) for bf16 with count tensors, 2 x 2 heads of 8 tiles (shapes do not
     change the code)."""
     B, H, n, K, tile = 2, 2, 8, 3, gluon_hopper.TILE
@@ -80,12 +81,12 @@ def compile_variant(kernel: str, head_dim: int, extra: bool, stages: int | None)
     n_stages = gluon_hopper.stages(head_dim, stages)
     launch = dict(HEAD_D=head_dim, BLOCK=tile, STAGES=n_stages, PRODUCER_REGS=gluon_hopper.PRODUCER_REGS,
                   num_warps=gluon_hopper.CONSUMER_WARPS, maxnreg=gluon_hopper.MAX_REGS, grid=(n, B * H))
-    if kernel == "fwd":
+    if kernel in ("fwd", "fwd_overlap"):
         o = torch.empty_like(q)
         compiled = gluon_hopper._fwd_ws_kernel.warmup(
             *gluon_hopper._descriptors(q, k, v), o, lse, o, per_tile, q, q, offsets, idx, cnt, o.stride(0),
             o.stride(1), o.stride(2), H, n, S, S, K, 0.1, COMBINE=extra, HAS_GC=extra, HAS_GF=extra, HAS_CNT=True,
-            **launch)
+            OVERLAP=kernel == "fwd_overlap", **launch)
     elif kernel == "dq":
         compiled = gluon_hopper._dq_ws_kernel.warmup(
             *gluon_hopper._descriptors(q, k, v, do), torch.empty_like(q), lse, delta, per_tile, offsets, idx, cnt,
@@ -98,7 +99,7 @@ def compile_variant(kernel: str, head_dim: int, extra: bool, stages: int | None)
             offsets, idx.flatten(), torch.arange(B * H * n + 1, dtype=torch.int32), dk.stride(0), dk.stride(1),
             dk.stride(2), H, n, S, S, 0.1, 0.1, HAS_BIAS=extra, **launch)
     else:
-        raise ValueError(f"unknown kernel {kernel!r}; use fwd, dq or dkv")
+        raise ValueError(f"unknown kernel {kernel!r}; use fwd, fwd_overlap, dq or dkv")
     ptx = compiled.asm["ptx"]
     target = re.search(r"^\.target (\S+)", ptx, re.M)
     return {"kernel": kernel, "head_dim": head_dim, "extra": extra, "stages": n_stages,
@@ -112,7 +113,8 @@ def compile_variant(kernel: str, head_dim: int, extra: bool, stages: int | None)
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkv"], choices=["fwd", "dq", "dkv"])
+    kernels = ["fwd", "fwd_overlap", "dq", "dkv"]
+    parser.add_argument("--kernels", nargs="+", default=kernels, choices=kernels)
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(gluon_hopper.HEAD_DIMS))
     parser.add_argument("--stages", type=int, default=None, help="K/V buffers (default: gluon_hopper.stages)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -127,8 +129,8 @@ def main(argv=None) -> list[dict]:
     rows = [compile_variant(kernel, d, extra, args.stages)
             for kernel, d, extra in itertools.product(args.kernels, args.head_dims, (False, True))]
     for r in rows:
-        extra = {"fwd": "combine", "dq": "bias", "dkv": "bias"}[r["kernel"]]
-        print(f"{r['kernel']:3s} D {r['head_dim']:3d} {extra} {r['extra']!s:5} stages {r['stages']}: {r['target']}, "
+        extra = "bias" if r["kernel"] in ("dq", "dkv") else "combine"
+        print(f"{r['kernel']:11s} D {r['head_dim']:3d} {extra} {r['extra']!s:5} stages {r['stages']}: {r['target']}, "
               f"shared {r['shared_bytes'] / 1024:.1f} KB, {r['num_warps']} warps, {r['wgmma']} wgmma, "
               f"{r['tma_loads']} TMA loads, {r['registers']} registers, spills {r['spill_stores']}/"
               f"{r['spill_loads']} B, {', '.join(r['setmaxnreg'])}")

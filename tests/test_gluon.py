@@ -25,7 +25,7 @@ needs_gluon = pytest.mark.skipif(not gluon_hopper.GLUON, reason="this Triton has
 @needs_gluon
 def test_the_gluon_kernels_compile_for_hopper(tmp_path):
     """scripts/compile_gluon.py, as a user runs it (outside the interpreter): every variant of the
-    forward, dQ and dK/dV kernels compiles to an sm_90a cubin with wgmma, TMA loads and the
+    forward (plain and overlapped), dQ and dK/dV kernels compiles to an sm_90a cubin with wgmma, TMA loads and the
     partitions' register moves, and shared memory for two programs per SM. No spills, except
     dK/dV at D 128 (two fp32 accumulators of 64 registers each: ~100 bytes a thread)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -34,18 +34,19 @@ def test_the_gluon_kernels_compile_for_hopper(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert sorted((r["kernel"], r["head_dim"], r["extra"]) for r in rows) == sorted(
-        (kernel, d, extra) for kernel in ("fwd", "dq", "dkv") for d in (64, 128) for extra in (False, True))
+        (kernel, d, extra) for kernel in ("fwd", "fwd_overlap", "dq", "dkv") for d in (64, 128)
+        for extra in (False, True))
     for r in rows:
         assert r["target"] == "sm_90a" and r["cubin_bytes"] > 0, r
         assert r["wgmma"] > 0 and r["tma_loads"] > 0, r  # products on wgmma, walked tiles by TMA
         assert any("setmaxnreg.inc" in x for x in r["setmaxnreg"]), r  # warp specialisation
         spill_cap = 256 if (r["kernel"], r["head_dim"]) == ("dkv", 128) else 0
         assert r["spill_stores"] <= spill_cap and r["spill_loads"] <= spill_cap, r
-        tiles = (1 if r["kernel"] == "fwd" else 2) + 2 * r["stages"]  # own tiles + stages x 2 walked
+        tiles = (1 if r["kernel"].startswith("fwd") else 2) + 2 * r["stages"]  # own tiles + stages x 2 walked
         tile_bytes = gluon_hopper.TILE * r["head_dim"] * 2
         assert tiles * tile_bytes <= r["shared_bytes"] <= 113 * 1024, r
         assert r["num_warps"] == 8, r  # the consumer warpgroup + the producer's (rounded up)
-    assert f"fwd D 128 combine True  stages {gluon_hopper.stages(128)}: sm_90a" in result.stdout
+    assert f"fwd         D 128 combine True  stages {gluon_hopper.stages(128)}: sm_90a" in result.stdout
 
 
 def operands(D=64, dtype=torch.bfloat16, B=2, H=2, n=8, K=3):
@@ -94,7 +95,7 @@ def test_the_options_change_nothing_where_the_kernels_do_not_apply():
     n = layout.n_tiles
     idx = torch.stack([torch.randperm(n, generator=gen)[:2] for _ in range(B * H * n)]).view(B, H, n, 2).int()
     args = (q, k, v, layout.offsets, layout.offsets, idx, None, layout.max_tile_size, layout.max_tile_size)
-    with kernel_options(gluon_fwd=True):
+    with kernel_options(gluon_fwd=True, gluon_overlap=True):
         chosen = bsa_forward(*args)
     plain = bsa_forward(*args)
     for a, b in zip(chosen, plain):
@@ -112,6 +113,8 @@ def test_the_options_are_checked():
         KernelOptions(gluon_fwd="yes")
     with pytest.raises(TypeError, match="gluon_bwd must be True or False"):
         KernelOptions(gluon_bwd=1)
+    with pytest.raises(TypeError, match="gluon_overlap must be True or False"):
+        KernelOptions(gluon_overlap=None)
     with pytest.raises(ValueError, match="gluon_stages must be None"):
         KernelOptions(gluon_stages=5)
     assert gluon_hopper.stages(64) == 3 and gluon_hopper.stages(128) == 2 and gluon_hopper.stages(128, 4) == 4

@@ -95,7 +95,8 @@ def hopper() -> bool:
 @pytest.mark.skipif(not hopper() or not gluon_hopper.GLUON, reason="the Gluon forward needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("D,scale,dtype", [(64, 1.0, torch.bfloat16), (128, 30.0, torch.bfloat16),
                                            (128, 0.01, torch.bfloat16), (64, 4.0, torch.float16)])
-def test_gluon_forward(D, scale, dtype):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gluon_forward(D, scale, dtype, overlap):
     """The Gluon kernel against the float64 reference on the same rounded inputs (lists of 0 to K
     tiles, a different selection per head), and against block_sparse.py's kernel: O and LSE."""
     layout = TileLayout((8, 16, 16), device="cuda")  # 32 cubes of 64 tokens
@@ -107,13 +108,13 @@ def test_gluon_forward(D, scale, dtype):
     args = (q, k, v, layout.offsets, layout.offsets, idx, cnt, layout.max_tile_size, layout.max_tile_size)
     assert gluon_hopper.why_not(*args[:5], *args[7:]) is None
     poison_allocator()
-    with kernel_options(gluon_fwd=True):
+    with kernel_options(gluon_fwd=True, gluon_overlap=overlap):
         o, lse, _ = bsa_forward(*args)
     torch.cuda.synchronize()
     ref = block_sparse_attention_reference(*(x.double() for x in (q, k, v)), layout, idx, cnt)
     err = rel_err(o, ref)
     o_triton, lse_triton, _ = bsa_forward(*args)
-    print(f"\ngluon fwd D{D} scale {scale} {dtype}: rel err {err:.2e}, vs triton "
+    print(f"\ngluon fwd D{D} scale {scale} {dtype} overlap {overlap}: rel err {err:.2e}, vs triton "
           f"{rel_err(o, o_triton.double()):.2e}")
     assert err < BF16_TOL
     empty = (cnt == 0).repeat_interleave(64, dim=2)  # [B, H, S]: rows of an empty list

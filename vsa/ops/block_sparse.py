@@ -582,7 +582,7 @@ def bsa_forward(q, k, v, q_offsets, kv_offsets, q2k_idx, q2k_cnt, max_q_tile, ma
     if options.gluon_fwd and gluon_hopper.why_not(q, k, v, q_offsets, kv_offsets, max_q_tile, max_kv_tile,
                                                 (gate_c, gate_f)) is None:
         return gluon_hopper.forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c, gate_c, gate_f,
-                                    options.gluon_stages)
+                                    options.gluon_stages, options.gluon_overlap)
     B, Sq, H, D = q.shape
     n_q = q_offsets.numel() - 1
     block_m, block_n = _blocks(max_q_tile, max_kv_tile, "fwd", options)

@@ -83,10 +83,26 @@ if GLUON:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
+    def _softmax_step(s, m_i, l_i, acc, qk_scale, row_o: gl.constexpr):
+        """One online-softmax step on scores s (raw Q K^T): (P, new max, new sum, acc rescaled)."""
+        # Full tiles: no masks, so the row max is finite from the first tile on.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        return p, m_new, l_i, acc
+
+    @gluon.jit
     def _fwd_consumer(q_smem, k_bufs, v_bufs, own_bar, ready, empty, n_sel, qk_scale, HEAD_D: gl.constexpr,
-                      BLOCK: gl.constexpr, STAGES: gl.constexpr):
+                      BLOCK: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
         """The online softmax over the listed key tiles; returns (unnormalised O, row max, row sum),
-        the max and sum in log2 units (scores scaled by softmax_scale * log2(e))."""
+        the max and sum in log2 units (scores scaled by softmax_scale * log2(e)).
+
+        OVERLAP (FlashAttention-3's intra-warpgroup pipelining): the next tile's S = Q K^T is issued
+        before this tile's softmax, so the tensor cores work while the softmax runs; the last step
+        recomputes its own S instead (one extra product per program, no branch around the async
+        product)."""
         s_layout: gl.constexpr = _mma_layout(BLOCK)
         o_layout: gl.constexpr = _mma_layout(HEAD_D)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -97,23 +113,34 @@ if GLUON:
         acc = gl.zeros([BLOCK, HEAD_D], gl.float32, o_layout)
         s_init = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
         mbarrier.wait(own_bar, 0)
-        for j in range(n_sel):
-            stage = j % STAGES
-            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False,
-                              is_async=True)
+        if OVERLAP:
+            # S of the first tile (none listed: nothing waited for, the product's result unused).
+            mbarrier.wait(ready.index(0), 0, pred=n_sel > 0)
+            s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            # Full tiles: no masks, so the row max is finite from the first tile on.
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(stage), count=1)
+            for j in range(n_sel):
+                stage = j % STAGES
+                j_next = gl.minimum(j + 1, n_sel - 1)
+                mbarrier.wait(ready.index(j_next % STAGES), (j_next // STAGES) & 1)
+                s_next = warpgroup_mma(q_smem, k_bufs.index(j_next % STAGES).permute((1, 0)), s_init,
+                                       use_acc=False, is_async=True)
+                p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, row_o)
+                acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_bufs.index(stage), acc,
+                                    is_async=True)
+                s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
+                mbarrier.arrive(empty.index(stage), count=1)
+        else:
+            for j in range(n_sel):
+                stage = j % STAGES
+                mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+                s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, qk_scale, row_o)
+                acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_bufs.index(stage), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(stage), count=1)
         return acc, m_i, l_i
 
     @gluon.jit
@@ -210,7 +237,7 @@ if GLUON:
                        so_b, so_s, so_h, H, NQ, SQ, SKV, KMAX, qk_scale,
                        HEAD_D: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
                        COMBINE: gl.constexpr, HAS_GC: gl.constexpr, HAS_GF: gl.constexpr,
-                       HAS_CNT: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                       HAS_CNT: gl.constexpr, OVERLAP: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """O (and OUT) of query tile program_id(0) of head program_id(1) = b * H + h."""
         qt = gl.program_id(0)
         pid_bh = gl.program_id(1)
@@ -225,7 +252,7 @@ if GLUON:
         q_smem, _unused, k_bufs, v_bufs, own_bar, ready, empty = _buffers(q_desc, 1, STAGES)
         acc, m_i, l_i = gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_bufs, v_bufs, own_bar, ready, empty, n_sel, qk_scale, HEAD_D, BLOCK,
-                             STAGES)),
+                             STAGES, OVERLAP)),
             (_producer, (q_desc, q_desc, k_desc, v_desc, q_smem, q_smem, k_bufs, v_bufs, own_bar, ready, empty,
                          LIST, KV_OFF, n_sel, (b * SQ + qt * BLOCK).to(gl.int32), (b * SKV).to(gl.int32),
                          h * HEAD_D, 1, STAGES)),
@@ -393,10 +420,12 @@ def _descriptors(*tensors) -> list:
     return [GluonTensorDescriptor(x, *_two_d(x), [TILE, D], layout) for x in tensors]
 
 
-def forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c=None, gate_c=None, gate_f=None, n_stages=None):
+def forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c=None, gate_c=None, gate_f=None, n_stages=None,
+            overlap: bool = False):
     """Launch the Gluon forward (the caller checked `why_not`). Same contract as
     `block_sparse.bsa_forward`: (O [B, Sq, H, D], LSE2 [B, H, Sq] fp32, OUT). `n_stages`: K/V
-    buffers in flight (`stages`)."""
+    buffers in flight (`stages`); `overlap`: issue the next tile's Q K^T before this tile's softmax
+    (`_fwd_consumer`)."""
     B, Sq, H, D = q.shape
     n_q = Sq // TILE
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
@@ -409,7 +438,7 @@ def forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c=None, gate_c=None, gate_f
         o.stride(0), o.stride(1), o.stride(2), H, n_q, Sq, k.shape[1], q2k_idx.shape[-1],
         D ** -0.5 * 1.4426950408889634,
         HEAD_D=D, BLOCK=TILE, STAGES=stages(D, n_stages), COMBINE=combine, HAS_GC=gate_c is not None,
-        HAS_GF=gate_f is not None, HAS_CNT=q2k_cnt is not None, PRODUCER_REGS=PRODUCER_REGS,
+        HAS_GF=gate_f is not None, HAS_CNT=q2k_cnt is not None, OVERLAP=overlap, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS)
     return o, lse, out
 

@@ -53,6 +53,8 @@ class KernelOptions:
             lists as before).
         gluon_stages: the Gluon kernels' walked-tile buffers in flight (1-4); None: 3 at D 64, 2 at
             D 128.
+        gluon_overlap: in the Gluon forward, issue the next tile's Q K^T before this tile's softmax
+            (FlashAttention-3's intra-warpgroup overlap).
         autotune: the autotuner's search space, "full" (benchmarks, training) or "quick" (GPU test
             runs: UNITS 1 and 2 at 4 warps / 2 stages plus the 1-stage fallback). None: the
             environment variable VSA_AUTOTUNE, "full" when unset.
@@ -74,6 +76,7 @@ class KernelOptions:
     gluon_fwd: bool = False
     gluon_bwd: bool = False
     gluon_stages: int | None = None
+    gluon_overlap: bool = False
     autotune: str | None = None
     select_precision: str = "tf32x3"
     select_block_q: int = 32
@@ -98,7 +101,7 @@ class KernelOptions:
             object.__setattr__(self, name, pair)  # lists (e.g. from a config) become hashable
         if self.interpreter_units not in (1, 2) or isinstance(self.interpreter_units, bool):
             raise ValueError(f"interpreter_units must be 1 or 2, got {self.interpreter_units!r}")
-        for name in ("gluon_fwd", "gluon_bwd"):
+        for name in ("gluon_fwd", "gluon_bwd", "gluon_overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.gluon_stages is not None and (isinstance(self.gluon_stages, bool)
