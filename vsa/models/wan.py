@@ -123,6 +123,11 @@ class WanConfig:
         return int(self.transformer["ffn_dim"])
 
     @property
+    def mlp_conv_kernel(self) -> None:
+        """No token convolution in Wan's MLPs (DiTConfig's name, for the FLOP counter)."""
+        return None
+
+    @property
     def in_channels(self) -> int:
         return int(self.transformer["in_channels"])
 
