@@ -118,3 +118,14 @@ def test_the_options_are_checked():
     with pytest.raises(ValueError, match="gluon_stages must be None"):
         KernelOptions(gluon_stages=5)
     assert gluon_hopper.stages(64) == 3 and gluon_hopper.stages(128) == 2 and gluon_hopper.stages(128, 4) == 4
+
+
+def test_the_gpu_check_reports_each_case_in_its_own_process(tmp_path):
+    """scripts/check_gluon.py (the first thing to run on a Hopper GPU) without a GPU: each case runs
+    in a child process and comes back as a row ("no GPU" here), then the table."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_gluon.py"), "--cases", "fwd64", "bwd128",
+                             "--out", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["case"], r["status"]) for r in rows] == [("fwd64", "no GPU"), ("bwd128", "no GPU")]
+    assert "| case | status |" in result.stdout and "| bwd128 | no GPU |" in result.stdout
