@@ -358,6 +358,10 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         run_train(tmp_path, "e", ["experiment=vsa_finetune"])
     with pytest.raises(ConfigError, match=r"compile_mode must be one of .*got 'fast'"):
         run_train(tmp_path, "f", ["experiment=tiny", "module.compile_mode=fast"])
+    with pytest.raises(ConfigError, match=r"kernel_options: kernel_options has no nope; the fields are tma, "):
+        run_train(tmp_path, "g", ["experiment=tiny", "+kernel_options.nope=1"])
+    with pytest.raises(ConfigError, match=r"kernel_options: gluon_stages must be None \(by head dim\) or 1-4"):
+        run_train(tmp_path, "h", ["experiment=tiny", "+kernel_options.gluon_stages=9"])
 
     result = subprocess.run([sys.executable, "train.py", "experiment=tiny", "attention.sparsity=-0.1",
                              f"paths.log_dir={tmp_path}"], cwd=REPO, env=SUBPROCESS_ENV,
@@ -365,6 +369,26 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert "model: sparsity must lie in [0, 1) (0 = dense), got -0.1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kernel_options_hold_while_the_run_trains_and_are_restored(tmp_path, monkeypatch):
+    """`+kernel_options.X=...` are the options in force during fit (seen from inside a training
+    step) and the previous ones after; they do not name the run (speed and rounding only)."""
+    from vsa.ops import current_kernel_options
+    from vsa.training.module import VideoDiffusionModule
+
+    seen = []
+    step = VideoDiffusionModule.training_step
+
+    def spy(self, *args, **kwargs):
+        seen.append(current_kernel_options())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoDiffusionModule, "training_step", spy)
+    before = current_kernel_options()
+    run_train(tmp_path, "k", QUICK + ["+kernel_options.interpreter_units=1", "+kernel_options.gluon_fwd=true"])
+    assert seen and all(o.interpreter_units == 1 and o.gluon_fwd for o in seen)
+    assert current_kernel_options() == before
 
 
 def test_throughput_is_read_on_logged_steps_only(tmp_path):

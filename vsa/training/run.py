@@ -8,6 +8,7 @@ reports as one line naming the config section; `HYDRA_FULL_ERROR=1` shows the tr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from vsa.checkpoint import CHECKPOINT_KEY, find_checkpoint, model_state, read_ch
 from vsa.config import ConfigError, RunStopped, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.models import VideoDiT
+from vsa.ops import KernelOptions, current_kernel_options, kernel_options
 from vsa.training.callbacks import RunCheckpoint, StepProgressBar
 from vsa.training.checkpoint_io import AtomicCheckpointIO
 from vsa.training.module import VideoDiffusionModule
@@ -273,14 +275,33 @@ def quiet_known_noise() -> None:
         rank_zero_logger.addFilter(_not_a_tip)
 
 
+def checked_kernel_options(changes) -> KernelOptions:
+    """The kernel options in force with the config's `kernel_options` (vsa.ops.KernelOptions
+    fields) applied; unknown names and bad values are refused with the fields."""
+    names = [f.name for f in dataclasses.fields(KernelOptions)]
+    with config_section("kernel_options"):
+        changes = OmegaConf.to_container(changes, resolve=True) if isinstance(changes, DictConfig) else dict(changes)
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(f"kernel_options has no {', '.join(unknown)}; the fields are {', '.join(names)}")
+        return dataclasses.replace(current_kernel_options(), **changes)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; return the final callback metrics (train/loss, val/loss, ...).
 
     A relaunch of a finished run (its checkpoint already at trainer.max_steps) trains nothing,
     says so and returns {} (unless a callback asks to see the end of fit: `fits_when_finished`);
     a run stopped by Ctrl-C / SIGTERM saves last.ckpt at the step it
-    reached and exits with status 130 / 143 (`RunCheckpoint`).
+    reached and exits with status 130 / 143 (`RunCheckpoint`). The config's `kernel_options` are
+    in force while it trains (the previous options come back after).
     """
+    with kernel_options(checked_kernel_options(cfg.get("kernel_options") or {})):
+        return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """`train` without the kernel options."""
     from vsa.training.run_folder import record_config
 
     single_console_log()
