@@ -70,22 +70,29 @@ def test_fine_stage_bf16(grid, B, H, D, scale):
 @pytest.mark.parametrize("grid,D,scale,order", [((8, 16, 16), 64, 1.0, "cubes"), ((5, 14, 18), 128, 8.0, "cubes"),
                                                 ((5, 14, 18), 64, 4.0, "curve")])
 def test_vsa_bf16(grid, D, scale, order):
+    errs = vsa_errors(grid, D, scale, order)
+    print(f"\nbf16 VSA {grid} D{D} scale {scale}: rel err o/dq/dk/dv/dgc/dgf = "
+          + " / ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < BF16_TOL
+
+
+def vsa_errors(grid, D, scale, order, **options) -> list[float]:
+    """Relative errors of the whole VSA (gated) and its gradients (q, k, v, both gates) against the
+    float64 reference, with the kernel `options` in force."""
     layout = TileLayout(grid, device="cuda", order=order)
     q, k, v = inputs(2, layout.seq_len, 2, D, scale, seed=D)
     gates = [torch.randn_like(q) for _ in range(2)]
     do = torch.randn_like(q)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
     poison_allocator()
-    out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
-    out.backward(do)
+    with kernel_options(**options):
+        out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
+        out.backward(do)
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
     ref = video_sparse_attention_reference(*ref_leaves[:3], layout, sparsity=0.75, gate_c=ref_leaves[3],
                                            gate_f=ref_leaves[4])
     ref.backward(do.double())
-    errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
-    print(f"\nbf16 VSA {grid} D{D} scale {scale}: rel err o/dq/dk/dv/dgc/dgf = "
-          + " / ".join(f"{e:.2e}" for e in errs))
-    assert max(errs) < BF16_TOL
+    return [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
 
 
 def hopper() -> bool:
@@ -156,20 +163,7 @@ def test_vsa_with_the_gluon_kernels(backward):
     """The whole VSA (coarse stage, gated combine in the Gluon epilogue; the backward on the
     Triton kernels or the Gluon ones, with the tile means' bias) against the float64 reference,
     forward and every gradient."""
-    layout = TileLayout((8, 16, 16), device="cuda")
-    q, k, v = inputs(2, layout.seq_len, 2, 128, 4.0, seed=5)
-    gates = [torch.randn_like(q) for _ in range(2)]
-    do = torch.randn_like(q)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates)]
-    poison_allocator()
-    with kernel_options(gluon_fwd=True, gluon_bwd=backward):
-        out = video_sparse_attention(*leaves[:3], layout, sparsity=0.75, gate_c=leaves[3], gate_f=leaves[4])
-        out.backward(do)
-    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, *gates)]
-    ref = video_sparse_attention_reference(*ref_leaves[:3], layout, sparsity=0.75, gate_c=ref_leaves[3],
-                                           gate_f=ref_leaves[4])
-    ref.backward(do.double())
-    errs = [rel_err(out, ref.detach())] + [rel_err(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
+    errs = vsa_errors((8, 16, 16), 128, 4.0, "cubes", gluon_fwd=True, gluon_bwd=backward)
     print(f"\nbf16 VSA, Gluon forward, Gluon backward {backward}: rel err o/dq/dk/dv/dgc/dgf = "
           + " / ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < BF16_TOL

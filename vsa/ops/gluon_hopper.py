@@ -205,6 +205,21 @@ if GLUON:
         return dk, dv
 
     @gluon.jit
+    def _tile_program(H):
+        """For one program per (tile, b*h): the tile, pid_bh, b (int64) and h."""
+        pid_bh = gl.program_id(1)
+        return gl.program_id(0), pid_bh, (pid_bh // H).to(gl.int64), pid_bh % H
+
+    @gluon.jit
+    def _q2k_list(IDX, CNT, list_row, KMAX, HAS_CNT: gl.constexpr):
+        """(length, pointer) of q->k list `list_row`: CNT[list_row] entries (KMAX without counts)."""
+        if HAS_CNT:
+            n_sel = gl.load(CNT + list_row)
+        else:
+            n_sel = KMAX + list_row * 0
+        return n_sel, IDX + list_row.to(gl.int64) * KMAX
+
+    @gluon.jit
     def _buffers(a_desc, N_OWN: gl.constexpr, STAGES: gl.constexpr):
         """Shared memory and mbarriers of a program: N_OWN own tiles (1: the second is the first),
         STAGES x two walked tiles, all of a_desc's block (every descriptor has the same)."""
@@ -239,16 +254,8 @@ if GLUON:
                        COMBINE: gl.constexpr, HAS_GC: gl.constexpr, HAS_GF: gl.constexpr,
                        HAS_CNT: gl.constexpr, OVERLAP: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """O (and OUT) of query tile program_id(0) of head program_id(1) = b * H + h."""
-        qt = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = (pid_bh // H).to(gl.int64)
-        h = pid_bh % H
-        list_row = pid_bh * NQ + qt
-        if HAS_CNT:
-            n_sel = gl.load(CNT + list_row)
-        else:
-            n_sel = KMAX + list_row * 0
-        LIST = IDX + list_row.to(gl.int64) * KMAX
+        qt, pid_bh, b, h = _tile_program(H)
+        n_sel, LIST = _q2k_list(IDX, CNT, pid_bh * NQ + qt, KMAX, HAS_CNT)
         q_smem, _unused, k_bufs, v_bufs, own_bar, ready, empty = _buffers(q_desc, 1, STAGES)
         acc, m_i, l_i = gl.warp_specialize([
             (_fwd_consumer, (q_smem, k_bufs, v_bufs, own_bar, ready, empty, n_sel, qk_scale, HEAD_D, BLOCK,
@@ -287,16 +294,8 @@ if GLUON:
                       HAS_BIAS: gl.constexpr, HAS_CNT: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """dQ of query tile program_id(0) of head program_id(1), walking its q->k list. HAS_BIAS
         adds BIAS[b, tile, h] (fp32 [B, NQ, H, D]) to every row, as block_sparse.py's _dq_kernel."""
-        qt = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = (pid_bh // H).to(gl.int64)
-        h = pid_bh % H
-        list_row = pid_bh * NQ + qt
-        if HAS_CNT:
-            n_sel = gl.load(CNT + list_row)
-        else:
-            n_sel = KMAX + list_row * 0
-        LIST = IDX + list_row.to(gl.int64) * KMAX
+        qt, pid_bh, b, h = _tile_program(H)
+        n_sel, LIST = _q2k_list(IDX, CNT, pid_bh * NQ + qt, KMAX, HAS_CNT)
         row_s: gl.constexpr = gl.SliceLayout(1, _mma_layout(BLOCK))
         stat = pid_bh.to(gl.int64) * SQ + qt * BLOCK + gl.arange(0, BLOCK, layout=row_s)
         lse = gl.load(LSE + stat)
@@ -327,10 +326,7 @@ if GLUON:
                        HAS_BIAS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """dK, dV of key tile program_id(0) of head program_id(1), walking its k->q list (CSR:
         KIDX[KSTART[g]:KSTART[g + 1]], g = pid_bh * NK + tile; block_sparse.transpose_block_lists)."""
-        kt = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = (pid_bh // H).to(gl.int64)
-        h = pid_bh % H
+        kt, pid_bh, b, h = _tile_program(H)
         list_base = gl.load(KSTART + pid_bh * NK + kt)
         n_sel = gl.load(KSTART + pid_bh * NK + kt + 1) - list_base
         LIST = KIDX + list_base
