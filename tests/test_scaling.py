@@ -384,3 +384,34 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     assert "GPU-time multiplier" in text and "on NVIDIA H200" in text and "seed spread" in text and "| sta |" in text
     assert "class acc | FD |" in text and "| 0.8 | 2.5 |" in text
     assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0
+
+
+def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
+    """vsa.scaling.plan on the committed iso_footage rows (5M: full at x1-x32, VSA at x1-x8): the
+    grid's 32 points, the 8 5M points done, the rest estimated from the 5M rows (the steps the
+    sweep itself derives, times the measured time per step or per FLOP), and a session's worth of
+    the cheapest ones."""
+    from vsa.scaling.plan import plan
+
+    rows = REPO / "docs" / "results" / "iso_footage" / "rows"
+    result = plan("iso_footage", rows, minutes=20, overhead_s=45)
+    assert len(result["points"]) == 32 and result["rows"] == 10
+    left = result["left"]
+    assert len(left) == 24 and not [p for p in left if p["preset"] == "5M"]
+    assert all(p["est_s"] > 45 and "5M" in p["basis"] for p in left)
+    for preset in ("10M", "20M", "60M"):  # more budget, more steps, more time
+        for attention in ("full", "vsa"):
+            mine = sorted((p for p in left if (p["preset"], p["attention"]) == (preset, attention)),
+                          key=lambda p: p["budget"])
+            assert len(mine) == 4 and [p["steps"] for p in mine] == sorted(p["steps"] for p in mine)
+            assert [p["est_s"] for p in mine] == sorted(p["est_s"] for p in mine)
+    point = next(p for p in result["points"] if p["overrides"][:3] == ["model=10m", "attention=vsa",
+                                                                        "scaling.multiple=2"])
+    cfg = compose_train(["sweep=iso_footage", "model=10m", "attention=vsa", "scaling.multiple=2"], tmp=str(tmp_path))
+    assert point["steps"] == cfg.trainer.max_steps
+    assert result["fits"] and result["fits_s"] <= 20 * 60
+    assert max(p["est_s"] for p in result["fits"]) <= min(p["est_s"] for p in left if p not in result["fits"])
+    # A second seed: every point is left; the 5M ones are timed from their own rows.
+    again = plan("iso_footage", rows, overhead_s=45, extra=["seed=1"])
+    assert len(again["left"]) == 32
+    assert all("row(s) of 5M" in p["basis"] for p in again["left"] if p["preset"] == "5M")
