@@ -283,7 +283,7 @@ def checked_kernel_options(changes) -> KernelOptions:
         changes = OmegaConf.to_container(changes, resolve=True) if isinstance(changes, DictConfig) else dict(changes)
         unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ValueError(f"kernel_options has no {', '.join(unknown)}; the fields are {', '.join(names)}")
+            raise ValueError(f"no field {', '.join(unknown)}; the fields are {', '.join(names)}")
         return dataclasses.replace(current_kernel_options(), **changes)
 
 
