@@ -1,27 +1,31 @@
-"""The fine stage's forward on Hopper, written in Gluon (`triton.experimental.gluon`): warp
-specialisation, TMA and wgmma, which Triton's own compiler does not give our loop.
+"""The fine stage on Hopper, forward and backward, written in Gluon (`triton.experimental.gluon`):
+warp specialisation, TMA and wgmma, which Triton's own compiler does not give our loop.
 
-One program per (query tile, b*h), three kinds of warps:
-  producer   one warp: TMA-loads the query tile once, then the K and V tiles of the query tile's
-             key list into a ring of STAGES shared-memory buffers, each guarded by a "ready" and an
-             "empty" mbarrier;
-  consumer   one warpgroup (4 warps, the default partition): per listed key tile, S = Q K^T with
-             wgmma (both operands in shared memory), the online softmax in registers, then
-             O += P V with wgmma (P from registers), and frees the buffer for the producer.
-Two programs fit on an SM (shared memory: Q + STAGES x (K + V), `stages`; registers: `maxnreg`,
-232 per consumer thread and 24 per producer thread after the partitions' reallocation), so one's
-softmax overlaps the other's matrix products, as FlashAttention-3's ping-pong does within one
-program.
+Three kernels, one program per (tile, b*h), two kinds of warps each:
+  _fwd_ws_kernel  per query tile: O, the base-2 log-sum-exp, and the gated combine (OUT);
+  _dq_ws_kernel   per query tile: dQ over its q->k list;
+  _dkv_ws_kernel  per key tile: dK and dV over its transposed k->q list.
+  producer   one warp (`_producer`): TMA-loads the program's own tile(s) once (Q; Q and dO; K and
+             V), then the two tiles of each list entry (K and V; Q and dO) into a ring of STAGES
+             shared-memory buffers, each guarded by a "ready" and an "empty" mbarrier;
+  consumer   one warpgroup (4 warps, the default partition): the products on wgmma (the walked tile
+             transposed in shared memory where a product needs it; P, dS and their transposes from
+             registers), the softmax or its backward in fp32 registers; it frees each buffer for
+             the producer.
+Two programs fit on an SM (shared memory: own tiles + STAGES x 2 walked tiles, `stages`; registers:
+`maxnreg`, 232 per consumer thread and 24 per producer thread after the partitions' reallocation),
+so one's softmax overlaps the other's matrix products, as FlashAttention-3's ping-pong does within
+one program; `gluon_overlap` also overlaps them inside the forward's warpgroup.
 
-It covers the shapes the VSA layers run: bf16 or fp16, D 64 or 128, every query and key tile
+They cover the shapes the VSA layers run: bf16 or fp16, D 64 or 128, every query and key tile
 exactly 64 tokens (`TileFill.FULL` cubes), tensors whose (H, D) part is contiguous, with or without
-the gated combine of the coarse output and count tensors. `applies()` says whether a call is one of
-them; everything else (and every other GPU, and the CPU interpreter) runs `block_sparse.py`'s
-kernels. The outputs are those of `block_sparse.bsa_forward`: O, the base-2 log-sum-exp, OUT.
+count tensors, the gated combine and the tile means' bias. `why_not()` says what a call lacks;
+everything else (and every other GPU, and the CPU interpreter) runs `block_sparse.py`'s kernels.
+`forward` and `backward` return what `block_sparse.bsa_forward` / `bsa_backward` return.
 
 Status (docs/history/kernel_notes.md, "Gluon"): compiled for sm_90a on a machine without a GPU
-(tests/test_gluon.py); run on a GPU only by the GPU tests, which compare it with the float64
-reference. It is off unless `KernelOptions.gluon_fwd` is set.
+(`scripts/compile_gluon.py`, tests/test_gluon.py); not yet run on a GPU (`scripts/check_gluon.py`,
+tests/test_ops_gpu.py -k gluon). Off unless `KernelOptions.gluon_fwd` / `gluon_bwd` are set.
 """
 
 from __future__ import annotations
