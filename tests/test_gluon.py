@@ -115,6 +115,8 @@ def test_the_options_are_checked():
         KernelOptions(gluon_bwd=1)
     with pytest.raises(TypeError, match="gluon_overlap must be True or False"):
         KernelOptions(gluon_overlap=None)
+    with pytest.raises(ValueError, match="gluon_overlap needs gluon_stages >= 2"):
+        KernelOptions(gluon_overlap=True, gluon_stages=1)
     with pytest.raises(ValueError, match="gluon_stages must be None"):
         KernelOptions(gluon_stages=5)
     assert gluon_hopper.stages(64) == 3 and gluon_hopper.stages(128) == 2 and gluon_hopper.stages(128, 4) == 4

@@ -428,6 +428,9 @@ def forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c=None, gate_c=None, gate_f
     (`_fwd_consumer`)."""
     B, Sq, H, D = q.shape
     n_q = Sq // TILE
+    n_stages = stages(D, n_stages)
+    if overlap and n_stages < 2:  # the consumer would wait for a load into the buffer it holds
+        raise ValueError("the overlapped Gluon forward needs 2 or more stages")
     o = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     combine = o_c is not None
@@ -437,7 +440,7 @@ def forward(q, k, v, kv_offsets, q2k_idx, q2k_cnt, o_c=None, gate_c=None, gate_f
         q if gate_f is None else gate_f, kv_offsets, q2k_idx, q2k_idx if q2k_cnt is None else q2k_cnt,
         o.stride(0), o.stride(1), o.stride(2), H, n_q, Sq, k.shape[1], q2k_idx.shape[-1],
         D ** -0.5 * 1.4426950408889634,
-        HEAD_D=D, BLOCK=TILE, STAGES=stages(D, n_stages), COMBINE=combine, HAS_GC=gate_c is not None,
+        HEAD_D=D, BLOCK=TILE, STAGES=n_stages, COMBINE=combine, HAS_GC=gate_c is not None,
         HAS_GF=gate_f is not None, HAS_CNT=q2k_cnt is not None, OVERLAP=overlap, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=CONSUMER_WARPS, maxnreg=MAX_REGS)
     return o, lse, out

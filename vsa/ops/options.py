@@ -107,6 +107,9 @@ class KernelOptions:
         if self.gluon_stages is not None and (isinstance(self.gluon_stages, bool)
                                               or self.gluon_stages not in (1, 2, 3, 4)):
             raise ValueError(f"gluon_stages must be None (by head dim) or 1-4, got {self.gluon_stages!r}")
+        if self.gluon_overlap and self.gluon_stages == 1:  # the next tile's buffer is this tile's
+            raise ValueError("gluon_overlap needs gluon_stages >= 2 (or None): it reads the next tile before "
+                             "this one's buffer is free")
         if self.autotune is not None and self.autotune not in AUTOTUNE_SPACES:
             raise ValueError(f"autotune must be None (VSA_AUTOTUNE, else 'full') or one of "
                              f"{AUTOTUNE_SPACES}, got {self.autotune!r}")
