@@ -388,9 +388,9 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
 
 def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     """vsa.scaling.plan on the committed iso_footage rows (5M: full at x1-x32, VSA at x1-x8): the
-    grid's 32 points, the 8 5M points done, the rest estimated from the 5M rows (the steps the
-    sweep itself derives, times the measured time per step or per FLOP), and a session's worth of
-    the cheapest ones."""
+    grid's 32 points, the 8 5M points done, the rest estimated (the steps the sweep itself derives,
+    times the step time measured for that model in any committed sweep of the same shape, else the
+    nearest model's time per FLOP), and a session's worth of the cheapest ones."""
     from vsa.scaling.plan import plan
 
     rows = REPO / "docs" / "results" / "iso_footage" / "rows"
@@ -398,7 +398,9 @@ def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     assert len(result["points"]) == 32 and result["rows"] == 10
     left = result["left"]
     assert len(left) == 24 and not [p for p in left if p["preset"] == "5M"]
-    assert all(p["est_s"] > 45 and "5M" in p["basis"] for p in left)
+    assert all(p["est_s"] > 45 for p in left)
+    assert all(p["basis"].startswith("step time of") for p in left if p["preset"] in ("10M", "20M"))  # iso_shapes
+    assert all(p["basis"].startswith("s/FLOP of the") for p in left if p["preset"] == "60M")
     for preset in ("10M", "20M", "60M"):  # more budget, more steps, more time
         for attention in ("full", "vsa"):
             mine = sorted((p for p in left if (p["preset"], p["attention"]) == (preset, attention)),
@@ -414,4 +416,6 @@ def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     # A second seed: every point is left; the 5M ones are timed from their own rows.
     again = plan("iso_footage", rows, overhead_s=45, extra=["seed=1"])
     assert len(again["left"]) == 32
-    assert all("row(s) of 5M" in p["basis"] for p in again["left"] if p["preset"] == "5M")
+    assert all(p["basis"].startswith("step time of") for p in again["left"] if p["preset"] == "5M")
+    only_h200 = plan("iso_footage", rows, overhead_s=45, device="H200")  # the footage rows are H200 ones
+    assert all(p["est_s"] is not None for p in only_h200["left"])

@@ -4,11 +4,13 @@ the rows already measured, then which points fit the next session's device minut
 
     python -m vsa.scaling.plan iso_footage                         # rows: docs/results/iso_footage/rows
     python -m vsa.scaling.plan iso_footage --minutes 25 seed=1     # a second seed's points
+    python -m vsa.scaling.plan iso_shapes --device H200            # timed with H200 rows only
 
 Estimates: a point's steps x the median step time of the measured rows of the same model and
-attention config (in the sweep's compile mode where there are such rows); for a model without
-rows, the time per training FLOP of the nearest measured model with that attention, times the
-point's FLOPs; plus `--overhead` seconds a run (start-up, compilation, validation, the row). A
+attention config, from any committed sweep of the same sequence length and batch (a step's time
+does not depend on the data; in the sweep's compile mode where there are such rows); for a model
+without rows, the time per training FLOP of the nearest measured model with that attention, times
+the point's FLOPs; plus `--overhead` seconds a run (start-up, compilation, validation, the row). A
 point with no measured row of its attention gets no estimate. Extra arguments are train.py
 overrides of every point (e.g. seed=1).
 """
@@ -54,7 +56,8 @@ def grid_points(sweep: str, extra: list[str] = ()) -> list[dict]:
                 module = point.module
                 points.append({"overrides": overrides, "preset": point.model.name, "attention": attention,
                                "budget": float(point.scaling.budget), "seed": int(point.seed), "steps": steps,
-                               "flops": spec.flops_for_steps(steps),
+                               "flops": spec.flops_for_steps(steps), "global_batch": spec.global_batch,
+                               "seq_len": math.prod(spec.dit.token_grid(spec.latent_shape[1:])),
                                "compile": str(module.compile_mode or "default") if module.compile_blocks else None})
     return points
 
@@ -72,12 +75,16 @@ def _key(preset: str, attention: str, budget: float, seed) -> tuple:
     return preset, attention, round(math.log2(budget), 6), int(seed or 0)
 
 
-def estimate(points: list[dict], rows: list[dict], overhead_s: float) -> list[dict]:
-    """The points without a row, each with "est_s" (None: nothing to estimate from) and "basis".
-    Rows timed in the points' compile mode are used when there are any (eager rows of a sweep now
-    compiled would overstate it)."""
+def estimate(points: list[dict], rows: list[dict], overhead_s: float, timing: list[dict] | None = None) -> list[dict]:
+    """The points without a row among `rows`, each with "est_s" (None: nothing to estimate from)
+    and "basis". Times come from `timing` (default: `rows`), the rows of the points' sequence
+    length and global batch (a step's time does not depend on the data), in the points' compile
+    mode when there are any (eager rows of a sweep now compiled would overstate it)."""
     done = {_key(r["preset"], attention_name(r), r["budget"], r.get("seed")) for r in rows}
-    timed = [r for r in rows if r.get("step_time_s") and r.get("flops") and r.get("steps")]
+    shapes = {(p["seq_len"], p["global_batch"]) for p in points}
+    timed = [r for r in (rows if timing is None else timing)
+             if r.get("step_time_s") and r.get("flops") and r.get("steps")
+             and (r.get("seq_len"), r.get("global_batch")) in shapes]
     modes = {p["compile"] for p in points}
     if any(r.get("compile") in modes for r in timed):
         timed = [r for r in timed if r.get("compile") in modes]
@@ -95,7 +102,7 @@ def estimate(points: list[dict], rows: list[dict], overhead_s: float) -> list[di
         measured = step_times.get((p["preset"], p["attention"]))
         if measured:
             p["est_s"] = p["steps"] * statistics.median(measured) + overhead_s
-            p["basis"] = f"{len(measured)} row(s) of {p['preset']} {p['attention']}"
+            p["basis"] = f"step time of {len(measured)} {p['preset']} {p['attention']} row(s)"
         elif per_flop.get((p["attention"],)):
             params = _preset_params(p["preset"])
             near_params, seconds_per_flop = min(per_flop[(p["attention"],)],
@@ -115,14 +122,23 @@ def _preset_params(preset: str) -> float:
 
 
 def plan(sweep: str, rows_dir: str | Path | None = None, minutes: float | None = None, overhead_s: float = 45.0,
-         extra: list[str] = ()) -> dict:
-    """{"points", "left" (with estimates), "fits" (the cheapest left points within `minutes`)}."""
+         extra: list[str] = (), device: str | None = None) -> dict:
+    """{"points", "left" (with estimates), "fits" (the cheapest left points within `minutes`)}.
+    `device`: time only with rows whose device name contains it (e.g. "H200")."""
     from vsa.scaling.rows import find_rows
 
-    rows_dir = Path(rows_dir) if rows_dir is not None else CONFIG_DIR.parent / "docs" / "results" / sweep / "rows"
+    results = CONFIG_DIR.parent / "docs" / "results"
+    rows_dir = Path(rows_dir) if rows_dir is not None else results / sweep / "rows"
     rows = find_rows(rows_dir) if rows_dir.is_dir() else []
+    # Step times from every committed sweep (same shape, same model: same step, whatever the data).
+    timing = list(rows)
+    seen = {r["_path"] for r in rows}
+    for folder in sorted(results.glob("*/rows")):
+        timing += [r for r in find_rows(folder) if r["_path"] not in seen]
+    if device:
+        timing = [r for r in timing if device.lower() in str(r.get("device", "")).lower()]
     points = grid_points(sweep, list(extra))
-    left = estimate(points, rows, overhead_s)
+    left = estimate(points, rows, overhead_s, timing)
     fits, spent = [], 0.0
     if minutes is not None:
         for p in sorted((p for p in left if p["est_s"] is not None), key=lambda p: p["est_s"]):
@@ -140,8 +156,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", default=None, help="the sweep's rows (default: docs/results/SWEEP/rows)")
     ap.add_argument("--minutes", type=float, default=None, help="device minutes to fill, cheapest points first")
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
+    ap.add_argument("--device", default=None, help="time with the rows of this device only, e.g. H200")
     args = ap.parse_args(argv)
-    result = plan(args.sweep, args.rows, args.minutes, args.overhead, args.overrides)
+    result = plan(args.sweep, args.rows, args.minutes, args.overhead, args.overrides, args.device)
     left, known = result["left"], [p for p in result["left"] if p["est_s"] is not None]
     print(f"{args.sweep}: {len(result['points'])} grid points, {len(result['points']) - len(left)} with rows "
           f"({result['rows']} rows read), {len(left)} left; estimated {sum(p['est_s'] for p in known) / 60:.1f} "
