@@ -141,9 +141,7 @@ class DiTConfig:
     @property
     def mlp_conv_kernel(self) -> tuple[int, int, int] | None:
         """The MLP's token-convolution kernel (t, h, w) in tokens, or None without one."""
-        if not self.mlp_conv:
-            return None
-        return (self.mlp_conv,) * 3 if isinstance(self.mlp_conv, int) else tuple(self.mlp_conv)
+        return int_triple("mlp_conv", self.mlp_conv, scalar=True) if self.mlp_conv else None
 
     @property
     def patch_volume(self) -> int:

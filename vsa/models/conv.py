@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vsa.layout import int_triple
+
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, W, C] (contiguous) -> [B*T, C, H, W] with channels-last strides (a view)."""
@@ -65,8 +67,8 @@ class DepthwiseConv3d(nn.Conv3d):
     on the CPU (module docstring)."""
 
     def __init__(self, channels: int, kernel_size: int | tuple[int, int, int], bias: bool = True):
-        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-        if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
+        kernel = int_triple("kernel_size", kernel_size, scalar=True)
+        if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"kernel_size must be odd and positive (a 'same' convolution), one int or "
                              f"(t, h, w), got {kernel_size}")
         super().__init__(channels, channels, kernel, padding=tuple(k // 2 for k in kernel), groups=channels,

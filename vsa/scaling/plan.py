@@ -18,6 +18,7 @@ overrides of every point (e.g. seed=1).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 from pathlib import Path
@@ -115,6 +116,7 @@ def estimate(points: list[dict], rows: list[dict], overhead_s: float, timing: li
     return left
 
 
+@functools.cache
 def _preset_params(preset: str) -> float:
     from vsa.models import preset_params
 
