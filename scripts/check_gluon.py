@@ -15,12 +15,15 @@ in tests/test_ops_gpu.py (-k gluon).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vsa.benchmark import write_results  # noqa: E402
 
 # name: (head dim, forward only?, overlapped forward?)
 CASES = {
@@ -127,7 +130,12 @@ def main(argv=None) -> list[dict]:
         times = (f"{r['triton_ms']:.3f} | {r['gluon_ms']:.3f}" if "gluon_ms" in r else " | ")
         print(f"| {r['case']} | {r['status']} | {ref} | {tri} | {times} |")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        import torch
+        meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cases": args.cases}
+        if torch.cuda.is_available():
+            from vsa.benchmark import run_meta
+            meta = run_meta(cases=args.cases)
+        write_results(str(args.out), meta, rows)
     return rows
 
 

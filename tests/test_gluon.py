@@ -128,6 +128,7 @@ def test_the_gpu_check_reports_each_case_in_its_own_process(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_gluon.py"), "--cases", "fwd64", "bwd128",
                              "--out", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [(r["case"], r["status"]) for r in rows] == [("fwd64", "no GPU"), ("bwd128", "no GPU")]
+    written = json.loads((tmp_path / "rows.json").read_text())
+    assert written["meta"]["cases"] == ["fwd64", "bwd128"] and written["meta"]["date"]
+    assert [(r["case"], r["status"]) for r in written["rows"]] == [("fwd64", "no GPU"), ("bwd128", "no GPU")]
     assert "| case | status |" in result.stdout and "| bwd128 | no GPU |" in result.stdout
