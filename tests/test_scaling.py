@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -387,13 +388,16 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
 
 
 def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
-    """vsa.scaling.plan on the committed iso_footage rows (5M: full at x1-x32, VSA at x1-x8): the
+    """vsa.scaling.plan on the committed iso_footage 5M rows (full at x1-x32, VSA at x1-x8): the
     grid's 32 points, the 8 5M points done, the rest estimated (the steps the sweep itself derives,
     times the step time measured for that model in any committed sweep of the same shape, else the
     nearest model's time per FLOP), and a session's worth of the cheapest ones."""
     from vsa.scaling.plan import plan
 
-    rows = REPO / "docs" / "results" / "iso_footage" / "rows"
+    rows = tmp_path / "rows"  # the committed 5M rows only: the sweep grows, the test does not
+    rows.mkdir()
+    for path in (REPO / "docs" / "results" / "iso_footage" / "rows").glob("*model=5m,*.json"):
+        shutil.copy(path, rows)
     result = plan("iso_footage", rows, minutes=20, overhead_s=45)
     assert len(result["points"]) == 32 and result["rows"] == 10
     left = result["left"]
