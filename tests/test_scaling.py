@@ -387,6 +387,49 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0
 
 
+def test_timing_runs_time_every_configuration_on_one_gpu(tmp_path):
+    """Result rows whose step times come from two GPUs (the 5M rows from one, the 10M rows from
+    another) leave half the points out of the GPU-time comparison; timing rows (short runs of each
+    configuration on one GPU) time all of them, and a `timings` folder beside `rows` is used by
+    default. Timing rows of another shape are left out, and say so."""
+    full = lambda c: 0.05 + 40.0 * c ** -0.1
+    vsa = lambda c: full(2.5 * c)
+    budgets = [1e15 * 2 ** i for i in range(5)]
+    rows = _rows("full", full, budgets) + _rows("vsa", vsa, budgets)
+    for r in rows:
+        r.update(compile="reduce-overhead", steps=int(r["budget"] / (1e13 if r["attention"] == "full" else 2.5e12)),
+                 device="NVIDIA H200" if r["preset"] == "5M" else "NVIDIA H100",
+                 step_time_s=0.2 if r["attention"] == "full" else 0.08)
+    own = summarize(rows, n_bootstrap=50)
+    assert len(own["timing"]["step_time_s"]) == 2 and any("left out" in n for n in own["notes"])
+    timing_rows = [dict(r, device="NVIDIA H100", step_time_s=(0.2 if r["attention"] == "full" else 0.08)
+                        * (2 if r["preset"] == "10M" else 1), steps=150)
+                   for r in rows if r["budget"] == budgets[0]]
+    odd = dict(timing_rows[0], seq_len=4096, step_time_s=0.01)  # another shape: not a timing of these runs
+    summary = summarize(rows, n_bootstrap=50, timings=timing_rows + [odd])
+    timing = summary["timing"]
+    assert timing["device"] == "NVIDIA H100" and timing["source"] == "timing runs (4)"
+    assert timing["step_time_s"] == {"10M/full": 0.4, "10M/vsa": 0.16, "5M/full": 0.2, "5M/vsa": 0.08}
+    assert not any("no step time measured" in n for n in summary["notes"])
+    assert any("1 timing row(s) of another sequence length" in n for n in summary["notes"])
+    assert summary["gpu_time"]["vsa"]["multiplier"] > 1
+
+    folder = tmp_path / "sweep"
+    (folder / "rows").mkdir(parents=True)
+    (folder / "timings").mkdir()
+    for i, r in enumerate(rows):
+        (folder / "rows" / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    for i, r in enumerate(timing_rows):
+        (folder / "timings" / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    written = write_report(folder / "rows", tmp_path / "out", n_bootstrap=20)
+    assert written["timing"]["source"] == "timing runs (4)"
+    assert "over timing runs (4) in compile mode" in (tmp_path / "out" / "report.md").read_text()
+    assert write_report(folder / "rows", tmp_path / "out2", n_bootstrap=20, timings="none")["timing"]["source"] \
+        == "the result rows"
+    with pytest.raises(FileNotFoundError, match="no timing rows under"):
+        write_report(folder / "rows", tmp_path / "out3", n_bootstrap=20, timings=tmp_path / "nowhere")
+
+
 def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     """vsa.scaling.plan on the committed iso_footage 5M rows (full at x1-x32, VSA at x1-x8): the
     grid's 32 points, the 8 5M points done, the rest estimated (the steps the sweep itself derives,

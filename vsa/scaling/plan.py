@@ -132,10 +132,11 @@ def plan(sweep: str, rows_dir: str | Path | None = None, minutes: float | None =
     results = CONFIG_DIR.parent / "docs" / "results"
     rows_dir = Path(rows_dir) if rows_dir is not None else results / sweep / "rows"
     rows = find_rows(rows_dir) if rows_dir.is_dir() else []
-    # Step times from every committed sweep (same shape, same model: same step, whatever the data).
+    # Step times from every committed sweep and its timing runs (same shape, same model: same step,
+    # whatever the data).
     timing = list(rows)
     seen = {r["_path"] for r in rows}
-    for folder in sorted(results.glob("*/rows")):
+    for folder in sorted([*results.glob("*/rows"), *results.glob("*/timings")]):
         timing += [r for r in find_rows(folder) if r["_path"] not in seen]
     if device:
         timing = [r for r in timing if device.lower() in str(r.get("device", "")).lower()]

@@ -12,6 +12,9 @@ when a sweep holds several sparsities):
   when both are determined;
 - the same comparison in GPU time: loss vs measured GPU-seconds (steps x the median step time of
   the run's configuration on one device: the one that timed the most configurations), envelopes and the time multiplier;
+  with --timings (default: a `timings` folder beside a `rows` folder), the step times come from
+  timing runs, short runs of every configuration made together on one GPU, instead of from the
+  result rows (which may span sessions, kernel versions and GPUs);
 - the measurement noise: the validation set's standard error per run, and the spread between
   seeds where a point was run with several;
 - the attention share of the training FLOPs per model.
@@ -68,10 +71,9 @@ def compile_mode(row: dict) -> str:
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    sparsities = {r.get("sparsity") for r in rows if r["attention"] == "vsa"}
     groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(attention_label(row, sparsities), []).append(row)
+    for label, row in labelled(rows):
+        groups.setdefault(label, []).append(row)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
 
 
@@ -146,38 +148,45 @@ def perturbed_losses(points: list[Point], rel_seed_std: float | None, rng) -> li
 
 # ----------------------------------------------------------------------------- timing
 
-def timing_device(rows: list[dict], mode: str) -> str | None:
+def labelled(rows: list[dict], sparsities: set | None = None):
+    """(attention label, row) pairs; `sparsities`: the VSA sparsities that decide the labels
+    (default: the rows' own; timing rows take those of the result rows they time)."""
+    if sparsities is None:
+        sparsities = {r.get("sparsity") for r in rows if r["attention"] == "vsa"}
+    return [(attention_label(r, sparsities), r) for r in rows]
+
+
+def timing_device(rows: list[dict], mode: str, sparsities: set | None = None) -> str | None:
     """The device whose step times the GPU-time comparison uses for compile `mode`: the one that
     times the most configurations in that mode (ties: the most rows, then the name). Step times
     from different GPUs (an H100 and an H200 row of one sweep) are never mixed."""
     configs: dict[str, set] = {}
     counts: dict[str, int] = {}
-    for label, group in group_rows(rows).items():
-        for r in group:
-            if compile_mode(r) == mode and r.get("step_time_s"):
-                device = str(r.get("device"))
-                configs.setdefault(device, set()).add((r["preset"], label))
-                counts[device] = counts.get(device, 0) + 1
+    for label, r in labelled(rows, sparsities):
+        if compile_mode(r) == mode and r.get("step_time_s"):
+            device = str(r.get("device"))
+            configs.setdefault(device, set()).add((r["preset"], label))
+            counts[device] = counts.get(device, 0) + 1
     if not configs:
         return None
     return max(sorted(configs), key=lambda d: (len(configs[d]), counts[d]))
 
 
-def step_time_table(rows: list[dict], mode: str) -> dict[tuple[str, str], float]:
+def step_time_table(rows: list[dict], mode: str, sparsities: set | None = None) -> dict[tuple[str, str], float]:
     """Median step time (s) per (preset, attention label) over the rows run in compile `mode` on
     the timing device (`timing_device`). A step's cost depends on the model, attention, batch and
     tokens, not on the run's budget, so every run of a configuration gets the same per-step time:
-    its measured median."""
-    device = timing_device(rows, mode)
+    its measured median. `rows` are the result rows themselves, or timing rows (short runs of
+    each configuration made together on one GPU: `summarize(timings=...)`)."""
+    device = timing_device(rows, mode, sparsities)
     times: dict[tuple[str, str], list[float]] = {}
-    for label, group in group_rows(rows).items():
-        for r in group:
-            if compile_mode(r) == mode and r.get("step_time_s") and str(r.get("device")) == device:
-                times.setdefault((r["preset"], label), []).append(float(r["step_time_s"]))
+    for label, r in labelled(rows, sparsities):
+        if compile_mode(r) == mode and r.get("step_time_s") and str(r.get("device")) == device:
+            times.setdefault((r["preset"], label), []).append(float(r["step_time_s"]))
     return {key: float(np.median(values)) for key, values in times.items()}
 
 
-def timing_mode(rows: list[dict], wanted: str = "auto") -> str | None:
+def timing_mode(rows: list[dict], wanted: str = "auto", sparsities: set | None = None) -> str | None:
     """The compile mode whose step times the GPU-time comparison uses: `wanted`, or (auto) the one
     that times the most configurations (ties: a compiled mode before eager)."""
     modes = {compile_mode(r) for r in rows if r.get("step_time_s")}
@@ -185,7 +194,7 @@ def timing_mode(rows: list[dict], wanted: str = "auto") -> str | None:
         return wanted if wanted in modes else None
     if not modes:
         return None
-    return max(sorted(modes), key=lambda m: (len(step_time_table(rows, m)), m != "eager"))
+    return max(sorted(modes), key=lambda m: (len(step_time_table(rows, m, sparsities)), m != "eager"))
 
 
 # ----------------------------------------------------------------------------- frontier
@@ -424,7 +433,12 @@ def compare(base: list[Point], sparse: list[Point], cost: str, label: str, rel_s
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto") -> dict:
+def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto",
+              timings: list[dict] | None = None) -> dict:
+    """The report's numbers. `timings`: rows of short timing runs (every configuration of the
+    sweep run for a few hundred steps in one session on one GPU); when given, the GPU-time
+    comparison takes its step times from them instead of from the result rows, whose step times
+    may come from different sessions, kernel versions and GPUs."""
     notes: list[str] = []
     usable = [r for r in rows if row_loss(r, loss) is not None]
     if len(usable) < len(rows):
@@ -438,8 +452,16 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
     groups = group_rows(usable)
     points = {label: make_points(group, loss) for label, group in groups.items()}
     spread = seed_spread(points)
-    mode = timing_mode(usable, timing)
-    table = step_time_table(usable, mode) if mode else {}
+    sparsities = {r.get("sparsity") for r in usable if r["attention"] == "vsa"}
+    timed, source = usable, "the result rows"
+    if timings:
+        shapes = {(r.get("seq_len"), r.get("global_batch")) for r in usable}
+        timed = [r for r in timings if (r.get("seq_len"), r.get("global_batch")) in shapes]
+        if len(timed) < len(timings):
+            notes.append(f"{len(timings) - len(timed)} timing row(s) of another sequence length or batch left out")
+        source = f"timing runs ({len(timed)})"
+    mode = timing_mode(timed, timing, sparsities)
+    table = step_time_table(timed, mode, sparsities) if mode else {}
     for label, pts in points.items():
         for p in pts:
             step_s = table.get((p.preset, label))
@@ -450,7 +472,8 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
         "groups": {}, "multipliers": {}, "gpu_time": {}, "notes": notes,
         "noise": {"val_se_min": min(ses) if ses else None, "val_se_median": float(np.median(ses)) if ses else None,
                   "val_se_max": max(ses) if ses else None, "seed": spread},
-        "timing": {"mode": mode, "device": timing_device(usable, mode) if mode else None,
+        "timing": {"mode": mode, "device": timing_device(timed, mode, sparsities) if mode else None,
+                   "source": source,
                    "step_time_s": {f"{preset}/{label}": t for (preset, label), t in sorted(table.items())}},
     }
     if spread["n_points"] == 0:
@@ -531,8 +554,8 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
         timing = summary["timing"]
         lines += ["## GPU-time multiplier over full attention (equal loss)", "",
                   f"GPU-seconds of a run = its steps x the median step time of its configuration (model, "
-                  f"attention) over the runs in compile mode `{timing['mode']}` on {timing['device']} (rows from "
-                  "other devices give losses, not times): "
+                  f"attention) over {timing.get('source', 'the result rows')} in compile mode `{timing['mode']}` on "
+                  f"{timing['device']} (rows from other devices give losses, not times): "
                   "training steps only (no compilation, autotuning or validation).", "",
                   "| attention | at loss | T_full / T_sparse (envelopes) | 90% bootstrap | high / low | note |",
                   "|---|---:|---:|---|---:|---|"]
@@ -703,16 +726,35 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
     return written
 
 
-def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto") -> dict:
+def timings_folder(sweep_dir, timings="auto") -> Path | None:
+    """The folder of timing rows: `timings` itself, none ("none"), or (auto) the `timings` folder
+    beside a committed `rows` folder (docs/results/SWEEP/timings) when there is one."""
+    if timings in (None, "none"):
+        return None
+    if timings != "auto":
+        return Path(timings)
+    sibling = Path(sweep_dir).parent / "timings"
+    return sibling if Path(sweep_dir).name == "rows" and sibling.is_dir() else None
+
+
+def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 1000, timing: str = "auto",
+                 timings="auto") -> dict:
     """Collect the rows under `sweep_dir`, write report.md, summary.json and the plots to `out`
-    (default: sweep_dir/report); return the summary."""
+    (default: sweep_dir/report); return the summary. `timings`: see `timings_folder`."""
     rows = find_rows(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no result.json under {sweep_dir}; run the sweep first (python train.py -m "
                                 "sweep=...), or give the folder that holds its runs")
+    folder = timings_folder(sweep_dir, timings)
+    timing_rows = None
+    if folder is not None:
+        timing_rows = find_rows(folder) if folder.is_dir() else []
+        if not timing_rows:
+            raise FileNotFoundError(f"no timing rows under {folder}; give --timings none, or a folder of "
+                                    "timing runs' rows (docs/scaling.md, 'GPU time')")
     out = Path(out) if out is not None else Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows, loss, n_bootstrap, timing)
+    summary = summarize(rows, loss, n_bootstrap, timing, timing_rows)
     usable = [r for r in rows if row_loss(r, loss) is not None]
     plots = plot(summary, group_rows(usable), loss, out)
     (out / "report.md").write_text(markdown(summary, usable, loss) + "\n")
@@ -733,9 +775,14 @@ def main(argv=None) -> int:
     parser.add_argument("--timing", default="auto",
                         help="compile mode whose measured step times give the GPU-time comparison: eager, "
                              "default, reduce-overhead, or auto (the mode that times the most configurations)")
+    parser.add_argument("--timings", default="auto",
+                        help="folder of timing rows whose step times give the GPU-time comparison (short runs "
+                             "of every configuration in one session on one GPU), 'none' for the result rows' "
+                             "own, or auto: the 'timings' folder beside a 'rows' folder when there is one")
     args = parser.parse_args(argv)
     try:
-        summary = write_report(args.sweep_dir, args.out, args.loss, max(args.bootstrap, 1), args.timing)
+        summary = write_report(args.sweep_dir, args.out, args.loss, max(args.bootstrap, 1), args.timing,
+                               args.timings)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
