@@ -16,6 +16,8 @@ Cases (--cases, comma-separated):
   1b32k  the 1.4B preset at 32,768 tokens, batch 1: full attention MFU and VSA memory/speed, with
          the first N blocks recomputed (--ckpt1b: tried from the fewest up; the first N that fits
          in memory is kept - more recomputation is never faster; out-of-memory is recorded).
+  vsa_1b the model and input of `python train.py experiment=vsa_1b` (1.4B, 16,384 tokens, batch 1,
+         every block recomputed): the figure its logged perf/tokens_per_sec and perf/mfu compare with.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ CASES = {
     # the same size with the head dim of the 60M-600M presets (16 heads of 64)
     "400m_d64": (dict(depth=28, width=1024, head_dim=64), (12, 16, 64, 64), 1, ("full", "vsa")),
     "1b32k": (PRESETS["1.4B"], (12, 32, 64, 64), 1, ("full", "vsa")),
+    "vsa_1b": (PRESETS["1.4B"], (12, 16, 64, 64), 1, ("full", "vsa")),
 }
+ALL_BLOCKS = {"vsa_1b"}  # cases that recompute every block (configs/experiment/vsa_1b.yaml)
 # The scaling-study sizes at its 16,384 tokens (3x16x128x128 pixels, space-to-depth), batch 4:
 # what one optimizer step of each sweep run costs (5m_16k, 10m_16k, 20m_16k, 60m_16k).
 for _name in ("5M", "10M", "20M", "60M"):
@@ -196,6 +200,8 @@ def main():
     for case in args.cases.split(","):
         arch, shape, batch, attentions = CASES[case]
         ckpts = [0] if not case.startswith("1b") else [int(n) for n in args.ckpt1b.split(",")]
+        if case in ALL_BLOCKS:
+            ckpts = [arch["depth"]]
         for attention in attentions:
             torch._dynamo.reset()  # a fresh compile cache per model
             stepper = Stepper(arch, shape, batch, attention, args.sparsity, not args.no_compile,

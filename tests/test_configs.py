@@ -179,6 +179,23 @@ def test_scaling_presets_match_their_names():
         assert abs(count / nominal_params(cfg.model.name) - 1) < 0.1
 
 
+def test_the_vsa_1b_benchmark_case_is_the_experiment():
+    """scripts/bench_train.py --cases vsa_1b times what `python train.py experiment=vsa_1b` trains
+    (its logged tokens/s and MFU are compared with it): the same preset, latent shape, batch and
+    every block recomputed."""
+    spec = importlib.util.spec_from_file_location("bench_train", CONFIGS.parent / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    arch, shape, batch, attentions = bench.CASES["vsa_1b"]
+    cfg = compose_train(["experiment=vsa_1b"])
+    ds = cfg.data.datamodule.dataset
+    codec = build_codec(**OmegaConf.to_container(cfg.data.codec))
+    latent = codec.encode(torch.zeros(1, ds.channels, ds.frames, ds.height, ds.width)).shape[1:]
+    assert arch == PRESETS[cfg.model.name] and tuple(shape) == tuple(latent)
+    assert batch == cfg.data.datamodule.batch_size and cfg.model.activation_checkpointing is True
+    assert "vsa_1b" in bench.ALL_BLOCKS and set(attentions) == {"full", "vsa"}
+
+
 @pytest.mark.parametrize("model", [p.stem for p in preset_files(CONFIGS / "model")])
 def test_every_model_config_composes_into_its_preset(model):
     """configs/model/NAME.yaml holds the preset's numbers: composed into the default run, the
