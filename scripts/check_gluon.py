@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vsa.benchmark import write_results  # noqa: E402
+import torch  # noqa: E402
+
+from vsa.benchmark import run_meta, write_results  # noqa: E402
 
 # name: (head dim, forward only?, overlapped forward?)
 CASES = {
@@ -35,7 +37,6 @@ CASES = {
 
 def run_case(name: str) -> dict:
     """Run one case here (the child process) and return its row."""
-    import torch
     import triton
 
     from vsa import TileLayout
@@ -130,11 +131,8 @@ def main(argv=None) -> list[dict]:
         times = (f"{r['triton_ms']:.3f} | {r['gluon_ms']:.3f}" if "gluon_ms" in r else " | ")
         print(f"| {r['case']} | {r['status']} | {ref} | {tri} | {times} |")
     if args.out:
-        import torch
-        meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cases": args.cases}
-        if torch.cuda.is_available():
-            from vsa.benchmark import run_meta
-            meta = run_meta(cases=args.cases)
+        meta = run_meta(cases=args.cases) if torch.cuda.is_available() else {
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "cases": args.cases}
         write_results(str(args.out), meta, rows)
     return rows
 

@@ -455,10 +455,12 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
     sparsities = {r.get("sparsity") for r in usable if r["attention"] == "vsa"}
     timed, source = usable, "the result rows"
     if timings:
-        shapes = {(r.get("seq_len"), r.get("global_batch")) for r in usable}
-        timed = [r for r in timings if (r.get("seq_len"), r.get("global_batch")) in shapes]
+        runs = {(r.get("seq_len"), r.get("global_batch"), r["attention"], r.get("sparsity")) for r in usable}
+        timed = [r for r in timings if (r.get("seq_len"), r.get("global_batch"), r["attention"], r.get("sparsity"))
+                 in runs]
         if len(timed) < len(timings):
-            notes.append(f"{len(timings) - len(timed)} timing row(s) of another sequence length or batch left out")
+            notes.append(f"{len(timings) - len(timed)} timing row(s) of a sequence length, batch or attention "
+                         "that no result row has left out")
         source = f"timing runs ({len(timed)})"
     mode = timing_mode(timed, timing, sparsities)
     table = step_time_table(timed, mode, sparsities) if mode else {}
@@ -751,7 +753,7 @@ def write_report(sweep_dir, out=None, loss: str = "auto", n_bootstrap: int = 100
         timing_rows = find_rows(folder) if folder.is_dir() else []
         if not timing_rows:
             raise FileNotFoundError(f"no timing rows under {folder}; give --timings none, or a folder of "
-                                    "timing runs' rows (docs/scaling.md, 'GPU time')")
+                                    "timing runs' rows (docs/scaling.md, 'Timing runs')")
     out = Path(out) if out is not None else Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, loss, n_bootstrap, timing, timing_rows)
