@@ -9,6 +9,7 @@ import torch
 
 from vsa.diffusion import (
     flow_matching_loss,
+    generate,
     guided_velocity,
     interpolate,
     resolution_shift,
@@ -142,6 +143,37 @@ def test_guidance_combines_cond_and_uncond():
     torch.testing.assert_close(guided_velocity(model, cond, uncond, 1.0)(x, t), v_c)
     with pytest.raises(ValueError, match="same keys"):
         guided_velocity(model, cond, {}, 2.0)
+
+
+def test_autoguidance_takes_the_reference_from_a_weaker_model():
+    """guide=: v = v_g + scale * (v_c - v_g), both under the condition (Karras et al. 2024); the
+    model guiding itself is the plain conditional velocity; it replaces uncond, and a guide of
+    another kind is refused with the fix."""
+    model = small_model(num_classes=3)
+    torch.manual_seed(1)
+    weak = build_model("0.6M", in_channels=4, num_classes=3).eval()
+    with torch.no_grad():
+        for p in weak.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, cond = torch.randn(2, 4, 4, 8, 8), torch.rand(2), {"labels": torch.tensor([0, 2])}
+    v_c, v_g = model(x, t, **cond), weak(x, t, **cond)
+    assert (v_c - v_g).abs().max() > 1e-3
+    guided = guided_velocity(model, cond, None, 2.5, guide=weak)(x, t)
+    torch.testing.assert_close(guided, v_g + 2.5 * (v_c - v_g), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided_velocity(model, cond, None, 2.5, guide=model)(x, t), v_c,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        guided_velocity(model, cond, model.null_condition(cond), 2.5, guide=weak)
+    other = build_model("0.6M", in_channels=4, num_classes=5)
+    with pytest.raises(ValueError, match="differs from the model in num_classes"):
+        generate(model, (4, 4, 8, 8), 2, labels=[0, 1], steps=2, guide=other)
+    # through generate: guided by itself, the videos are the unguided ones (cfg_scale 1)
+    plain = generate(model, (4, 4, 8, 8), 2, labels=[0, 1], steps=3, cfg_scale=1.0)
+    torch.testing.assert_close(generate(model, (4, 4, 8, 8), 2, labels=[0, 1], steps=3, cfg_scale=3.0, guide=model),
+                               plain, rtol=1e-5, atol=1e-5)
+    weak.train()  # generate samples in eval mode and gives each model its mode back
+    guided_videos = generate(model, (4, 4, 8, 8), 2, labels=[0, 1], steps=3, cfg_scale=3.0, guide=weak)
+    assert (guided_videos - plain).abs().max() > 1e-3 and weak.training and not model.training
 
 
 def test_guidance_interval_guides_only_inside_it():

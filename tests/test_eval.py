@@ -168,6 +168,16 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     assert 0 <= result["shape_acc"] <= 1 and result["chance_shape_acc"] == 0.2
     assert sum(map(sum, result["shape_confusion"]["counts"])) == 10  # one row per prompted shape
     assert (tmp_path / "eval" / "scores.json").is_file() and result["grid"].is_file()
+    # autoguidance by the same checkpoint: the unguided videos, so the unguided scores
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        plain, itself = (compose("eval", overrides=[f"ckpt_path={ckpt}", f"output_dir={tmp_path / name}",
+                                                    "per_class=1", "steps=2", f"cache_dir={tmp_path / 'cache'}",
+                                                    f"recipe={recipe}", f"shape_recipe={shape_recipe}", *extra])
+                         for name, extra in (("plain", ["cfg_scale=1.0"]), ("itself", [f"guide_ckpt_path={ckpt}"])))
+    plain, itself = evaluate(plain), evaluate(itself)
+    assert itself["guide_ckpt_path"] == str(ckpt) and plain["guide_ckpt_path"] is None
+    assert itself["fd"] == pytest.approx(plain["fd"], rel=1e-4) and itself["class_acc"] == plain["class_acc"]
 
 
 def test_prompt_following_reads_colour_and_motion_from_the_pixels():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from vsa.checkpoint import CHECKPOINT_KEY
 from vsa.sampling import sample
 from vsa.training import ConfigError, train
 
@@ -221,3 +222,22 @@ def test_unipc_sampling_through_sample_py_configs(dense_checkpoint, tmp_path):
     assert runs["unipc"].shape == (2, 3, 4, 16, 16) and torch.isfinite(runs["unipc"]).all()
     close = (runs["unipc"] - runs["heun"]).abs().max()
     assert close < 0.1 * (runs["euler3"] - runs["heun"]).abs().max(), close
+
+
+def test_autoguidance_through_sample_py(dense_checkpoint, tmp_path):
+    """guide_ckpt_path: a checkpoint guiding itself gives the unguided videos (cfg_scale 1); its raw
+    weights guiding its EMA ones give others; a guide of another latent shape is refused."""
+    plain = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "a", ["cfg_scale=1.0"]))["latents"])
+    itself = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "b", [f"guide_ckpt_path={dense_checkpoint}"]))
+                        ["latents"])
+    torch.testing.assert_close(itself, plain, rtol=1e-5, atol=1e-5)
+    checkpoint = torch.load(dense_checkpoint, weights_only=True)
+    checkpoint["state_dict"] = checkpoint["current_model_state"]  # the raw weights as the "EMA" ones
+    raw = tmp_path / "raw.ckpt"
+    torch.save(checkpoint, raw)
+    guided = torch.load(sample(sample_cfg(dense_checkpoint, tmp_path / "c", [f"guide_ckpt_path={raw}"]))["latents"])
+    assert (guided - plain).abs().max() > 1e-3
+    checkpoint[CHECKPOINT_KEY]["latent_shape"] = [3, 8, 16, 16]
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match=r"guide_ckpt_path: the guide's latent shape \[3, 8, 16, 16\]"):
+        sample(sample_cfg(dense_checkpoint, tmp_path / "d", [f"guide_ckpt_path={tmp_path / 'other.ckpt'}"]))

@@ -48,13 +48,24 @@ def check_sampling(num_videos: int, steps: int, method: str, cfg_scale: float, s
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
+def check_guide(model: VideoDiT, guide: VideoDiT) -> None:
+    """Raise ValueError (one line, with the fix) when `guide` cannot guide `model`: it must take
+    the same input and the same condition (channels, patch, classes, text width, prediction)."""
+    fields = ("in_channels", "out_channels", "patch", "num_classes", "text_dim", "prediction")
+    differ = [f for f in fields if getattr(model.cfg, f, None) != getattr(guide.cfg, f, None)]
+    if differ:
+        raise ValueError(f"the guide model differs from the model in {', '.join(differ)}; autoguidance needs "
+                         "a weaker model of the same kind: an earlier checkpoint of the same run, say")
+
+
 @torch.no_grad()
 def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
              labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
              text_encoder: Callable | None = None, steps: int = 32, method: str = "euler",
              cfg_scale: float = 4.0, cfg_interval: Sequence[float] | None = None,
              shift: float | Callable[[int], float] = 1.0, seed: int = 0,
-             device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+             device: torch.device | str | None = None, progress: bool = False,
+             guide: VideoDiT | None = None) -> torch.Tensor:
     """Sample `num_videos` model-space tensors [N, C, T, H, W] (fp32) from a VideoDiT.
 
     Noise comes from a CPU generator seeded with `seed`, so a seed gives the same videos on every
@@ -66,7 +77,9 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
     text; models trained on text embeddings (`text_dim` without `caption_words`) get them from
     `text_encoder` (captions -> (emb [N, L, text_dim], mask [N, L]), e.g.
     `vsa.data.text.TextEncoder`: the one the training shards were encoded with; an empty prompt is
-    the null text). `progress` shows a bar over model evaluations.
+    the null text). `guide`: a weaker model of the same kind (e.g. an early checkpoint of the same
+    run) that replaces the null condition as guidance's reference (autoguidance; `cfg_scale` is
+    its weight). `progress` shows a bar over model evaluations.
     """
     text_conditional = bool(model.cfg.text_dim)
     if text_conditional and (prompts is None or isinstance(prompts, str) or len(prompts) != num_videos):
@@ -103,8 +116,12 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         empty = torch.tensor([not p.strip() for p in prompts], device=device)
         cond["text"] = torch.where(empty[:, None, None], null["text"], emb)
         cond["text_mask"] = torch.where(empty[:, None], null["text_mask"], mask)
-    uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
-    velocity = guided_velocity(model, cond, uncond, cfg_scale, cfg_interval)
+    if guide is not None:
+        check_guide(model, guide)
+        uncond = None
+    else:
+        uncond = model.null_condition(cond) if cond and cfg_scale != 1.0 else None
+    velocity = guided_velocity(model, cond, uncond, cfg_scale, cfg_interval, guide=guide)
 
     evaluations = steps * (2 if method == "heun" else 1)
     bar = tqdm(total=evaluations, desc=f"{method} x{steps}", unit="eval", disable=not progress)
@@ -114,10 +131,13 @@ def generate(model: VideoDiT, latent_shape: Sequence[int], num_videos: int, *,
         bar.update(1)
         return v
 
-    was_training = model.training
-    model.eval()
+    modules = [model] if guide is None else [model, guide]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         return sample_ode(counted, noise, steps=steps, method=method, shift=float(shift))
     finally:
-        model.train(was_training)
+        for m, mode in zip(modules, was_training, strict=True):
+            m.train(mode)
         bar.close()

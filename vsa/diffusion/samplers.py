@@ -8,6 +8,9 @@ at one evaluation per step, accurate in few steps. Classifier-free guidance comb
 unconditional velocity: v = v_u + scale * (v_c - v_u), both from one batched model call; with an
 `interval` (t_lo, t_hi) only at times t_lo <= t <= t_hi, and v = v_c elsewhere (guidance in a limited
 interval, Kynkäänniemi et al. 2024: guiding the last, low-noise steps breaks fine structure apart).
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") takes
+the reference velocity from a weaker `guide` model (an early checkpoint of the same run, say) under
+the same condition: v = v_g + scale * (v_c - v_g).
 """
 
 from __future__ import annotations
@@ -46,29 +49,43 @@ def check_interval(interval) -> tuple[float, float] | None:
 
 
 def guided_velocity(model: nn.Module, cond: dict, uncond: dict | None = None,
-                    scale: float = 1.0, interval: tuple[float, float] | None = None) -> VelocityFn:
+                    scale: float = 1.0, interval: tuple[float, float] | None = None,
+                    guide: nn.Module | None = None) -> VelocityFn:
     """Velocity function of `model` under classifier-free guidance with weight `scale`.
 
     `cond` / `uncond` are keyword arguments of the model (e.g. labels, text, text_mask) with the
     same keys; with `uncond=None` or `scale=1` the model is called once on `cond` alone. With
-    `interval` = (t_lo, t_hi), guidance applies only to samples whose t is in [t_lo, t_hi]; a call
-    where no t is inside runs the conditional branch alone. The state is cast to the model's
-    parameter dtype for the call (the sampler keeps it in fp32).
+    `guide` (autoguidance, instead of `uncond`), the reference velocity is the guide model's under
+    `cond`: v = v_g + scale * (v_c - v_g). With `interval` = (t_lo, t_hi), guidance applies only to
+    samples whose t is in [t_lo, t_hi]; a call where no t is inside runs the conditional branch
+    alone. The state is cast to each model's parameter dtype for its call (the sampler keeps it
+    in fp32).
     """
     interval = check_interval(interval)
-    param = next(model.parameters(), None)
-    dtype = None if param is None else param.dtype
+
+    def dtype_of(module: nn.Module) -> torch.dtype | None:
+        param = next(module.parameters(), None)
+        return None if param is None else param.dtype
+
+    dtype = dtype_of(model)
     if uncond is not None and set(cond) != set(uncond):
         raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and "
                          f"{sorted(uncond)} (use model.null_condition(cond))")
+    if guide is not None and uncond is not None:
+        raise ValueError("give uncond (classifier-free guidance) or guide (autoguidance), not both")
+    guide_dtype = None if guide is None else dtype_of(guide)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = x.to(dtype) if dtype is not None else x
         inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
-        if uncond is None or scale == 1.0 or (inside is not None and not bool(inside.any())):
-            return model(x, t, **cond)
-        both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).float().chunk(2)
+        if (uncond is None and guide is None) or scale == 1.0 or (inside is not None and not bool(inside.any())):
+            return model(x.to(dtype) if dtype is not None else x, t, **cond)
+        if guide is not None:
+            v_c = model(x.to(dtype) if dtype is not None else x, t, **cond).float()
+            v_u = guide(x.to(guide_dtype) if guide_dtype is not None else x, t, **cond).float()
+        else:
+            x = x.to(dtype) if dtype is not None else x
+            both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
+            v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).float().chunk(2)
         guided = v_u + scale * (v_c - v_u)
         if inside is None:
             return guided

@@ -48,10 +48,11 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
                        method: str = "euler", cfg_scale: float = 4.0,
                        shift: float | Callable[[int], float] = 1.0, seed: int = 0,
                        cfg_interval: Sequence[float] | None = None,
-                       batch_size: int = 40, confusion: bool = False) -> tuple[dict, torch.Tensor]:
+                       batch_size: int = 40, confusion: bool = False, guide=None) -> tuple[dict, torch.Tensor]:
     """Generate `per_class` videos of each class (labels 0, 1, ..., C-1, 0, 1, ...), decode them to
     pixels with `decode` and score them (`confusion`: with the shape confusion table, see
-    `SampleMetrics.score`). Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
+    `SampleMetrics.score`; `guide`: autoguidance's weaker model, `vsa.diffusion.generate`).
+    Returns (scores, pixel videos [N, C, T, H, W] on the CPU).
 
     Generation runs in chunks of `batch_size` videos with seeds seed, seed + 1, ... per chunk.
     """
@@ -71,7 +72,7 @@ def generate_and_score(model, latent_shape, decode: Callable[[torch.Tensor], tor
         ids = labels[chunk * batch_size:(chunk + 1) * batch_size]
         latents = generate(model, latent_shape, len(ids), labels=ids, steps=steps, method=method,
                            cfg_scale=cfg_scale, cfg_interval=cfg_interval, shift=shift,
-                           seed=seed + chunk, device=device)
+                           seed=seed + chunk, device=device, guide=guide)
         videos.append(decode(latents.float()).float().cpu())
     videos = torch.cat(videos)
     return metrics.score(videos, torch.tensor(labels), confusion=confusion), videos
@@ -110,6 +111,10 @@ def evaluate(cfg: DictConfig) -> dict:
     with config_section("ckpt_path"):
         checkpoint = read_checkpoint(cfg.ckpt_path)
         model = model_from_checkpoint(checkpoint, ema=cfg.ema)
+    guide = None
+    if cfg.get("guide_ckpt_path") is not None:  # autoguidance: a weaker checkpoint guides
+        with config_section("guide_ckpt_path"):
+            guide = model_from_checkpoint(read_checkpoint(cfg.guide_ckpt_path), ema=cfg.ema)
     spec = checkpoint[CHECKPOINT_KEY]
     with config_section("data"):
         dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))
@@ -118,6 +123,8 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics = metrics_for(dataset, model.cfg.num_classes, cfg.cache_dir, recipe, shape_recipe)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if guide is not None:
+        guide.to(device)
     codec = build_codec(**spec["codec"]).to(device)
     ts = spec["timesteps"]
     shift = cfg.shift if cfg.shift is not None else (
@@ -127,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                             per_class=cfg.per_class, steps=cfg.steps,
                                             method=cfg.method, cfg_scale=cfg.cfg_scale, shift=shift,
                                             seed=cfg.seed, cfg_interval=cfg.get("cfg_interval"),
-                                            confusion=metrics.shapes is not None)
+                                            confusion=metrics.shapes is not None, guide=guide)
     confusion = scores.pop("shape_confusion", None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +146,8 @@ def evaluate(cfg: DictConfig) -> dict:
               "num_videos": int(videos.shape[0]),
               "ckpt_path": str(cfg.ckpt_path), "ema": bool(cfg.ema), "steps": int(cfg.steps),
               "cfg_scale": float(cfg.cfg_scale), "method": str(cfg.method),
-              "cfg_interval": None if cfg.get("cfg_interval") is None else list(cfg.cfg_interval)}
+              "cfg_interval": None if cfg.get("cfg_interval") is None else list(cfg.cfg_interval),
+              "guide_ckpt_path": None if cfg.get("guide_ckpt_path") is None else str(cfg.guide_ckpt_path)}
     if confusion is not None:  # which shape is seen for each prompted one
         result["shape_confusion"] = confusion
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -97,6 +97,13 @@ def sample(cfg: DictConfig) -> dict:
         check_sparsity(cfg.sparsity, cfg.topk)
     with config_section("ckpt_path"):
         model, spec = load_model(cfg.ckpt_path, ema=cfg.ema)
+    guide = None
+    if cfg.get("guide_ckpt_path") is not None:  # autoguidance: a weaker checkpoint guides
+        with config_section("guide_ckpt_path"):
+            guide, guide_spec = load_model(cfg.guide_ckpt_path, ema=cfg.ema)
+            if list(guide_spec["latent_shape"]) != list(spec["latent_shape"]):
+                raise ValueError(f"the guide's latent shape {list(guide_spec['latent_shape'])} is not the "
+                                 f"model's {list(spec['latent_shape'])}; give a checkpoint of the same run")
     if isinstance(model, WanVideoModel) and (cfg.get("attention") is not None or cfg.get("tile") is not None):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path} holds a Wan finetune, sampled with its own attention "
                           "and tiles; attention= and tile= swaps are for VideoDiT checkpoints (sparsity= works)")
@@ -118,6 +125,8 @@ def sample(cfg: DictConfig) -> dict:
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if guide is not None:
+        guide.to(device)
     latent_shape = spec["latent_shape"]
     ts = spec["timesteps"]
     shift = cfg.shift if cfg.shift is not None else (
@@ -134,7 +143,7 @@ def sample(cfg: DictConfig) -> dict:
         latents = generate(model, latent_shape, cfg.num_videos, labels=labels, prompts=prompts,
                            text_encoder=text_encoder, steps=cfg.steps,
                            method=cfg.method, cfg_scale=cfg.cfg_scale, cfg_interval=cfg_interval,
-                           shift=shift, seed=cfg.seed, device=device, progress=True)
+                           shift=shift, seed=cfg.seed, device=device, progress=True, guide=guide)
         pixels = build_codec(**spec["codec"]).to(device).decode(latents.float())
     if device.type == "cuda":
         torch.cuda.synchronize()
