@@ -75,15 +75,18 @@ def guided_velocity(model: nn.Module, cond: dict, uncond: dict | None = None,
         raise ValueError("give uncond (classifier-free guidance) or guide (autoguidance), not both")
     guide_dtype = None if guide is None else dtype_of(guide)
 
+    def cast(x: torch.Tensor, to: torch.dtype | None) -> torch.Tensor:
+        return x if to is None else x.to(to)
+
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
         if (uncond is None and guide is None) or scale == 1.0 or (inside is not None and not bool(inside.any())):
-            return model(x.to(dtype) if dtype is not None else x, t, **cond)
+            return model(cast(x, dtype), t, **cond)
         if guide is not None:
-            v_c = model(x.to(dtype) if dtype is not None else x, t, **cond).float()
-            v_u = guide(x.to(guide_dtype) if guide_dtype is not None else x, t, **cond).float()
+            v_c = model(cast(x, dtype), t, **cond).float()
+            v_u = guide(cast(x, guide_dtype), t, **cond).float()
         else:
-            x = x.to(dtype) if dtype is not None else x
+            x = cast(x, dtype)
             both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
             v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).float().chunk(2)
         guided = v_u + scale * (v_c - v_u)
