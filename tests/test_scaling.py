@@ -391,7 +391,7 @@ def test_timing_runs_time_every_configuration_on_one_gpu(tmp_path):
     """Result rows whose step times come from two GPUs (the 5M rows from one, the 10M rows from
     another) leave half the points out of the GPU-time comparison; timing rows (short runs of each
     configuration on one GPU) time all of them, and a `timings` folder beside `rows` is used by
-    default. Timing rows of another shape are left out, and say so."""
+    default. Timing rows that match no result row (another shape) are left out, and say so."""
     full = lambda c: 0.05 + 40.0 * c ** -0.1
     vsa = lambda c: full(2.5 * c)
     budgets = [1e15 * 2 ** i for i in range(5)]
@@ -437,11 +437,17 @@ def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     nearest model's time per FLOP), and a session's worth of the cheapest ones."""
     from vsa.scaling.plan import plan
 
-    rows = tmp_path / "rows"  # the committed 5M rows only: the sweep grows, the test does not
-    rows.mkdir()
-    for path in (REPO / "docs" / "results" / "iso_footage" / "rows").glob("*model=5m,*.json"):
-        shutil.copy(path, rows)
-    result = plan("iso_footage", rows, minutes=20, overhead_s=45)
+    # A frozen copy of the committed rows it reads (the sweeps grow, the test does not): the
+    # footage 5M rows, and the shapes sweep's 5M-20M rows that time the other sizes.
+    results = tmp_path / "results"
+    for sweep, presets in (("iso_footage", ["5m"]), ("iso_shapes", ["5m", "10m", "20m"])):
+        (results / sweep / "rows").mkdir(parents=True)
+        for preset in presets:
+            for path in (REPO / "docs" / "results" / sweep / "rows").glob(f"*model={preset},*.json"):
+                if "seed=" not in path.name:  # first seeds only
+                    shutil.copy(path, results / sweep / "rows")
+    rows = results / "iso_footage" / "rows"
+    result = plan("iso_footage", rows, minutes=20, overhead_s=45, results_dir=results)
     assert len(result["points"]) == 32 and result["rows"] == 10
     left = result["left"]
     assert len(left) == 24 and not [p for p in left if p["preset"] == "5M"]
@@ -461,8 +467,8 @@ def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     assert result["fits"] and result["fits_s"] <= 20 * 60
     assert max(p["est_s"] for p in result["fits"]) <= min(p["est_s"] for p in left if p not in result["fits"])
     # A second seed: every point is left; the 5M ones are timed from their own rows.
-    again = plan("iso_footage", rows, overhead_s=45, extra=["seed=1"])
+    again = plan("iso_footage", rows, overhead_s=45, extra=["seed=1"], results_dir=results)
     assert len(again["left"]) == 32
     assert all(p["basis"].startswith("step time of") for p in again["left"] if p["preset"] == "5M")
-    only_h200 = plan("iso_footage", rows, overhead_s=45, device="H200")  # the footage rows are H200 ones
+    only_h200 = plan("iso_footage", rows, overhead_s=45, device="H200", results_dir=results)  # H200 rows
     assert all(p["est_s"] is not None for p in only_h200["left"])

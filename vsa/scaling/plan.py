@@ -124,12 +124,14 @@ def _preset_params(preset: str) -> float:
 
 
 def plan(sweep: str, rows_dir: str | Path | None = None, minutes: float | None = None, overhead_s: float = 45.0,
-         extra: list[str] = (), device: str | None = None) -> dict:
+         extra: list[str] = (), device: str | None = None, results_dir: str | Path | None = None) -> dict:
     """{"points", "left" (with estimates), "fits" (the cheapest left points within `minutes`)}.
-    `device`: time only with rows whose device name contains it (e.g. "H200")."""
+    `device`: time only with rows whose device name contains it (e.g. "H200"). `results_dir`: the
+    folder of committed sweeps (SWEEP/rows, SWEEP/timings) whose step times it borrows (default
+    docs/results)."""
     from vsa.scaling.rows import find_rows
 
-    results = CONFIG_DIR.parent / "docs" / "results"
+    results = Path(results_dir) if results_dir is not None else CONFIG_DIR.parent / "docs" / "results"
     rows_dir = Path(rows_dir) if rows_dir is not None else results / sweep / "rows"
     rows = find_rows(rows_dir) if rows_dir.is_dir() else []
     # Step times from every committed sweep and its timing runs (same shape, same model: same step,
