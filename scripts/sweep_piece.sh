@@ -4,10 +4,11 @@
 #   scripts/sweep_piece.sh SWEEP SECONDS [train.py overrides...]
 #   scripts/sweep_piece.sh iso_shapes 500 scaling.attentions=[full,vsa] scaling.multiples=[1,2]
 # (ROWS=... and LOG_DIR=... move the rows folder and the logs.)
-# 1. restores the committed rows docs/results/SWEEP/rows into logs/train/multiruns/SWEEP, so the
-#    sweep skips the finished runs; 2. runs `python train.py -m sweep=SWEEP ...`, stopped after
-#    SECONDS (the run in flight is lost; finished ones are kept); 3. collects every finished row
-#    back into docs/results/SWEEP/rows and prints them.
+# Runs `python -m vsa.scaling.piece SWEEP --seconds SECONDS ...`: restores the committed rows
+# docs/results/SWEEP/rows (finished runs are skipped), launches one at a time each point left whose
+# estimated time (measured step times of the committed rows) fits the time still left, copies
+# every finished row back into docs/results/SWEEP/rows, and says what was left for the next piece.
+# Then it prints every row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 sweep=${1:?usage: scripts/sweep_piece.sh SWEEP SECONDS [overrides...]}
@@ -16,15 +17,8 @@ shift 2
 python=${PYTHON:-python}
 rows=${ROWS:-docs/results/$sweep/rows}          # where the finished rows are kept
 log_dir=${LOG_DIR:-logs}
-runs=$log_dir/train/multiruns/$sweep
 mkdir -p "$rows"
-$python -m vsa.scaling.rows restore "$rows" "$runs" || exit 1
-# SIGTERM first (the run in flight stops); SIGKILL 30 s later if it has not ended (a SIGTERM that
-# reaches torch.compile's worker processes mid-compilation can leave the run waiting on them).
-timeout -k 30 "$seconds" $python train.py -m "sweep=$sweep" "paths.log_dir=$log_dir" "$@"
-status=$?
-[ $status -eq 124 ] || [ $status -eq 137 ] && echo "sweep_piece: stopped after ${seconds}s (the run in flight is lost)"
-[ -d "$runs" ] && $python -m vsa.scaling.rows collect "$runs" "$rows"
+$python -m vsa.scaling.piece "$sweep" --seconds "$seconds" --rows "$rows" --log-dir "$log_dir" "$@" || exit 1
 $python - "$rows" <<'PY'
 import glob, json, sys
 rows = [json.load(open(f)) for f in glob.glob(sys.argv[1] + "/*.json")]

@@ -430,6 +430,55 @@ def test_timing_runs_time_every_configuration_on_one_gpu(tmp_path):
         write_report(folder / "rows", tmp_path / "out3", n_bootstrap=20, timings=tmp_path / "nowhere")
 
 
+def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatch):
+    """vsa.scaling.piece on scaling_tiny (full attention: 2 sizes x 2 budgets): with step times
+    that make the 0.6M points cost well under a second and the 2.3M ones 1,000 s a step, a
+    200-second piece trains the two 0.6M points, each in its own launch, collects their rows and
+    leaves the 2.3M points for a later piece; a second piece finds nothing new that fits."""
+    from vsa.scaling.piece import choose, launch_overrides, run_piece, run_point
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    results = tmp_path / "results"
+    timed = results / "timing" / "rows"  # rows of another sweep at the same shape time the points
+    timed.mkdir(parents=True)
+    for preset, params, step_s in (("0.6M", 0.6e6, 0.001), ("2.3M", 2.3e6, 1000.0)):
+        row = {"schema": 1, "preset": preset, "attention": "full", "budget": 1e10, "params": params,
+               "steps": 10, "flops": 1e10, "step_time_s": step_s, "seq_len": 256, "global_batch": 4}
+        (timed / f"{preset}.json").write_text(json.dumps(row))
+    rows = results / "scaling_tiny" / "rows"
+    piece = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
+                      log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results)
+    launched = [" ".join(p["overrides"][:3]) for p, status, _ in piece["ran"]]
+    assert launched == ["model=0.6m attention=full scaling.budget=20000000000.0",
+                        "model=0.6m attention=full scaling.budget=40000000000.0"]
+    assert [status for _, status, _ in piece["ran"]] == [0, 0]
+    assert sorted(r["preset"] for r in find_rows(rows)) == ["0.6M", "0.6M"]
+    assert [p["preset"] for p in piece["left"]] == ["2.3M", "2.3M"]
+    again = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
+                      log_dir=str(tmp_path / "fresh_logs"), overhead_s=0.0, results_dir=results)
+    assert again["ran"] == [] and len(again["left"]) == 2  # the committed rows are restored and skipped
+
+    # One launch runs one point: each grid axis narrowed to the point's value, the grid replaced.
+    point = {"overrides": ["model=20m", "attention=vsa", "scaling.multiple=8", "scaling.presets=[10m,20m]",
+                           "seed=1"], "est_s": 100.0}
+    assert launch_overrides(point) == ["scaling.presets=[20m]", "scaling.attentions=[vsa]",
+                                       "scaling.multiples=[8]", "seed=1"]
+    # Grid order skips what does not fit and takes a later, shorter point; unestimated points last.
+    left = [{"name": "long", "est_s": 500.0}, {"name": "short", "est_s": 100.0},
+            {"name": "new", "est_s": None}, {"name": "shorter", "est_s": 50.0}]
+    assert choose(left, 200, 1.1)["name"] == "short"
+    assert choose(left, 200, 1.1, order="cheapest")["name"] == "shorter"
+    assert choose(left, 40, 1.1)["name"] == "new" and choose(left[:2], 40, 1.1) is None
+    with pytest.raises(ValueError, match="order must be"):
+        choose(left, 200, 1.1, order="random")
+    # A launch still going at its deadline is stopped with SIGTERM.
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
+    sleeper.chmod(0o755)
+    assert run_point("scaling_tiny", point, str(tmp_path), 1.0, str(sleeper)) == -15
+
+
 def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):
     """vsa.scaling.plan on the committed iso_footage 5M rows (full at x1-x32, VSA at x1-x8): the
     grid's 32 points, the 8 5M points done, the rest estimated (the steps the sweep itself derives,

@@ -1,0 +1,152 @@
+"""Run the points of a sweep that fit a time limit, one `train.py` launch per point, keeping every
+finished row: a piece of a sweep on a lent or preemptible GPU whose files do not outlive it.
+
+    python -m vsa.scaling.piece iso_footage --seconds 540 scaling.presets=[20m]
+    python -m vsa.scaling.piece iso_footage --seconds 540 --order cheapest seed=1
+
+1. restores the committed rows (default docs/results/SWEEP/rows) into the sweep's run folders, so
+   finished points are skipped;
+2. lists the points left with their estimated GPU time (`vsa.scaling.plan`: measured step times x
+   steps + `--overhead` seconds a run) and launches, one at a time, each point whose estimate x
+   `--margin` fits the time still left, in grid order (the order of scaling.presets, then
+   scaling.attentions, then the budgets) or cheapest first. A point that does not fit is left for
+   the next piece and the later, shorter points still run. Points without an estimate (no
+   measured row of their attention at this shape anywhere) run last, within what is left;
+3. copies every finished row back after each run, and prints what ran, what was left and why.
+
+A run still going at the deadline gets SIGTERM (it saves `last.ckpt` and resumes when launched
+again on the same machine), then SIGKILL 30 s later. Extra arguments are train.py overrides of
+every point; `scaling.presets=[...]`, `scaling.attentions=[...]`, `scaling.multiples=[...]` or
+`scaling.budgets=[...]` narrow the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vsa.scaling.plan import CONFIG_DIR, plan
+from vsa.scaling.rows import collect_rows, find_rows, restore_rows
+
+REPO = CONFIG_DIR.parent
+GRID_AXES = {"model": "scaling.presets", "attention": "scaling.attentions",
+             "scaling.multiple": "scaling.multiples", "scaling.budget": "scaling.budgets"}
+
+
+def launch_overrides(point: dict) -> list[str]:
+    """The train.py -m overrides that run exactly this grid point: each grid axis narrowed to the
+    point's value (the run folder stays the one a whole-grid launch gives it), then the extra
+    overrides of every point."""
+    narrowed, extra = [], []
+    for override in point["overrides"]:
+        key, _, value = override.partition("=")
+        if key in GRID_AXES:
+            narrowed.append(f"{GRID_AXES[key]}=[{value}]")
+        elif key not in GRID_AXES.values():  # the grid as given: replaced by the point's value
+            extra.append(override)
+    return [*narrowed, *extra]
+
+
+def choose(left: list[dict], remaining_s: float, margin: float, order: str = "grid") -> dict | None:
+    """The next point to launch with `remaining_s` seconds left: the first (in grid order, or the
+    cheapest) whose estimate x `margin` fits; else the first point without an estimate; else None."""
+    if order not in ("grid", "cheapest"):
+        raise ValueError(f"order must be 'grid' or 'cheapest', not {order!r}")
+    known = [p for p in left if p["est_s"] is not None]
+    if order == "cheapest":
+        known.sort(key=lambda p: p["est_s"])
+    for p in known:
+        if p["est_s"] * margin <= remaining_s:
+            return p
+    return next((p for p in left if p["est_s"] is None), None)
+
+
+def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: str) -> int:
+    """Launch train.py for one point; SIGTERM at `timeout_s`, SIGKILL 30 s later. Its exit status
+    (-SIGTERM / -SIGKILL when stopped)."""
+    command = [python, "train.py", "-m", f"sweep={sweep}", f"paths.log_dir={log_dir}", *launch_overrides(point)]
+    print("+ " + " ".join(command), flush=True)
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        return process.wait(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return -signal.SIGTERM
+
+
+def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: str | Path | None = None,
+              log_dir: str = "logs", margin: float = 1.1, overhead_s: float = 45.0, order: str = "grid",
+              results_dir: str | Path | None = None, device: str | None = None,
+              python: str = sys.executable) -> dict:
+    """Run what fits of `sweep` in `seconds` (module docstring). Returns {"ran": [(point, status,
+    seconds)], "left": the points still without a row, "rows": the rows folder}."""
+    if seconds <= 0 or margin <= 0:
+        raise ValueError("seconds and margin must be > 0")
+    deadline = time.monotonic() + seconds
+    results = Path(results_dir) if results_dir is not None else REPO / "docs" / "results"
+    rows_dir = Path(rows_dir) if rows_dir is not None else results / sweep / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(log_dir) if Path(log_dir).is_absolute() else REPO / log_dir
+    runs_dir = runs_dir / "train" / "multiruns" / sweep
+    restored = restore_rows(rows_dir, runs_dir)
+    print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}", flush=True)
+    left = plan(sweep, rows_dir, overhead_s=overhead_s, extra=list(overrides), device=device,
+                results_dir=results)["left"]
+    ran = []
+    while left:
+        remaining = deadline - time.monotonic()
+        point = choose(left, remaining, margin, order)
+        if point is None or remaining < 1.0:
+            break
+        left.remove(point)
+        t0 = time.monotonic()
+        status = run_point(sweep, point, str(log_dir), remaining, python)
+        ran.append((point, status, time.monotonic() - t0))
+        if runs_dir.is_dir():
+            collect_rows(runs_dir, rows_dir)
+    done = {Path(r["_path"]).stem for r in find_rows(rows_dir)}
+    print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s")
+    for point, status, spent in ran:
+        what = {0: "finished", -signal.SIGTERM: "stopped at the deadline (resumes from last.ckpt on this machine)"}
+        est = "no estimate" if point["est_s"] is None else f"estimated {point['est_s']:.0f} s"
+        print(f"  {' '.join(point['overrides'])}: {what.get(status, f'exit status {status}')}, "
+              f"{spent:.0f} s ({est})")
+    for point in left:
+        est = "no estimate" if point["est_s"] is None else f"needs ~{point['est_s'] * margin:.0f} s"
+        print(f"  left for the next piece: {' '.join(point['overrides'])} ({est})")
+    print(f"piece: {len(done)} row(s) in {rows_dir}", flush=True)
+    return {"ran": ran, "left": left, "rows": rows_dir}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vsa.scaling.piece", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", help="a sweep config name (configs/sweep/), e.g. iso_footage")
+    ap.add_argument("overrides", nargs="*", help="train.py overrides of every point, e.g. scaling.presets=[20m]")
+    ap.add_argument("--seconds", type=float, required=True, help="the time limit of the whole piece")
+    ap.add_argument("--rows", default=None, help="the sweep's rows (default: docs/results/SWEEP/rows)")
+    ap.add_argument("--log-dir", default="logs", help="paths.log_dir of the runs (default: logs)")
+    ap.add_argument("--order", default="grid", choices=("grid", "cheapest"), help="which fitting point first")
+    ap.add_argument("--margin", type=float, default=1.1, help="launch a point only if estimate x margin fits")
+    ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
+    ap.add_argument("--device", default=None, help="estimate with the rows of this device only, e.g. H100")
+    args = ap.parse_intermixed_args(argv)  # options before or after the overrides
+    try:
+        run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
+                  args.order, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
