@@ -7,7 +7,8 @@
 # Runs `python -m vsa.scaling.piece SWEEP --seconds SECONDS ...`: restores the committed rows
 # docs/results/SWEEP/rows (finished runs are skipped), launches one at a time each point left whose
 # estimated time (measured step times of the committed rows) fits the time still left, copies
-# every finished row back into docs/results/SWEEP/rows, and says what was left for the next piece.
+# every finished row back into docs/results/SWEEP/rows, and says what was left for the next piece
+# (`python -m vsa.scaling.piece SWEEP --seconds S --dry-run` lists what would launch).
 # Then it prints every row.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -447,6 +447,10 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
                "steps": 10, "flops": 1e10, "step_time_s": step_s, "seq_len": 256, "global_batch": 4}
         (timed / f"{preset}.json").write_text(json.dumps(row))
     rows = results / "scaling_tiny" / "rows"
+    dry = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
+                    log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results, dry_run=True)
+    assert [(p["preset"], status) for p, status, _ in dry["ran"]] == [("0.6M", None), ("0.6M", None)]
+    assert find_rows(rows) == [] and not (tmp_path / "logs").exists()  # nothing launched
     piece = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
                       log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results)
     launched = [" ".join(p["overrides"][:3]) for p, status, _ in piece["ran"]]

@@ -86,9 +86,11 @@ def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: s
 def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: str | Path | None = None,
               log_dir: str = "logs", margin: float = 1.1, overhead_s: float = 45.0, order: str = "grid",
               results_dir: str | Path | None = None, device: str | None = None,
-              python: str = sys.executable) -> dict:
+              python: str = sys.executable, dry_run: bool = False) -> dict:
     """Run what fits of `sweep` in `seconds` (module docstring). Returns {"ran": [(point, status,
-    seconds)], "left": the points still without a row, "rows": the rows folder}."""
+    seconds)], "left": the points still without a row, "rows": the rows folder}. `dry_run`: launch
+    nothing and restore nothing; list what would launch if every run took its estimate (status
+    None), stopping at the first point without an estimate."""
     if seconds <= 0 or margin <= 0:
         raise ValueError("seconds and margin must be > 0")
     deadline = time.monotonic() + seconds
@@ -97,8 +99,9 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
     rows_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(log_dir) if Path(log_dir).is_absolute() else REPO / log_dir
     runs_dir = runs_dir / "train" / "multiruns" / sweep
-    restored = restore_rows(rows_dir, runs_dir)
-    print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}", flush=True)
+    if not dry_run:
+        restored = restore_rows(rows_dir, runs_dir)
+        print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}", flush=True)
     left = plan(sweep, rows_dir, overhead_s=overhead_s, extra=list(overrides), device=device,
                 results_dir=results)["left"]
     ran = []
@@ -107,6 +110,13 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
         point = choose(left, remaining, margin, order)
         if point is None or remaining < 1.0:
             break
+        if dry_run:
+            if point["est_s"] is None:
+                break
+            left.remove(point)
+            ran.append((point, None, point["est_s"]))
+            deadline -= point["est_s"]
+            continue
         left.remove(point)
         t0 = time.monotonic()
         status = run_point(sweep, point, str(log_dir), remaining, python)
@@ -114,9 +124,11 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
         if runs_dir.is_dir():
             collect_rows(runs_dir, rows_dir)
     done = {Path(r["_path"]).stem for r in find_rows(rows_dir)}
-    print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s")
+    print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s"
+          + (" (dry run: nothing launched; each run taken at its estimate)" if dry_run else ""))
     for point, status, spent in ran:
-        what = {0: "finished", -signal.SIGTERM: "stopped at the deadline (resumes from last.ckpt on this machine)"}
+        what = {0: "finished", None: "would launch",
+                -signal.SIGTERM: "stopped at the deadline (resumes from last.ckpt on this machine)"}
         est = "no estimate" if point["est_s"] is None else f"estimated {point['est_s']:.0f} s"
         print(f"  {' '.join(point['overrides'])}: {what.get(status, f'exit status {status}')}, "
               f"{spent:.0f} s ({est})")
@@ -138,10 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--margin", type=float, default=1.1, help="launch a point only if estimate x margin fits")
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
     ap.add_argument("--device", default=None, help="estimate with the rows of this device only, e.g. H100")
+    ap.add_argument("--dry-run", action="store_true", help="list what would launch; launch nothing")
     args = ap.parse_intermixed_args(argv)  # options before or after the overrides
     try:
         run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
-                  args.order, device=args.device)
+                  args.order, device=args.device, dry_run=args.dry_run)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
