@@ -435,7 +435,7 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     that make the 0.6M points cost well under a second and the 2.3M ones 1,000 s a step, a
     200-second piece trains the two 0.6M points, each in its own launch, collects their rows and
     leaves the 2.3M points for a later piece; a second piece finds nothing new that fits."""
-    from vsa.scaling.piece import choose, launch_overrides, run_piece, run_point
+    from vsa.scaling.piece import choose, launch_overrides, main, run_piece, run_point
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -481,6 +481,7 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
     sleeper.chmod(0o755)
     assert run_point("scaling_tiny", point, str(tmp_path), 1.0, str(sleeper)) == -15
+    assert main(["iso_footge", "--seconds", "10"]) == 2  # names the sweeps there are
 
 
 def test_the_plan_lists_what_is_left_of_a_sweep_and_what_it_costs(tmp_path):

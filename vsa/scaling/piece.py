@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from vsa.scaling.plan import CONFIG_DIR, plan
+from vsa.scaling.plan import CONFIG_DIR, plan, sweep_names
 from vsa.scaling.rows import collect_rows, find_rows, restore_rows
 
 REPO = CONFIG_DIR.parent
@@ -123,7 +123,6 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
         ran.append((point, status, time.monotonic() - t0))
         if runs_dir.is_dir():
             collect_rows(runs_dir, rows_dir)
-    done = {Path(r["_path"]).stem for r in find_rows(rows_dir)}
     print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s"
           + (" (dry run: nothing launched; each run taken at its estimate)" if dry_run else ""))
     for point, status, spent in ran:
@@ -135,7 +134,7 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
     for point in left:
         est = "no estimate" if point["est_s"] is None else f"needs ~{point['est_s'] * margin:.0f} s"
         print(f"  left for the next piece: {' '.join(point['overrides'])} ({est})")
-    print(f"piece: {len(done)} row(s) in {rows_dir}", flush=True)
+    print(f"piece: {len(find_rows(rows_dir))} row(s) in {rows_dir}", flush=True)
     return {"ran": ran, "left": left, "rows": rows_dir}
 
 
@@ -152,6 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="estimate with the rows of this device only, e.g. H100")
     ap.add_argument("--dry-run", action="store_true", help="list what would launch; launch nothing")
     args = ap.parse_intermixed_args(argv)  # options before or after the overrides
+    if args.sweep not in sweep_names():
+        print(f"error: no sweep named {args.sweep!r}; give one of {', '.join(sweep_names())} (configs/sweep/)",
+              file=sys.stderr)
+        return 2
     try:
         run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
                   args.order, device=args.device, dry_run=args.dry_run)

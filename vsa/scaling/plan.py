@@ -28,6 +28,11 @@ from omegaconf import DictConfig
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
+def sweep_names() -> list[str]:
+    """The sweep configs (configs/sweep/*.yaml), without the shared `_` parts."""
+    return sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
+
+
 def compose_point(sweep: str, overrides: list[str]) -> DictConfig:
     """The train config of `sweep` with `overrides` (one grid point), resolvers registered."""
     from hydra import compose, initialize_config_dir
@@ -163,6 +168,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
     ap.add_argument("--device", default=None, help="time with the rows of this device only, e.g. H200")
     args = ap.parse_args(argv)
+    if args.sweep not in sweep_names():
+        raise SystemExit(f"error: no sweep named {args.sweep!r}; give one of {', '.join(sweep_names())} "
+                         "(configs/sweep/)")
     result = plan(args.sweep, args.rows, args.minutes, args.overhead, args.overrides, args.device)
     left, known = result["left"], [p for p in result["left"] if p["est_s"] is not None]
     print(f"{args.sweep}: {len(result['points'])} grid points, {len(result['points']) - len(left)} with rows "
