@@ -18,7 +18,6 @@ shift 2
 python=${PYTHON:-python}
 rows=${ROWS:-docs/results/$sweep/rows}          # where the finished rows are kept
 log_dir=${LOG_DIR:-logs}
-mkdir -p "$rows"
 $python -m vsa.scaling.piece "$sweep" --seconds "$seconds" --rows "$rows" --log-dir "$log_dir" "$@" || exit 1
 $python - "$rows" <<'PY'
 import glob, json, sys
