@@ -140,6 +140,8 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     from hydra import compose, initialize_config_dir
     from test_train import CONFIGS, csv_column, run_train
 
+    from vsa.checkpoint import CHECKPOINT_KEY
+    from vsa.config import ConfigError
     from vsa.eval.samples import evaluate
 
     recipe = "{steps: 5, batch_size: 8, train_samples: 32, holdout_samples: 16}"
@@ -178,6 +180,15 @@ def test_validation_logs_sample_quality_and_the_cli_scores_the_checkpoint(tmp_pa
     plain, itself = evaluate(plain), evaluate(itself)
     assert itself["guide_ckpt_path"] == str(ckpt) and plain["guide_ckpt_path"] is None
     assert itself["fd"] == pytest.approx(plain["fd"], rel=1e-4) and itself["class_acc"] == plain["class_acc"]
+    # a guide trained on another latent shape is refused, as sample.py refuses it
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint[CHECKPOINT_KEY]["latent_shape"] = [3, 8, 16, 16]
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        other = compose("eval", overrides=[f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'other'}",
+                                           f"guide_ckpt_path={tmp_path / 'other.ckpt'}"])
+    with pytest.raises(ConfigError, match=r"guide_ckpt_path: the guide's latent shape \[3, 8, 16, 16\]"):
+        evaluate(other)
 
 
 def test_prompt_following_reads_colour_and_motion_from_the_pixels():

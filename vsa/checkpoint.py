@@ -112,3 +112,13 @@ def load_model(path: str | Path, ema: bool = True) -> tuple[VideoDiT | WanVideoM
     """(VideoDiT in eval mode on the CPU, the checkpoint's sampling spec)."""
     checkpoint = read_checkpoint(path)
     return model_from_checkpoint(checkpoint, ema), checkpoint[CHECKPOINT_KEY]
+
+
+def load_guide(path: str | Path, spec: dict, ema: bool = True) -> VideoDiT | WanVideoModel:
+    """Autoguidance's weaker model from checkpoint `path`, refused (ValueError, with the fix) unless it
+    was trained on the latent shape of the model whose sampling spec is `spec`."""
+    guide, guide_spec = load_model(path, ema)
+    if list(guide_spec["latent_shape"]) != list(spec["latent_shape"]):
+        raise ValueError(f"the guide's latent shape {list(guide_spec['latent_shape'])} is not the "
+                         f"model's {list(spec['latent_shape'])}; give a checkpoint of the same run")
+    return guide

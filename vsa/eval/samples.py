@@ -101,7 +101,7 @@ def dataset_config(ckpt_path: str | Path, checkpoint: dict, override: Mapping | 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score a checkpoint (configs/eval.yaml); returns the scores and the written paths."""
-    from vsa.checkpoint import CHECKPOINT_KEY, model_from_checkpoint, read_checkpoint
+    from vsa.checkpoint import CHECKPOINT_KEY, load_guide, model_from_checkpoint, read_checkpoint
     from vsa.config import check_missing, config_section
     from vsa.data.codecs import build_codec
     from vsa.data.media import save_grid, to_uint8_frames
@@ -114,7 +114,7 @@ def evaluate(cfg: DictConfig) -> dict:
     guide = None
     if cfg.get("guide_ckpt_path") is not None:  # autoguidance: a weaker checkpoint guides
         with config_section("guide_ckpt_path"):
-            guide = model_from_checkpoint(read_checkpoint(cfg.guide_ckpt_path), ema=cfg.ema)
+            guide = load_guide(cfg.guide_ckpt_path, checkpoint[CHECKPOINT_KEY], ema=cfg.ema)
     spec = checkpoint[CHECKPOINT_KEY]
     with config_section("data"):
         dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vsa.attention import BACKENDS
-from vsa.checkpoint import load_model
+from vsa.checkpoint import load_guide, load_model
 from vsa.config import ConfigError, check_missing, config_section
 from vsa.data.codecs import build_codec
 from vsa.data.media import save_grid, to_uint8_frames, write_mp4
@@ -100,10 +100,7 @@ def sample(cfg: DictConfig) -> dict:
     guide = None
     if cfg.get("guide_ckpt_path") is not None:  # autoguidance: a weaker checkpoint guides
         with config_section("guide_ckpt_path"):
-            guide, guide_spec = load_model(cfg.guide_ckpt_path, ema=cfg.ema)
-            if list(guide_spec["latent_shape"]) != list(spec["latent_shape"]):
-                raise ValueError(f"the guide's latent shape {list(guide_spec['latent_shape'])} is not the "
-                                 f"model's {list(spec['latent_shape'])}; give a checkpoint of the same run")
+            guide = load_guide(cfg.guide_ckpt_path, spec, ema=cfg.ema)
     if isinstance(model, WanVideoModel) and (cfg.get("attention") is not None or cfg.get("tile") is not None):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path} holds a Wan finetune, sampled with its own attention "
                           "and tiles; attention= and tile= swaps are for VideoDiT checkpoints (sparsity= works)")
