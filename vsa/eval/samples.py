@@ -111,11 +111,11 @@ def evaluate(cfg: DictConfig) -> dict:
     with config_section("ckpt_path"):
         checkpoint = read_checkpoint(cfg.ckpt_path)
         model = model_from_checkpoint(checkpoint, ema=cfg.ema)
+    spec = checkpoint[CHECKPOINT_KEY]
     guide = None
     if cfg.get("guide_ckpt_path") is not None:  # autoguidance: a weaker checkpoint guides
         with config_section("guide_ckpt_path"):
-            guide = load_guide(cfg.guide_ckpt_path, checkpoint[CHECKPOINT_KEY], ema=cfg.ema)
-    spec = checkpoint[CHECKPOINT_KEY]
+            guide = load_guide(cfg.guide_ckpt_path, spec, ema=cfg.ema)
     with config_section("data"):
         dataset = dataset_config(cfg.ckpt_path, checkpoint, cfg.get("data"))
         recipe, shape_recipe = (None if cfg.get(k) is None else OmegaConf.to_container(cfg[k], resolve=True)
