@@ -435,7 +435,8 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     that make the 0.6M points cost well under a second and the 2.3M ones 1,000 s a step, a
     200-second piece trains the two 0.6M points, each in its own launch, collects their rows and
     leaves the 2.3M points for a later piece; a second piece finds nothing new that fits."""
-    from vsa.scaling.piece import choose, launch_overrides, main, run_piece, run_point
+    from vsa.scaling.piece import choose, launch_overrides, main, run_piece, run_point, steps_done, with_progress
+    from vsa.scaling.plan import point_key
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -462,6 +463,27 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     again = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
                       log_dir=str(tmp_path / "fresh_logs"), overhead_s=0.0, results_dir=results)
     assert again["ran"] == [] and len(again["left"]) == 2  # the committed rows are restored and skipped
+    # --partial: when nothing fits, the cheapest point is launched anyway (saved at the deadline).
+    partial = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
+                        log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results, dry_run=True,
+                        partial=True)
+    assert [(p["preset"], status) for p, status, _ in partial["ran"]] == [("2.3M", "partial")]
+    assert 190 < partial["ran"][0][2] <= 200  # it gets what is left of the piece
+    # A run stopped at an earlier deadline, its last.ckpt at step 1, is estimated for what is left.
+    big, other = sorted(piece["left"], key=lambda p: -p["steps"])
+    run = tmp_path / "logs" / "train" / "multiruns" / "scaling_tiny" / "stopped_run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save({"model": {"name": big["preset"]}, "attention": {"name": "full"},
+                    "scaling": {"budget": big["budget"]}, "seed": 0}, run / ".hydra" / "config.yaml")
+    OmegaConf.save(["model=2.3m", "attention=full"], run / ".hydra" / "overrides.yaml")
+    torch.save({"global_step": 1}, run / "checkpoints" / "last.ckpt")
+    done = steps_done(run.parent)
+    assert done == {point_key(big["preset"], "full", big["budget"], 0): 1}  # finished runs are not listed
+    resumed, untouched = with_progress([big, other], done, overhead_s=0.0)
+    assert resumed["done_steps"] == 1 and untouched.get("done_steps") is None and big["steps"] > 1
+    assert resumed["est_s"] == pytest.approx(big["est_s"] * (big["steps"] - 1) / big["steps"])
+    assert untouched["est_s"] == other["est_s"]
 
     # One launch runs one point: each grid axis narrowed to the point's value, the grid replaced.
     point = {"overrides": ["model=20m", "attention=vsa", "scaling.multiple=8", "scaling.presets=[10m,20m]",
@@ -474,6 +496,7 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     assert choose(left, 200, 1.1)["name"] == "short"
     assert choose(left, 200, 1.1, order="cheapest")["name"] == "shorter"
     assert choose(left, 40, 1.1)["name"] == "new" and choose(left[:2], 40, 1.1) is None
+    assert choose(left[:2], 40, 1.1, partial=True)["name"] == "short"  # nothing fits: the cheapest
     with pytest.raises(ValueError, match="order must be"):
         choose(left, 200, 1.1, order="random")
     # A launch still going at its deadline is stopped with SIGTERM.

@@ -15,9 +15,12 @@ finished row: a piece of a sweep on a lent or preemptible GPU whose files do not
 3. copies every finished row back after each run, and prints what ran, what was left and why.
 
 A run still going at the deadline gets SIGTERM (it saves `last.ckpt` and resumes when launched
-again on the same machine), then SIGKILL 30 s later. Extra arguments are train.py overrides of
-every point; `scaling.presets=[...]`, `scaling.attentions=[...]`, `scaling.multiples=[...]` or
-`scaling.budgets=[...]` narrow the grid.
+again on the same machine), then SIGKILL 30 s later. A point whose run folder holds such a
+`last.ckpt` is estimated for the steps it has left. `--partial`: when no point fits, launch the
+cheapest one anyway, to be stopped and saved at the deadline and finished by the next piece on the
+same machine (so a point longer than one launch can run, e.g. 60M VSA at x8 under a 10-minute
+limit). Extra arguments are train.py overrides of every point; `scaling.presets=[...]`,
+`scaling.attentions=[...]`, `scaling.multiples=[...]` or `scaling.budgets=[...]` narrow the grid.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from vsa.scaling.plan import CONFIG_DIR, plan, sweep_names
-from vsa.scaling.rows import collect_rows, find_rows, restore_rows
+from vsa.scaling.plan import CONFIG_DIR, plan, point_key, sweep_names
+from vsa.scaling.rows import RESULT_FILE, collect_rows, find_rows, restore_rows
 
 REPO = CONFIG_DIR.parent
 GRID_AXES = {"model": "scaling.presets", "attention": "scaling.attentions",
@@ -51,9 +54,50 @@ def launch_overrides(point: dict) -> list[str]:
     return [*narrowed, *extra]
 
 
-def choose(left: list[dict], remaining_s: float, margin: float, order: str = "grid") -> dict | None:
+def steps_done(runs_dir: Path) -> dict[tuple, int]:
+    """The training step of every unfinished run under `runs_dir` that saved a `last.ckpt` (a run
+    stopped at an earlier piece's deadline), keyed like `vsa.scaling.plan.point_key`."""
+    import torch
+    from omegaconf import OmegaConf
+
+    done = {}
+    for last in sorted(runs_dir.glob("*/checkpoints/last.ckpt")):
+        run = last.parent.parent
+        config, overrides = run / ".hydra" / "config.yaml", run / ".hydra" / "overrides.yaml"
+        if (run / RESULT_FILE).is_file() or not config.is_file():
+            continue
+        cfg = OmegaConf.load(config)
+        attention = next((o.split("=", 1)[1] for o in (OmegaConf.load(overrides) if overrides.is_file() else ())
+                          if o.startswith("attention=")), cfg.attention.name)
+        try:
+            step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        except Exception:  # unreadable: train.py says so when it resumes; estimate the whole run
+            continue
+        done[point_key(cfg.model.name, attention, cfg.scaling.budget, cfg.seed)] = step
+    return done
+
+
+def with_progress(left: list[dict], done: dict[tuple, int], overhead_s: float) -> list[dict]:
+    """`left` with each point that has a saved step estimated for the steps it has left (its
+    "done_steps" set): est = overhead + (steps - done) / steps x (est - overhead)."""
+    out = []
+    for p in left:
+        step = done.get(point_key(p["preset"], p["attention"], p["budget"], p["seed"]))
+        if step:
+            p = dict(p, done_steps=step)
+            if p["est_s"] is not None:
+                share = max(p["steps"] - step, 0) / max(p["steps"], 1)
+                p["est_s"] = overhead_s + share * (p["est_s"] - overhead_s)
+        out.append(p)
+    return out
+
+
+def choose(left: list[dict], remaining_s: float, margin: float, order: str = "grid",
+           partial: bool = False) -> dict | None:
     """The next point to launch with `remaining_s` seconds left: the first (in grid order, or the
-    cheapest) whose estimate x `margin` fits; else the first point without an estimate; else None."""
+    cheapest) whose estimate x `margin` fits; else the first point without an estimate; else, with
+    `partial`, the cheapest point (it will not finish: it is stopped and saved at the deadline);
+    else None."""
     if order not in ("grid", "cheapest"):
         raise ValueError(f"order must be 'grid' or 'cheapest', not {order!r}")
     known = [p for p in left if p["est_s"] is not None]
@@ -62,7 +106,10 @@ def choose(left: list[dict], remaining_s: float, margin: float, order: str = "gr
     for p in known:
         if p["est_s"] * margin <= remaining_s:
             return p
-    return next((p for p in left if p["est_s"] is None), None)
+    unestimated = next((p for p in left if p["est_s"] is None), None)
+    if unestimated is not None or not partial or not known:
+        return unestimated
+    return min(known, key=lambda p: p["est_s"])
 
 
 def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: str) -> int:
@@ -86,11 +133,13 @@ def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: s
 def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: str | Path | None = None,
               log_dir: str = "logs", margin: float = 1.1, overhead_s: float = 45.0, order: str = "grid",
               results_dir: str | Path | None = None, device: str | None = None,
-              python: str = sys.executable, dry_run: bool = False) -> dict:
+              python: str = sys.executable, dry_run: bool = False, partial: bool = False) -> dict:
     """Run what fits of `sweep` in `seconds` (module docstring). Returns {"ran": [(point, status,
     seconds)], "left": the points still without a row, "rows": the rows folder}. `dry_run`: launch
     nothing and restore nothing; list what would launch if every run took its estimate (status
-    None), stopping at the first point without an estimate."""
+    None; "partial" for a launch that would not finish), stopping at the first point without an
+    estimate. `partial`: when nothing fits, launch the cheapest point anyway, to be stopped and
+    saved at the deadline (`choose`)."""
     if seconds <= 0 or margin <= 0:
         raise ValueError("seconds and margin must be > 0")
     deadline = time.monotonic() + seconds
@@ -104,14 +153,19 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
         print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}", flush=True)
     left = plan(sweep, rows_dir, overhead_s=overhead_s, extra=list(overrides), device=device,
                 results_dir=results)["left"]
+    left = with_progress(left, steps_done(runs_dir) if runs_dir.is_dir() else {}, overhead_s)
     ran = []
     while left:
         remaining = deadline - time.monotonic()
-        point = choose(left, remaining, margin, order)
+        point = choose(left, remaining, margin, order, partial)
         if point is None or remaining < 1.0:
             break
         if dry_run:
-            if point["est_s"] is None:
+            if point["est_s"] is None or point["est_s"] * margin > remaining:
+                if point["est_s"] is not None:  # a partial launch: it takes what is left
+                    left.remove(point)
+                    ran.append((point, "partial", remaining))
+                    deadline -= remaining
                 break
             left.remove(point)
             ran.append((point, None, point["est_s"]))
@@ -126,13 +180,17 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
     print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s"
           + (" (dry run: nothing launched; each run taken at its estimate)" if dry_run else ""))
     for point, status, spent in ran:
-        what = {0: "finished", None: "would launch",
+        what = {0: "finished", None: "would launch", "partial": "would launch, to be stopped and saved at the deadline",
                 -signal.SIGTERM: "stopped at the deadline (resumes from last.ckpt on this machine)"}
         est = "no estimate" if point["est_s"] is None else f"estimated {point['est_s']:.0f} s"
+        if point.get("done_steps"):
+            est += f", resumed at step {point['done_steps']} of {point['steps']}"
         print(f"  {' '.join(point['overrides'])}: {what.get(status, f'exit status {status}')}, "
               f"{spent:.0f} s ({est})")
     for point in left:
         est = "no estimate" if point["est_s"] is None else f"needs ~{point['est_s'] * margin:.0f} s"
+        if point.get("done_steps"):
+            est += f"; saved at step {point['done_steps']} of {point['steps']} here"
         print(f"  left for the next piece: {' '.join(point['overrides'])} ({est})")
     print(f"piece: {len(find_rows(rows_dir))} row(s) in {rows_dir}", flush=True)
     return {"ran": ran, "left": left, "rows": rows_dir}
@@ -150,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
     ap.add_argument("--device", default=None, help="estimate with the rows of this device only, e.g. H100")
     ap.add_argument("--dry-run", action="store_true", help="list what would launch; launch nothing")
+    ap.add_argument("--partial", action="store_true",
+                    help="when nothing fits, launch the cheapest point anyway; it is saved at the deadline "
+                         "and the next piece on this machine finishes it")
     args = ap.parse_intermixed_args(argv)  # options before or after the overrides
     if args.sweep not in sweep_names():
         print(f"error: no sweep named {args.sweep!r}; give one of {', '.join(sweep_names())} (configs/sweep/)",
@@ -157,7 +218,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
-                  args.order, device=args.device, dry_run=args.dry_run)
+                  args.order, device=args.device, dry_run=args.dry_run, partial=args.partial)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -77,8 +77,9 @@ def attention_name(row: dict) -> str:
     return row["attention"]
 
 
-def _key(preset: str, attention: str, budget: float, seed) -> tuple:
-    return preset, attention, round(math.log2(budget), 6), int(seed or 0)
+def point_key(preset: str, attention: str, budget: float, seed) -> tuple:
+    """What identifies a grid point: model preset, attention config, budget, seed."""
+    return preset, attention, round(math.log2(float(budget)), 6), int(seed or 0)
 
 
 def estimate(points: list[dict], rows: list[dict], overhead_s: float, timing: list[dict] | None = None) -> list[dict]:
@@ -86,7 +87,7 @@ def estimate(points: list[dict], rows: list[dict], overhead_s: float, timing: li
     and "basis". Times come from `timing` (default: `rows`), the rows of the points' sequence
     length and global batch (a step's time does not depend on the data), in the points' compile
     mode when there are any (eager rows of a sweep now compiled would overstate it)."""
-    done = {_key(r["preset"], attention_name(r), r["budget"], r.get("seed")) for r in rows}
+    done = {point_key(r["preset"], attention_name(r), r["budget"], r.get("seed")) for r in rows}
     shapes = {(p["seq_len"], p["global_batch"]) for p in points}
     timed = [r for r in (rows if timing is None else timing)
              if r.get("step_time_s") and r.get("flops") and r.get("steps")
@@ -102,7 +103,7 @@ def estimate(points: list[dict], rows: list[dict], overhead_s: float, timing: li
             (float(r["params"]), r["step_time_s"] * r["steps"] / r["flops"]))
     left = []
     for p in points:
-        if _key(p["preset"], p["attention"], p["budget"], p["seed"]) in done:
+        if point_key(p["preset"], p["attention"], p["budget"], p["seed"]) in done:
             continue
         p = dict(p)
         measured = step_times.get((p["preset"], p["attention"]))
