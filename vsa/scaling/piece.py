@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from vsa.scaling.plan import CONFIG_DIR, plan, point_key, sweep_names
+from vsa.scaling.plan import CONFIG_DIR, attention_name, check_sweep, plan, point_key
 from vsa.scaling.rows import RESULT_FILE, collect_rows, find_rows, restore_rows
 
 REPO = CONFIG_DIR.parent
@@ -67,8 +67,8 @@ def steps_done(runs_dir: Path) -> dict[tuple, int]:
         if (run / RESULT_FILE).is_file() or not config.is_file():
             continue
         cfg = OmegaConf.load(config)
-        attention = next((o.split("=", 1)[1] for o in (OmegaConf.load(overrides) if overrides.is_file() else ())
-                          if o.startswith("attention=")), cfg.attention.name)
+        attention = attention_name({"attention": cfg.attention.name,
+                                    "overrides": list(OmegaConf.load(overrides)) if overrides.is_file() else []})
         try:
             step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         except Exception:  # unreadable: train.py says so when it resumes; estimate the whole run
@@ -140,6 +140,7 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
     None; "partial" for a launch that would not finish), stopping at the first point without an
     estimate. `partial`: when nothing fits, launch the cheapest point anyway, to be stopped and
     saved at the deadline (`choose`)."""
+    check_sweep(sweep)
     if seconds <= 0 or margin <= 0:
         raise ValueError("seconds and margin must be > 0")
     deadline = time.monotonic() + seconds
@@ -161,15 +162,13 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
         if point is None or remaining < 1.0:
             break
         if dry_run:
-            if point["est_s"] is None or point["est_s"] * margin > remaining:
-                if point["est_s"] is not None:  # a partial launch: it takes what is left
-                    left.remove(point)
-                    ran.append((point, "partial", remaining))
-                    deadline -= remaining
+            if point["est_s"] is None:
                 break
             left.remove(point)
-            ran.append((point, None, point["est_s"]))
-            deadline -= point["est_s"]
+            fits = point["est_s"] * margin <= remaining  # else a partial launch: it takes what is left
+            spent = point["est_s"] if fits else remaining
+            ran.append((point, None if fits else "partial", spent))
+            deadline -= spent
             continue
         left.remove(point)
         t0 = time.monotonic()
@@ -212,10 +211,6 @@ def main(argv=None) -> int:
                     help="when nothing fits, launch the cheapest point anyway; it is saved at the deadline "
                          "and the next piece on this machine finishes it")
     args = ap.parse_intermixed_args(argv)  # options before or after the overrides
-    if args.sweep not in sweep_names():
-        print(f"error: no sweep named {args.sweep!r}; give one of {', '.join(sweep_names())} (configs/sweep/)",
-              file=sys.stderr)
-        return 2
     try:
         run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
                   args.order, device=args.device, dry_run=args.dry_run, partial=args.partial)

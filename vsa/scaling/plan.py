@@ -33,6 +33,12 @@ def sweep_names() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def check_sweep(sweep: str) -> None:
+    """Raise ValueError, naming the sweeps there are, unless `sweep` is one of `sweep_names()`."""
+    if sweep not in sweep_names():
+        raise ValueError(f"no sweep named {sweep!r}; give one of {', '.join(sweep_names())} (configs/sweep/)")
+
+
 def compose_point(sweep: str, overrides: list[str]) -> DictConfig:
     """The train config of `sweep` with `overrides` (one grid point), resolvers registered."""
     from hydra import compose, initialize_config_dir
@@ -169,9 +175,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
     ap.add_argument("--device", default=None, help="time with the rows of this device only, e.g. H200")
     args = ap.parse_args(argv)
-    if args.sweep not in sweep_names():
-        raise SystemExit(f"error: no sweep named {args.sweep!r}; give one of {', '.join(sweep_names())} "
-                         "(configs/sweep/)")
+    try:
+        check_sweep(args.sweep)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     result = plan(args.sweep, args.rows, args.minutes, args.overhead, args.overrides, args.device)
     left, known = result["left"], [p for p in result["left"] if p["est_s"] is not None]
     print(f"{args.sweep}: {len(result['points'])} grid points, {len(result['points']) - len(left)} with rows "
