@@ -358,6 +358,10 @@ def test_bad_inputs():
         video_sparse_attention(*_qkv(S=65), layout, topk=1)
     with pytest.raises(ValueError, match="gate_c of shape"):
         video_sparse_attention(q, k, v, layout, topk=1, gate_c=torch.ones(1, 64, 3, 64))
+    with pytest.raises(ValueError, match="gate_f of shape"):  # more dims than q
+        video_sparse_attention(q, k, v, layout, topk=1, gate_f=torch.ones(1, *q.shape))
+    scaled = video_sparse_attention(q, k, v, layout, topk=1, gate_c=torch.full((q.shape[2], 1), 0.5))
+    torch.testing.assert_close(scaled, video_sparse_attention(q, k, v, layout, topk=1, gate_c=torch.full_like(q, 0.5)))
     with pytest.raises(ValueError, match="impl must be"):
         video_sparse_attention(q, k, v, layout, topk=1, impl="cuda")
     idx, cnt = torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)

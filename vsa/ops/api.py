@@ -282,11 +282,11 @@ def video_sparse_attention(q, k, v, layout: TileLayout, topk: int | None = None,
     _check_qkv(q, k, v, layout, layout)
     n_k = resolve_topk(layout.n_tiles, topk, sparsity)
     for name, g in (("gate_c", gate_c), ("gate_f", gate_f)):
+        # Compared by hand, not by catching broadcast_shapes' RuntimeError: that handler would also
+        # catch an unrelated RuntimeError raised asynchronously here (a data-loader worker's death,
+        # which torch signals in the main process) and report it as a bad gate shape.
         if g is not None:
-            try:
-                ok = torch.broadcast_shapes(g.shape, q.shape) == q.shape
-            except RuntimeError:
-                ok = False
+            ok = g.dim() <= q.dim() and all(a in (1, b) for a, b in zip(reversed(g.shape), reversed(q.shape)))
             if not ok:
                 raise ValueError(f"{name} of shape {tuple(g.shape)} does not broadcast to q's shape "
                                  f"{tuple(q.shape)} ([B, S, H, D])")
