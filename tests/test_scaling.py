@@ -463,6 +463,13 @@ def test_a_piece_launches_only_the_points_that_fit_its_time(tmp_path, monkeypatc
     again = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
                       log_dir=str(tmp_path / "fresh_logs"), overhead_s=0.0, results_dir=results)
     assert again["ran"] == [] and len(again["left"]) == 2  # the committed rows are restored and skipped
+    # A run finished here by an earlier piece whose row is not in the rows folder (a fresh copy of
+    # the code replaced it) is collected, not launched again.
+    lost = sorted(rows.glob("*.json"))[0]
+    lost.unlink()
+    after = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
+                      log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results)
+    assert after["ran"] == [] and lost.is_file() and [p["preset"] for p in after["left"]] == ["2.3M", "2.3M"]
     # --partial: when nothing fits, the cheapest point is launched anyway (saved at the deadline).
     partial = run_piece("scaling_tiny", 200, ["scaling.attentions=[full]"], rows_dir=rows,
                         log_dir=str(tmp_path / "logs"), overhead_s=0.0, results_dir=results, dry_run=True,

@@ -4,8 +4,9 @@ finished row: a piece of a sweep on a lent or preemptible GPU whose files do not
     python -m vsa.scaling.piece iso_footage --seconds 540 scaling.presets=[20m]
     python -m vsa.scaling.piece iso_footage --seconds 540 --order cheapest seed=1
 
-1. restores the committed rows (default docs/results/SWEEP/rows) into the sweep's run folders, so
-   finished points are skipped;
+1. restores the committed rows (default docs/results/SWEEP/rows) into the sweep's run folders, and
+   collects the rows of runs an earlier piece finished on this machine, so finished points are
+   skipped;
 2. lists the points left with their estimated GPU time (`vsa.scaling.plan`: measured step times x
    steps + `--overhead` seconds a run) and launches, one at a time, each point whose estimate x
    `--margin` fits the time still left, in grid order (the order of scaling.presets, then
@@ -151,7 +152,12 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
     runs_dir = runs_dir / "train" / "multiruns" / sweep
     if not dry_run:
         restored = restore_rows(rows_dir, runs_dir)
-        print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}", flush=True)
+        # Runs that an earlier piece on this machine finished, whose rows are not in this rows
+        # folder (a fresh copy of the code replaced it): collected, so they are not relaunched.
+        before = {p.name for p in rows_dir.glob("*.json")}
+        found = collect_rows(runs_dir, rows_dir) if runs_dir.is_dir() else []
+        print(f"piece: {len(restored)} committed row(s) restored into {runs_dir}; "
+              f"{sum(p.name not in before for p in found)} row(s) of runs finished here collected", flush=True)
     left = plan(sweep, rows_dir, overhead_s=overhead_s, extra=list(overrides), device=device,
                 results_dir=results)["left"]
     left = with_progress(left, steps_done(runs_dir) if runs_dir.is_dir() else {}, overhead_s)
