@@ -141,6 +141,11 @@ class SyntheticVideoDataset(Dataset):
         radius: (min, max) object radius in units of the frame's shorter side; each object draws
             its radius uniformly from this range (default 0.10-0.18: 3-6 pixels at 32x32).
         captions: also give each item a `caption` (str) of its first object (module docstring).
+        pace: how much of its path an object covers in one clip, whatever the number of frames
+            (1 = all of it: a wrapping object travels 0.9-1.5 frame widths; 0.25 = a quarter, so
+            it moves a quarter as far between frames). The default run's 4-frame clips use 0.25:
+            at 1 its objects jump a third of the frame or more between frames and are often
+            half out of it (docs/sample_quality.md, 2026-12-07, eighth session).
 
     Items: dict(video=float32 [C, T, H, W] in [-1, 1], label=int64 scalar[, caption=str]).
     """
@@ -157,6 +162,7 @@ class SyntheticVideoDataset(Dataset):
         max_objects: int = 3,
         radius: tuple[float, float] = (0.10, 0.18),
         captions: bool = False,
+        pace: float = 1.0,
     ) -> None:
         self.num_samples = _positive_int("num_samples", num_samples)
         self.frames = _positive_int("frames", frames)
@@ -170,10 +176,14 @@ class SyntheticVideoDataset(Dataset):
         if not isinstance(captions, bool):
             raise ValueError(f"captions must be true or false, got {captions!r}")
         self.captions = captions
+        if isinstance(pace, bool) or not isinstance(pace, (int, float)) or not 0.0 < pace <= 10.0:
+            raise ValueError(f"pace must be a number in (0, 10] (the share of its path an object "
+                             f"covers in one clip; 1 = all of it), got {pace!r}")
+        self.pace = float(pace)
         # Pixel-centre coordinates in [0, 1] along each axis, and the clip time in [0, 1].
         self._ys = (torch.arange(self.height, dtype=torch.float32) + 0.5) / self.height
         self._xs = (torch.arange(self.width, dtype=torch.float32) + 0.5) / self.width
-        self._tau = torch.arange(self.frames, dtype=torch.float32) / max(self.frames - 1, 1)
+        self._tau = self.pace * torch.arange(self.frames, dtype=torch.float32) / max(self.frames - 1, 1)
         self._short = float(min(self.height, self.width))
 
     def __len__(self) -> int:
@@ -252,8 +262,8 @@ class SyntheticVideoDataset(Dataset):
 
     def _trajectory(self, motion: str, radius: float, p: torch.Tensor,
                     tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centre (y, x) of one object at clip times `tau` (default: every frame, 0..1), in [0, 1]
-        frame coordinates (may leave it)."""
+        """Centre (y, x) of one object at path times `tau` (default: every frame, 0..pace), in
+        [0, 1] frame coordinates (may leave it)."""
         tau = self._tau if tau is None else tau
         # Half-extent of the object along each axis in frame units: the diamond reaches 1.25 r, plus
         # a pixel for the antialiased edge, so a wrapping object is fully out before it re-enters.
@@ -288,4 +298,4 @@ class SyntheticVideoDataset(Dataset):
         return (f"SyntheticVideoDataset(num_samples={self.num_samples}, frames={self.frames}, "
                 f"height={self.height}, width={self.width}, channels={self.channels}, "
                 f"num_classes={self.num_classes}, seed={self.seed}, max_objects={self.max_objects}, "
-                f"radius={self.radius}, captions={self.captions})")
+                f"radius={self.radius}, captions={self.captions}, pace={self.pace})")
