@@ -104,6 +104,34 @@ def test_synthetic_radius_sets_the_object_size():
             SyntheticVideoDataset(4, 4, 8, 8, radius=bad)
 
 
+def test_synthetic_pace_slows_the_motion_whatever_the_frames():
+    """`pace` is the share of its path an object covers in one clip: 1 (the default) renders the
+    same clips as before, 0.25 moves each object a quarter as far between frames."""
+    kw = dict(num_samples=40, frames=4, height=32, width=32, num_classes=3, max_objects=1, seed=2)
+    default, one, slow = (SyntheticVideoDataset(**kw, **extra) for extra in ({}, {"pace": 1}, {"pace": 0.25}))
+    assert all(torch.equal(default[i]["video"], one[i]["video"]) for i in range(10))
+
+    def mean_step(ds) -> float:  # mean centroid displacement between frames 0 and 1 (orbit clips)
+        steps = []
+        for i in range(40):
+            item = ds[i]
+            if int(item["label"]) % 4 != 2:  # class 2 orbits: never leaves the frame
+                continue
+            mask = _foreground(item["video"]).float()
+            ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+            centre = [torch.stack([(m * ys).sum() / m.sum(), (m * xs).sum() / m.sum()]) for m in mask[:2]]
+            steps.append(float((centre[1] - centre[0]).norm()))
+        assert len(steps) >= 5
+        return sum(steps) / len(steps)
+
+    ratio = mean_step(slow) / mean_step(default)
+    assert 0.15 < ratio < 0.4, ratio
+    assert "pace=0.25" in repr(slow)
+    for bad in (0, -1.0, 11.0, True, "fast", None):
+        with pytest.raises(ValueError, match="pace must be"):
+            SyntheticVideoDataset(4, 4, 8, 8, pace=bad)
+
+
 def test_synthetic_motion_is_long_range_and_objects_reenter():
     ds = SyntheticVideoDataset(200, frames=16, height=32, width=32, num_classes=4, max_objects=1, seed=1)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
