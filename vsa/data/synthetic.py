@@ -143,9 +143,9 @@ class SyntheticVideoDataset(Dataset):
         captions: also give each item a `caption` (str) of its first object (module docstring).
         pace: how much of its path an object covers in one clip, whatever the number of frames
             (1 = all of it: a wrapping object travels 0.9-1.5 frame widths; 0.25 = a quarter, so
-            it moves a quarter as far between frames). The default run's 4-frame clips use 0.25:
-            at 1 its objects jump a third of the frame or more between frames and are often
-            half out of it (docs/sample_quality.md, 2026-12-07, eighth session).
+            it moves a quarter as far between frames). At 1, in 4-frame clips an object jumps a
+            third of the frame or more between frames; the default run keeps 1, as 0.25 drew no
+            better shapes (docs/sample_quality.md, 2026-12-08).
 
     Items: dict(video=float32 [C, T, H, W] in [-1, 1], label=int64 scalar[, caption=str]).
     """
