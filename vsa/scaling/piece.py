@@ -16,12 +16,14 @@ finished row: a piece of a sweep on a lent or preemptible GPU whose files do not
 3. copies every finished row back after each run, and prints what ran, what was left and why.
 
 A run still going at the deadline gets SIGTERM (it saves `last.ckpt` and resumes when launched
-again on the same machine), then SIGKILL 30 s later. A point whose run folder holds such a
-`last.ckpt` is estimated for the steps it has left. `--partial`: when no point fits, launch the
-cheapest one anyway, to be stopped and saved at the deadline and finished by the next piece on the
-same machine (so a point longer than one launch can run, e.g. 60M VSA at x8 under a 10-minute
-limit). Extra arguments are train.py overrides of every point; `scaling.presets=[...]`,
-`scaling.attentions=[...]`, `scaling.multiples=[...]` or `scaling.budgets=[...]` narrow the grid.
+again on the same machine), then SIGKILL `--stop-seconds` (30) later; that deadline is
+`--stop-seconds` before the end of the piece, so a stopped run's save fits in `--seconds`. A
+point whose run folder holds such a `last.ckpt` is estimated for the steps it has left.
+`--partial`: when no point fits, launch the cheapest one anyway, to be stopped and saved at the
+deadline and finished by the next piece on the same machine (so a point longer than one launch can
+run, e.g. 60M VSA at x8 under a 10-minute limit). Extra arguments are train.py overrides of every
+point; `scaling.presets=[...]`, `scaling.attentions=[...]`, `scaling.multiples=[...]` or
+`scaling.budgets=[...]` narrow the grid.
 """
 
 from __future__ import annotations
@@ -113,9 +115,10 @@ def choose(left: list[dict], remaining_s: float, margin: float, order: str = "gr
     return min(known, key=lambda p: p["est_s"])
 
 
-def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: str) -> int:
-    """Launch train.py for one point; SIGTERM at `timeout_s`, SIGKILL 30 s later. Its exit status
-    (-SIGTERM / -SIGKILL when stopped)."""
+def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: str,
+              grace_s: float = 30.0) -> int:
+    """Launch train.py for one point; SIGTERM at `timeout_s`, SIGKILL `grace_s` later. Its exit
+    status (-SIGTERM / -SIGKILL when stopped)."""
     command = [python, "train.py", "-m", f"sweep={sweep}", f"paths.log_dir={log_dir}", *launch_overrides(point)]
     print("+ " + " ".join(command), flush=True)
     process = subprocess.Popen(command, cwd=REPO)
@@ -124,7 +127,7 @@ def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: s
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -134,17 +137,22 @@ def run_point(sweep: str, point: dict, log_dir: str, timeout_s: float, python: s
 def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: str | Path | None = None,
               log_dir: str = "logs", margin: float = 1.1, overhead_s: float = 45.0, order: str = "grid",
               results_dir: str | Path | None = None, device: str | None = None,
-              python: str = sys.executable, dry_run: bool = False, partial: bool = False) -> dict:
+              python: str = sys.executable, dry_run: bool = False, partial: bool = False,
+              stop_s: float = 30.0) -> dict:
     """Run what fits of `sweep` in `seconds` (module docstring). Returns {"ran": [(point, status,
     seconds)], "left": the points still without a row, "rows": the rows folder}. `dry_run`: launch
     nothing and restore nothing; list what would launch if every run took its estimate (status
     None; "partial" for a launch that would not finish), stopping at the first point without an
     estimate. `partial`: when nothing fits, launch the cheapest point anyway, to be stopped and
-    saved at the deadline (`choose`)."""
+    saved at the deadline (`choose`). `stop_s`: the deadline is this many seconds before the end of
+    the piece, the time a stopped run gets to save its checkpoint (a run took ~20 s on an H100)."""
     check_sweep(sweep)
     if seconds <= 0 or margin <= 0:
         raise ValueError("seconds and margin must be > 0")
-    deadline = time.monotonic() + seconds
+    if not 0 <= stop_s < seconds:
+        raise ValueError(f"the stop time ({stop_s} s) must be >= 0 and less than the piece's {seconds} s")
+    start = time.monotonic()
+    deadline = start + seconds - stop_s
     results = Path(results_dir) if results_dir is not None else REPO / "docs" / "results"
     rows_dir = Path(rows_dir) if rows_dir is not None else results / sweep / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -178,11 +186,12 @@ def run_piece(sweep: str, seconds: float, overrides: list[str] = (), rows_dir: s
             continue
         left.remove(point)
         t0 = time.monotonic()
-        status = run_point(sweep, point, str(log_dir), remaining, python)
+        status = run_point(sweep, point, str(log_dir), remaining, python, grace_s=max(stop_s, 1.0))
         ran.append((point, status, time.monotonic() - t0))
         if runs_dir.is_dir():
             collect_rows(runs_dir, rows_dir)
-    print(f"\npiece: {len(ran)} launch(es) in {seconds - (deadline - time.monotonic()):.0f} of {seconds:.0f} s"
+    used = sum(spent for _, _, spent in ran) if dry_run else time.monotonic() - start
+    print(f"\npiece: {len(ran)} launch(es) in {used:.0f} of {seconds:.0f} s"
           + (" (dry run: nothing launched; each run taken at its estimate)" if dry_run else ""))
     for point, status, spent in ran:
         what = {0: "finished", None: "would launch", "partial": "would launch, to be stopped and saved at the deadline",
@@ -212,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--margin", type=float, default=1.1, help="launch a point only if estimate x margin fits")
     ap.add_argument("--overhead", type=float, default=45.0, help="seconds a run costs beside its steps")
     ap.add_argument("--device", default=None, help="estimate with the rows of this device only, e.g. H100")
+    ap.add_argument("--stop-seconds", type=float, default=30.0,
+                    help="a run still going this long before the end is stopped, so its save fits (default 30)")
     ap.add_argument("--dry-run", action="store_true", help="list what would launch; launch nothing")
     ap.add_argument("--partial", action="store_true",
                     help="when nothing fits, launch the cheapest point anyway; it is saved at the deadline "
@@ -219,7 +230,8 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)  # options before or after the overrides
     try:
         run_piece(args.sweep, args.seconds, args.overrides, args.rows, args.log_dir, args.margin, args.overhead,
-                  args.order, device=args.device, dry_run=args.dry_run, partial=args.partial)
+                  args.order, device=args.device, dry_run=args.dry_run, partial=args.partial,
+                  stop_s=args.stop_seconds)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
