@@ -411,6 +411,27 @@ def test_throughput_is_read_on_logged_steps_only(tmp_path):
     assert sorted(csv_column(tmp_path / "long", "perf/step_time")) == [5, 8, 11]
 
 
+def test_labels_are_range_checked_on_the_cpu_and_never_read_on_the_device():
+    """A label past the model's classes is refused before the batch moves to the device, in one
+    line naming the fix. On the device the labels are not read: a read (`int(labels.max())`) makes
+    the host wait for all the GPU work queued before it, the previous step, at every step. Labels on
+    the meta device, which cannot be read at all, go through `condition` untouched."""
+    from vsa.models import build_model
+    from vsa.training.module import VideoDiffusionModule
+
+    module = VideoDiffusionModule(build_model("0.6M", in_channels=3, num_classes=4))
+    bad = {"video": torch.zeros(2, 3, 4, 8, 8), "label": torch.tensor([1, 4])}
+    with pytest.raises(ValueError, match=r"^label 4 >= num_classes 4; set data.num_classes"):
+        module.on_before_batch_transfer(bad, 0)
+    with pytest.raises(ValueError, match=r"^label 4 >= num_classes 4"):
+        module.condition(bad)
+    good = {"video": torch.zeros(2, 3, 4, 8, 8), "label": torch.tensor([3, -1])}
+    assert module.on_before_batch_transfer(good, 0) is good
+    assert module.condition(good)["labels"].tolist() == [3, 4]  # -1 -> the null class
+    on_device = module.condition({"label": torch.tensor([1, -1, 9], device="meta")})["labels"]
+    assert on_device.device.type == "meta" and on_device.shape == (3,)
+
+
 # ----------------------------------------------------------------------------- run folders
 
 def test_run_names_come_from_the_overrides_that_change_training():

@@ -148,6 +148,7 @@ def fixed_protocol_loss(module, loader, precision_plugin, with_error: bool = Fal
     on another validation set of the same size (None with a single batch)."""
     total, count, per_batch = 0.0, 0, []
     for batch_idx, batch in enumerate(loader):
+        module.check_labels(batch)  # on the CPU, before the move
         batch = move_data_to_device(batch, module.device)
         with precision_plugin.forward_context():
             x0 = module.encode(batch)

@@ -182,9 +182,27 @@ class VideoDiffusionModule(L.LightningModule):
             codec.to(x0.device)
         return codec.decode(x0)
 
+    def check_labels(self, batch: dict) -> None:
+        """Raise if a batch's class labels reach past the model's classes. Reads the labels only
+        where they are on the CPU: reading a GPU tensor makes the host wait for all the work queued
+        before it (the previous step), every step. Lightning's batches are checked before they move
+        to the device (`on_before_batch_transfer`)."""
+        labels = batch.get("label") if self.model.cfg.num_classes else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and labels.numel():
+            top = int(labels.max())
+            if top >= self.model.cfg.num_classes:
+                raise ValueError(f"label {top} >= num_classes {self.model.cfg.num_classes}; set "
+                                 "data.num_classes to the number of classes in the data")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):
+            self.check_labels(batch)
+        return batch
+
     def condition(self, batch: dict) -> dict:
         """Model keyword arguments from a batch: class labels (-1 = none -> the null class) and/or
-        text embeddings, as the model's config asks for."""
+        text embeddings, as the model's config asks for. Labels are range-checked here when they
+        are on the CPU (`check_labels`)."""
         cfg = self.model.cfg
         cond: dict[str, Any] = {}
         if cfg.num_classes:
@@ -192,9 +210,7 @@ class VideoDiffusionModule(L.LightningModule):
             if labels is None:
                 raise KeyError("the model is class-conditional (num_classes > 0) but the batch has no "
                                "`label`; set model.num_classes=0 for unlabelled data")
-            if int(labels.max()) >= cfg.num_classes:
-                raise ValueError(f"label {int(labels.max())} >= num_classes {cfg.num_classes}; set "
-                                 "data.num_classes to the number of classes in the data")
+            self.check_labels(batch)
             cond["labels"] = torch.where(labels < 0, cfg.num_classes, labels)
         if cfg.text_dim and cfg.caption_words:  # the model embeds the captions itself
             if "caption" not in batch:

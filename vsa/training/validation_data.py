@@ -47,6 +47,7 @@ def validation_batches(checkpoint: dict, data_config: str | Path, device: torch.
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
+        module.check_labels(batch)  # on the CPU, before the move
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.no_grad():
             x0 = module.encode(batch)
