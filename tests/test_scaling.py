@@ -25,7 +25,15 @@ from omegaconf.errors import InterpolationResolutionError
 import vsa.scaling  # noqa: F401  (registers the resolvers)
 from vsa.models.presets import nominal_params, preset_config
 from vsa.scaling.budget import budget_for_multiple, compact_number, run_spec, warmup_steps_for
-from vsa.scaling.report import envelope_flops_at, fit_power_law, lower_envelope, summarize, write_report
+from vsa.scaling.report import (
+    envelope_flops_at,
+    fit_power_law,
+    lower_envelope,
+    step_time_table,
+    summarize,
+    timing_device,
+    write_report,
+)
 from vsa.scaling.rows import collect_rows, find_rows, restore_rows
 from vsa.training.flops import training_flops
 
@@ -211,6 +219,57 @@ def test_compact_numbers_name_run_folders():
     assert subdir.d == "attention=vsa,model=10m,scaling.budget=1e15"
 
 
+def test_the_run_recorder_times_gpu_steps_without_waiting_for_each(monkeypatch):
+    """On a GPU the recorder marks each step's end with a CUDA event and waits for the GPU only
+    when the durations are read (or every SETTLE_EVERY steps), never per step: a wait per step
+    kept the host from queueing the next step while the GPU ran. A fake event on a fake stream
+    clock stands in for CUDA here. Validation time is not step time."""
+    from types import SimpleNamespace
+
+    from vsa.scaling.result import RunRecorder
+
+    class FakeEvent:
+        stream_clock, waits = 0.0, 0
+
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = FakeEvent.stream_clock
+
+        def synchronize(self) -> None:
+            FakeEvent.waits += 1
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return (end.at - self.at) * 1e3  # milliseconds, as CUDA's
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")), global_step=0,
+                              max_steps=100, callbacks=[], is_global_zero=True, sanity_checking=False)
+    recorder = RunRecorder()
+    recorder.on_train_start(trainer, None)
+
+    def steps(durations):
+        for d in durations:
+            FakeEvent.stream_clock += d
+            trainer.global_step += 1
+            recorder.on_train_batch_end(trainer, None, None, None, trainer.global_step)
+
+    steps([2.0, 0.02, 0.03, 0.02])  # the first step compiles
+    FakeEvent.stream_clock += 5.0  # validation
+    recorder.on_validation_end(trainer, None)
+    steps([0.02, 0.04, 0.02])
+    assert FakeEvent.waits == 0 and recorder.clock == "cuda_events"
+    assert recorder.median_step_s == pytest.approx(0.02) and FakeEvent.waits == 1
+    assert recorder.launch_train_time == pytest.approx(2.15) and recorder.launch_steps == 7
+    recorder.SETTLE_EVERY = 3
+    steps([0.01, 0.01])
+    assert FakeEvent.waits == 1
+    steps([0.01])
+    assert FakeEvent.waits == 2 and len(recorder.step_times) == 10
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def test_tiny_sweep_end_to_end_rows_skip_and_report(tmp_path):
@@ -233,6 +292,7 @@ def test_tiny_sweep_end_to_end_rows_skip_and_report(tmp_path):
         # the EMA's first update copies the weights: after 1 step both are the same
         assert (row["val_loss_raw"] != row["val_loss_ema"]) == (row["steps"] > 1)
         assert row["wall_clock_s"] > 0 and row["tokens_per_s"] > 0 and row["device"].startswith("cpu")
+        assert row["step_clock"] == "wall" and row["step_time_s"] > 0
         assert (row["sparsity"] == 0.875) == (row["attention"] == "vsa") and 0 < row["attention_fraction"] < 1
         # the EMA loss is the logged val/loss of the final validation (EMA weights swapped in)
         with open(sweep_dir / name / "csv" / "version_0" / "metrics.csv", newline="") as f:
@@ -371,6 +431,7 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     assert boot["ratio"] == pytest.approx(boot["high"] / boot["low"]) and "seed spread" in boot["note"]
     timing = summary["timing"]
     assert timing["mode"] == "reduce-overhead" and timing["device"] == "NVIDIA H200"
+    assert timing["clock"] == "synced" and any("a wait for the GPU after every step" in n for n in summary["notes"])
     assert timing["step_time_s"]["5M/full"] == pytest.approx(0.2) and timing["step_time_s"]["10M/vsa"] == 0.08
     g = summary["gpu_time"]["vsa"]
     # full: steps = C / 1e13 at 0.2 s; vsa: steps = C / 2.5e12 at ~0.08 s -> per FLOP VSA is 1.6x slower,
@@ -385,6 +446,29 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     assert "GPU-time multiplier" in text and "on NVIDIA H200" in text and "seed spread" in text and "| sta |" in text
     assert "class acc | FD |" in text and "| 0.8 | 2.5 |" in text
     assert (tmp_path / "out" / "loss_vs_gpu_time.png").stat().st_size > 0
+
+
+def test_step_times_of_two_clocks_are_never_mixed():
+    """Rows timed with CUDA events and rows from before (a wait for the GPU after every step, no
+    `step_clock`) on the same GPU: the table takes one clock, the one that times more
+    configurations; on a tie, CUDA events."""
+    def row(preset, attention, seconds, clock=None):
+        r = {"preset": preset, "attention": attention, "sparsity": 0.875 if attention == "vsa" else None,
+             "compile": "reduce-overhead", "device": "NVIDIA H100", "step_time_s": seconds}
+        return r if clock is None else dict(r, step_clock=clock)
+
+    old = [row("5M", "full", 0.060), row("5M", "vsa", 0.036), row("10M", "full", 0.10)]
+    new = [row("5M", "full", 0.055, "cuda_events"), row("5M", "vsa", 0.021, "cuda_events")]
+    assert timing_device(old + new, "reduce-overhead") == ("NVIDIA H100", "synced")
+    assert step_time_table(old + new, "reduce-overhead") == pytest.approx(
+        {("5M", "full"): 0.060, ("5M", "vsa"): 0.036, ("10M", "full"): 0.10})
+    new.append(row("10M", "full", 0.095, "cuda_events"))
+    assert timing_device(old + new, "reduce-overhead") == ("NVIDIA H100", "cuda_events")
+    assert step_time_table(old + new, "reduce-overhead") == pytest.approx(
+        {("5M", "full"): 0.055, ("5M", "vsa"): 0.021, ("10M", "full"): 0.095})
+    summary_timing = summarize([dict(r, val_loss=0.1, flops=1e15, budget=1e15, steps=10, params=1, seed=0)
+                                for r in old + new], n_bootstrap=1)["timing"]
+    assert summary_timing["clock"] == "cuda_events" and summary_timing["device"] == "NVIDIA H100"
 
 
 def test_timing_runs_time_every_configuration_on_one_gpu(tmp_path):

@@ -156,32 +156,46 @@ def labelled(rows: list[dict], sparsities: set | None = None):
     return [(attention_label(r, sparsities), r) for r in rows]
 
 
-def timing_device(rows: list[dict], mode: str, sparsities: set | None = None) -> str | None:
-    """The device whose step times the GPU-time comparison uses for compile `mode`: the one that
-    times the most configurations in that mode (ties: the most rows, then the name). Step times
-    from different GPUs (an H100 and an H200 row of one sweep) are never mixed."""
-    configs: dict[str, set] = {}
-    counts: dict[str, int] = {}
+CLOCKS = {"cuda_events": "CUDA events (no wait for the GPU inside the run)",
+          "synced": "the wall clock with a wait for the GPU after every step (rows from before 2026-12-08)",
+          "wall": "the wall clock (CPU)"}
+
+
+def step_clock(row: dict) -> str:
+    """How a row's steps were timed (`RunRecorder.clock`): "cuda_events" (no wait for the GPU),
+    "wall" (CPU), or "synced" for rows from before the field existed, whose recorder waited for
+    the GPU after every step (their step times include the host's time to launch each step)."""
+    return str(row.get("step_clock") or "synced")
+
+
+def timing_device(rows: list[dict], mode: str, sparsities: set | None = None) -> tuple[str, str] | None:
+    """The (device, step clock) whose step times the GPU-time comparison uses for compile `mode`:
+    the one that times the most configurations in that mode (ties: CUDA events before a per-step
+    wait, then the most rows, then the name). Step times from different GPUs (an H100 and an H200
+    row of one sweep) or clocks are never mixed."""
+    configs: dict[tuple[str, str], set] = {}
+    counts: dict[tuple[str, str], int] = {}
     for label, r in labelled(rows, sparsities):
         if compile_mode(r) == mode and r.get("step_time_s"):
-            device = str(r.get("device"))
-            configs.setdefault(device, set()).add((r["preset"], label))
-            counts[device] = counts.get(device, 0) + 1
+            source = (str(r.get("device")), step_clock(r))
+            configs.setdefault(source, set()).add((r["preset"], label))
+            counts[source] = counts.get(source, 0) + 1
     if not configs:
         return None
-    return max(sorted(configs), key=lambda d: (len(configs[d]), counts[d]))
+    return max(sorted(configs), key=lambda d: (len(configs[d]), d[1] != "synced", counts[d]))
 
 
 def step_time_table(rows: list[dict], mode: str, sparsities: set | None = None) -> dict[tuple[str, str], float]:
     """Median step time (s) per (preset, attention label) over the rows run in compile `mode` on
-    the timing device (`timing_device`). A step's cost depends on the model, attention, batch and
-    tokens, not on the run's budget, so every run of a configuration gets the same per-step time:
-    its measured median. `rows` are the result rows themselves, or timing rows (short runs of
-    each configuration made together on one GPU: `summarize(timings=...)`)."""
-    device = timing_device(rows, mode, sparsities)
+    the timing device with its clock (`timing_device`). A step's cost depends on the model,
+    attention, batch and tokens, not on the run's budget, so every run of a configuration gets the
+    same per-step time: its measured median. `rows` are the result rows themselves, or timing rows
+    (short runs of each configuration made together on one GPU: `summarize(timings=...)`)."""
+    source = timing_device(rows, mode, sparsities)
     times: dict[tuple[str, str], list[float]] = {}
     for label, r in labelled(rows, sparsities):
-        if compile_mode(r) == mode and r.get("step_time_s") and str(r.get("device")) == device:
+        if (compile_mode(r) == mode and r.get("step_time_s")
+                and (str(r.get("device")), step_clock(r)) == source):
             times.setdefault((r["preset"], label), []).append(float(r["step_time_s"]))
     return {key: float(np.median(values)) for key, values in times.items()}
 
@@ -468,13 +482,18 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
         for p in pts:
             step_s = table.get((p.preset, label))
             p.gpu_s = None if step_s is None else p.steps * step_s
+    timer = timing_device(timed, mode, sparsities) if mode else None
+    if timer and timer[1] == "synced":
+        notes.append("step times measured with a wait for the GPU after every step (rows from before "
+                     "2026-12-08): each step also paid the host's time to launch it, which weighs most on "
+                     "the fastest configurations; timing runs with today's recorder (CUDA events) replace them")
     ses = [r["val_loss_se"] for r in usable if r.get("val_loss_se") is not None]
     summary: dict = {
         "loss": loss, "n_rows": len(usable), "sweeps": sorted({str(r.get("sweep")) for r in usable}),
         "groups": {}, "multipliers": {}, "gpu_time": {}, "notes": notes,
         "noise": {"val_se_min": min(ses) if ses else None, "val_se_median": float(np.median(ses)) if ses else None,
                   "val_se_max": max(ses) if ses else None, "seed": spread},
-        "timing": {"mode": mode, "device": timing_device(timed, mode, sparsities) if mode else None,
+        "timing": {"mode": mode, "device": timer[0] if timer else None, "clock": timer[1] if timer else None,
                    "source": source,
                    "step_time_s": {f"{preset}/{label}": t for (preset, label), t in sorted(table.items())}},
     }
@@ -557,7 +576,8 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
         lines += ["## GPU-time multiplier over full attention (equal loss)", "",
                   f"GPU-seconds of a run = its steps x the median step time of its configuration (model, "
                   f"attention) over {timing.get('source', 'the result rows')} in compile mode `{timing['mode']}` on "
-                  f"{timing['device']} (rows from other devices give losses, not times): "
+                  f"{timing['device']} (rows from other devices give losses, not times), timed by "
+                  f"{CLOCKS.get(timing.get('clock'), timing.get('clock'))}: "
                   "training steps only (no compilation, autotuning or validation).", "",
                   "| attention | at loss | T_full / T_sparse (envelopes) | 90% bootstrap | high / low | note |",
                   "|---|---:|---:|---|---:|---|"]

@@ -52,6 +52,13 @@ class RunRecorder(Callback):
       the run's steady-state GPU time (`gpu_time_s` in the row), which leaves out one-off costs
       (compilation, the Triton autotuner's first calls, validation) that a longer run would not
       repeat and that would otherwise weigh on the short runs only.
+    - clock: how the steps are timed, without stopping the GPU at each one. On a GPU ("cuda_events")
+      a CUDA event is recorded on the stream at the end of every step and the durations between
+      them are read every SETTLE_EVERY steps and when asked for: the time the GPU's stream took from
+      one step's end to the next, its idle gaps included. (Until 2026-12-08 the recorder waited
+      for the GPU after every step, "synced" in older rows: that wait kept the host from queueing
+      the next step while the GPU worked, so every step also paid the host's own time to launch
+      it, which weighs most on the fastest steps.) On the CPU ("wall") the wall clock.
     - raw_state: a CPU copy of the model's own (non-EMA) weights after the final step, taken on
       global rank 0 only, and only when a weight-averaging callback (EMA) is attached.
     """
@@ -63,11 +70,13 @@ class RunRecorder(Callback):
         self.raw_state: dict[str, torch.Tensor] | None = None
         self._fit_start: float | None = None
         self._fit_end: float | None = None
-        self.launch_train_time = 0.0
         self.launch_steps = 0
-        self._last: float | None = None
+        self._last: float | torch.cuda.Event | None = None
         self._first_step = 0
-        self.step_times: list[float] = []
+        self._pending: list[tuple] = []  # (start, end) marks whose duration is not read yet
+        self._step_times: list[float] = []
+        self._launch_train_time = 0.0
+        self.clock: str | None = None
 
     def state_dict(self) -> dict:
         return {"wall_clock_s": self.wall_clock_s, "train_time_s": self.train_time_s,
@@ -85,6 +94,18 @@ class RunRecorder(Callback):
         end = self._fit_end if self._fit_end is not None else time.perf_counter()
         return self.previous_wall_clock + end - self._fit_start
 
+    SETTLE_EVERY = 200  # steps: one wait for the GPU per this many bounds the pending events
+
+    @property
+    def step_times(self) -> list[float]:
+        self._settle()
+        return self._step_times
+
+    @property
+    def launch_train_time(self) -> float:
+        self._settle()
+        return self._launch_train_time
+
     @property
     def train_time_s(self) -> float:
         return self.previous_train_time + self.launch_train_time
@@ -92,17 +113,32 @@ class RunRecorder(Callback):
     @property
     def median_step_s(self) -> float | None:
         """Median duration of this launch's training steps (s), None before the first one."""
-        if not self.step_times:
+        times = self.step_times
+        if not times:
             return None
-        ordered = sorted(self.step_times)
+        ordered = sorted(times)
         mid = len(ordered) // 2
         return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
-    @staticmethod
-    def _now(trainer: L.Trainer) -> float:
+    def _mark(self, trainer: L.Trainer) -> float | torch.cuda.Event:
+        """A point in time: a CUDA event recorded on the current stream (no wait), or the wall clock."""
         if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
+            self.clock = "cuda_events"
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        self.clock = "wall"
         return time.perf_counter()
+
+    def _settle(self) -> None:
+        """Turn the pending marks into step durations (on a GPU: one wait, for the last event)."""
+        if self._pending and not isinstance(self._pending[-1][1], float):
+            self._pending[-1][1].synchronize()
+        for start, end in self._pending:
+            seconds = end - start if isinstance(end, float) else start.elapsed_time(end) / 1e3
+            self._step_times.append(seconds)
+            self._launch_train_time += seconds
+        self._pending.clear()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start, self._fit_end = time.perf_counter(), None
@@ -110,14 +146,15 @@ class RunRecorder(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.launches += 1  # after the checkpoint (and its launch count) was restored
         self._first_step = trainer.global_step
-        self._last = self._now(trainer)
+        self._last = self._mark(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        now = self._now(trainer)
-        self.launch_train_time += now - self._last
-        self.step_times.append(now - self._last)
+        now = self._mark(trainer)
+        self._pending.append((self._last, now))
         self._last = now
+        if len(self._pending) >= self.SETTLE_EVERY:
+            self._settle()
         self.launch_steps = trainer.global_step - self._first_step
         final = 0 < trainer.max_steps <= trainer.global_step
         ema = any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)
@@ -126,9 +163,10 @@ class RunRecorder(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last is not None and not trainer.sanity_checking:
-            self._last = self._now(trainer)  # validation is not training time
+            self._last = self._mark(trainer)  # validation is not training time
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._settle()
         self._fit_end = time.perf_counter()
 
 
@@ -301,6 +339,7 @@ def write_result_row(cfg: DictConfig, trainer: L.Trainer, module, datamodule) ->
         "compile": (str(module.compile_mode or "default") if getattr(module, "compile_blocks", False)
                     else "eager"),
         "step_time_s": None if recorder is None else recorder.median_step_s,
+        "step_clock": None if recorder is None else recorder.clock,
         "gpu_time_s": (None if recorder is None or recorder.median_step_s is None
                        else recorder.median_step_s * steps),
         "launches": None if recorder is None else recorder.launches,
