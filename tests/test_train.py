@@ -411,6 +411,51 @@ def test_throughput_is_read_on_logged_steps_only(tmp_path):
     assert sorted(csv_column(tmp_path / "long", "perf/step_time")) == [5, 8, 11]
 
 
+def test_the_ema_update_reads_its_step_counter_once_and_averages_as_torch(monkeypatch):
+    """`NoWaitAveragedModel` (the EMA callback's) keeps torch's AveragedModel arithmetic and state
+    dict, but reads its step counter, a tensor on the model's device, only at the first update
+    after it is made or loaded: torch's reads it twice per update, each read a wait for the GPU."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from vsa.training.callbacks import NoWaitAveragedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ours = NoWaitAveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    theirs = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    reads = []
+    for name in ("__bool__", "__int__", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, real=real, name=name: (
+            reads.append(name) if t is ours.n_averaged else None, real(t))[1])
+
+    def train_a_little():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 4))  # moves the batch-norm running statistics (buffers)
+
+    for _ in range(5):
+        train_a_little()
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    assert reads == ["__int__"] and int(ours.n_averaged) == 5
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # loaded (a resumed run): the counter is read once more, and the average goes on, not restarts
+    resumed = NoWaitAveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    resumed.load_state_dict(ours.state_dict())
+    ours = resumed
+    reads.clear()
+    for _ in range(2):
+        train_a_little()
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    assert reads == ["__int__"]
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_labels_are_range_checked_on_the_cpu_and_never_read_on_the_device():
     """A label past the model's classes is refused before the batch moves to the device, in one
     line naming the fix. On the device the labels are not read: a read (`int(labels.max())`) makes

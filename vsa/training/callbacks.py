@@ -1,8 +1,9 @@
 """Training callbacks: the sparsity schedule, throughput/MFU, sample videos, sample quality
 (class accuracy and Fréchet distance of generated videos), the run checkpoint.
 
-EMA is Lightning's own `EMAWeightAveraging` (configs/callbacks/default.yaml); learning-rate
-logging is Lightning's `LearningRateMonitor`.
+EMA is Lightning's `EMAWeightAveraging` on an `AveragedModel` that does not wait for the GPU at
+every update (`EMA`, configs/callbacks/default.yaml); learning-rate logging is Lightning's
+`LearningRateMonitor`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from vsa.diffusion import check_interval
 from vsa.models.config import check_sparsity
@@ -99,6 +102,61 @@ def _is_log_step(trainer: L.Trainer, batches: int) -> bool:
     if connector is not None and hasattr(connector, "should_update_logs"):
         return bool(connector.should_update_logs)
     return trainer.log_every_n_steps > 0 and batches % trainer.log_every_n_steps == 0
+
+
+class NoWaitAveragedModel(AveragedModel):
+    """torch's `AveragedModel` without its two waits for the GPU per update. Its step counter
+    `n_averaged` is a buffer on the model's device, and `update_parameters` reads it on the host
+    twice (`bool(n_averaged == 0)`, `n_averaged > 0`), so each update waits for all the work queued
+    before it, the whole training step (pytorch/pytorch#157705 and #175085 discuss it). Here a host
+    copy of the counter decides between the first update's copy and the average; it is read from
+    the buffer once, at the first update after the model is made or loaded. Same arithmetic and
+    state dict (the buffer still counts). Only the multi-tensor path (`multi_avg_fn`, what
+    Lightning's `EMAWeightAveraging` uses) is rewritten; otherwise torch's own update runs."""
+
+    host_count: int | None = None  # n_averaged on the host; None: read it at the next update
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.host_count = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self.multi_avg_fn is None:
+            self.host_count = None
+            return super().update_parameters(model)
+        if self.host_count is None:
+            self.host_count = int(self.n_averaged)  # the one wait
+        with_buffers = self.use_buffers
+        averaged = [*self.module.parameters(), *self.module.buffers()] if with_buffers else list(self.parameters())
+        current = [*model.parameters(), *model.buffers()] if with_buffers else list(model.parameters())
+        groups: dict[tuple, tuple[list, list]] = {}
+        for a, c in zip(averaged, current, strict=True):
+            a, c = a.detach(), c.detach().to(a.device)
+            if self.host_count == 0:
+                a.copy_(c)
+            group = groups.setdefault((a.device, a.dtype), ([], []))
+            group[0].append(a)
+            group[1].append(c)
+        if self.host_count > 0:
+            for (device, _), (avg, cur) in groups.items():
+                self.multi_avg_fn(avg, cur, self.n_averaged.to(device))
+        if not with_buffers:
+            for b_avg, b_model in zip(self.module.buffers(), model.buffers(), strict=True):
+                b_avg.detach().copy_(b_model.detach().to(b_avg.device))
+        self.n_averaged += 1
+        self.host_count += 1
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's `EMAWeightAveraging` (same arguments, checkpoints and weight swaps) whose
+    averaged model does not wait for the GPU at each update (`NoWaitAveragedModel`)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        averaged = getattr(self, "_average_model", None)
+        if stage == "fit" and type(averaged) is AveragedModel:
+            averaged.__class__ = NoWaitAveragedModel
 
 
 class TrainingSpeed(Callback):

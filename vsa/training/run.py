@@ -266,9 +266,13 @@ def quiet_known_noise() -> None:
     """Silence messages that say nothing to a user of train.py: Lightning's "srun is available
     but not used" outside a SLURM job (SLURM is installed on the machine, but this run is no SLURM
     job; inside an allocation the hint stays), Lightning's advertising tips (litlogger,
-    litmodels), and Lightning's own use of a torch API that torch deprecated (`_pytree`)."""
+    litmodels), Lightning's own use of a torch API that torch deprecated (`_pytree`), and its note
+    that the module's `on_before_batch_transfer` (the labels' range check on the CPU) runs although
+    a DataModule feeds the batches: that is the intent."""
     if "SLURM_JOB_ID" not in os.environ:
         warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system")
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` "
+                                              r"but have passed in a `LightningDataModule`")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _not_a_tip not in rank_zero_logger.filters:
