@@ -360,6 +360,39 @@ def _rows(attention, law, budgets, presets=(("5M", 5e6), ("10M", 1e7))):
     return rows
 
 
+def test_loss_at_equal_steps_splits_a_multiplier_into_cost_and_learning(tmp_path):
+    """Runs whose loss is a function of their steps: full attention's L(s) = 0.02 + 2 s^-0.5 at
+    both sizes (the 10M 10% lower), VSA's 5% above it at the same steps, and a VSA step 4x cheaper
+    in FLOPs. The report recovers the loss ratio 1.05 and the FLOPs-per-step ratio 4 per size,
+    and the 10M/5M ratio 0.9 at equal steps; outside full's step range nothing is compared."""
+    law = lambda steps: 0.02 + 2.0 * steps ** -0.5
+    rows = []
+    for attention, flops_per_step, worse in (("full", 4e12, 1.0), ("vsa", 1e12, 1.05)):
+        for preset, params, better in (("5M", 5e6, 1.0), ("10M", 1e7, 0.9)):
+            for budget in (1e15 * 2 ** i for i in range(5)):
+                steps = int(budget / flops_per_step / (params / 5e6))
+                rows.append({"attention": attention, "sparsity": 0.875 if attention == "vsa" else None,
+                             "preset": preset, "params": params, "budget": budget,
+                             "flops": steps * flops_per_step * params / 5e6, "steps": steps,
+                             "val_loss": law(steps) * better * worse, "seq_len": 16384, "global_batch": 4})
+    summary = summarize(rows, n_bootstrap=20)
+    equal = summary["equal_steps"]
+    for preset in ("5M", "10M"):
+        r = equal["attention"]["vsa"][preset]
+        assert r["n"] == 3 and r["median"] == pytest.approx(1.05, rel=0.01)  # VSA's 2 top budgets lie past full's
+        assert r["flops_per_step_ratio"] == pytest.approx(4.0, rel=0.01)
+    for label in ("full", "vsa"):
+        r = equal["sizes"][label]["10M"]
+        assert r["of"] == "5M" and r["n"] == 4 and r["median"] == pytest.approx(0.9, rel=0.02)
+    write_report_rows = tmp_path / "rows"
+    write_report_rows.mkdir()
+    for i, r in enumerate(rows):
+        (write_report_rows / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    write_report(write_report_rows, tmp_path / "out", n_bootstrap=20)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Loss at equal steps (where the multipliers come from)" in text and "| vsa | 10M | 3 | 1.05 (" in text
+
+
 def test_report_multiplier_from_known_laws_and_with_few_points(tmp_path):
     full = lambda c: 0.1 + 40.0 * c ** -0.1
     vsa = lambda c: full(2.5 * c)  # (VSA needs 2.5x less compute for the same loss)

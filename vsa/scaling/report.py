@@ -520,6 +520,7 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
             "attention_share": share,
         }
     summary["_fits"] = fits
+    summary["equal_steps"] = equal_step_losses(points)
     if BASELINE not in groups:
         notes.append(f"no {BASELINE}-attention rows: no compute multiplier")
         return summary
@@ -540,7 +541,91 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
     return summary
 
 
+def _loss_at_steps(points: list[Point]):
+    """Loss as a function of optimizer steps for one configuration's points: linear in log steps
+    and log loss between them, None outside their range (no extrapolation)."""
+    pts = sorted(points, key=lambda p: p.steps)
+    xs, ys = np.log([p.steps for p in pts]), np.log([p.loss for p in pts])
+
+    def at(steps: float) -> float | None:
+        x = math.log(steps)
+        if len(pts) < 2 or not xs[0] <= x <= xs[-1]:
+            return None
+        return float(np.exp(np.interp(x, xs, ys)))
+
+    return at
+
+
+def _ratio_summary(ratios: list[float]) -> dict:
+    return {"n": len(ratios), "median": float(np.median(ratios)) if ratios else None,
+            "min": min(ratios) if ratios else None, "max": max(ratios) if ratios else None}
+
+
+def equal_step_losses(points: dict[str, list[Point]]) -> dict:
+    """Where the multipliers come from. `attention`: for each sparse label and model size run with
+    both attentions, each sparse point's loss over full attention's at the same number of steps
+    (full's interpolated between its budgets of that size), and full's training FLOPs per step over
+    the sparse model's. When the loss ratio is near 1, an attention type changes what a step costs
+    but not what it learns, and the FLOP multiplier is about the FLOPs-per-step ratio. `sizes`: for
+    each label, each model size's loss over the smallest size's at the same steps: how much the
+    parameters matter at these step counts."""
+    out: dict = {"attention": {}, "sizes": {}}
+    base = points.get(BASELINE, [])
+    for label, pts in points.items():
+        presets = sorted({p.preset for p in pts}, key=lambda n: min(p.params for p in pts if p.preset == n))
+        if label != BASELINE and base:
+            rows = {}
+            for preset in presets:
+                mine = [p for p in pts if p.preset == preset]
+                theirs = [p for p in base if p.preset == preset]
+                if not theirs:
+                    continue
+                at = _loss_at_steps(theirs)
+                ratios = [p.loss / ref for p in mine if (ref := at(p.steps)) is not None]
+                per_step = lambda ps: float(np.median([p.flops / p.steps for p in ps]))  # noqa: E731
+                rows[preset] = _ratio_summary(ratios) | {"flops_per_step_ratio": per_step(theirs) / per_step(mine)}
+            out["attention"][label] = rows
+        if len(presets) > 1:
+            smallest = _loss_at_steps([p for p in pts if p.preset == presets[0]])
+            rows = {}
+            for preset in presets[1:]:
+                ratios = [p.loss / ref for p in pts if p.preset == preset and (ref := smallest(p.steps)) is not None]
+                rows[preset] = _ratio_summary(ratios) | {"of": presets[0]}
+            out["sizes"][label] = rows
+    return out
+
+
 # ----------------------------------------------------------------------------- output
+
+def _equal_steps_markdown(equal: dict) -> list[str]:
+    def span(r: dict) -> str:
+        return "-" if not r["n"] else f"{r['median']:.3g} ({r['min']:.3g}-{r['max']:.3g})"
+
+    lines: list[str] = []
+    if any(equal.get("attention", {}).values()):
+        lines += ["## Loss at equal steps (where the multipliers come from)", "",
+                  f"Each point's loss over {BASELINE} attention's at the same number of optimizer steps and "
+                  f"model size ({BASELINE} attention's loss interpolated in log steps and log loss between its "
+                  "budgets of that size, never extrapolated), and the training FLOPs of one step, full over "
+                  "sparse. A loss ratio near 1: the attention type changes what a step costs, not what it "
+                  "learns, and the FLOP multiplier is then about the FLOPs-per-step ratio.", "",
+                  "| attention | model | points compared | loss / full's at equal steps: median (range) | "
+                  "FLOPs per step, full / sparse |", "|---|---|---:|---|---:|"]
+        for label, rows in equal["attention"].items():
+            for preset, r in rows.items():
+                lines.append(f"| {label} | {preset} | {r['n']} | {span(r)} | {r['flops_per_step_ratio']:.3g} |")
+        lines.append("")
+    if any(equal.get("sizes", {}).values()):
+        lines += ["## Loss at equal steps across model sizes", "",
+                  "Each point's loss over the smallest size's at the same number of steps (same attention): "
+                  "how much the parameters matter at the step counts run.", "",
+                  "| attention | model | of | points compared | loss ratio: median (range) |", "|---|---|---|---:|---|"]
+        for label, rows in equal["sizes"].items():
+            for preset, r in rows.items():
+                lines.append(f"| {label} | {preset} | {r['of']} | {r['n']} | {span(r)} |")
+        lines.append("")
+    return lines
+
 
 def _fmt(value, spec: str = ".4g") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -598,6 +683,7 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
               (f"- seed spread: {seed['relative_std']:.2%} of the loss (relative std, pooled over {seed['n_points']} "
                f"point(s) run with several seeds, {seed['n_runs']} runs)" if seed["n_points"] else
                "- seed spread: not measured (no point run with 2+ seeds)"), ""]
+    lines += _equal_steps_markdown(summary.get("equal_steps") or {})
     lines += ["## Frontier fits L(C) = E + A C^-alpha", "",
               "| attention | frontier points | E | A | alpha | rmse (log L) | status |",
               "|---|---:|---:|---:|---:|---:|---|"]
