@@ -157,6 +157,8 @@ def test_ema_validation_and_sample_videos(tmp_path, monkeypatch):
     assert len(list(launch.glob("files/media/videos/samples/*.mp4"))) == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and "current_model_state" in ckpt  # EMA in state_dict
+    # the EMA callback's state under the key of Lightning's EMAWeightAveraging (runs saved before resume)
+    assert ckpt["callbacks"]["EMAWeightAveraging"] == {"latest_update_step": 4}
     ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
 

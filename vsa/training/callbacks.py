@@ -150,7 +150,13 @@ class NoWaitAveragedModel(AveragedModel):
 
 class EMA(EMAWeightAveraging):
     """Lightning's `EMAWeightAveraging` (same arguments, checkpoints and weight swaps) whose
-    averaged model does not wait for the GPU at each update (`NoWaitAveragedModel`)."""
+    averaged model does not wait for the GPU at each update (`NoWaitAveragedModel`). Its state in a
+    checkpoint keeps the key of Lightning's class, so runs saved before it resume with their state
+    (and the other way round)."""
+
+    @property
+    def state_key(self) -> str:
+        return "EMAWeightAveraging"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
