@@ -458,6 +458,21 @@ def test_the_ema_update_reads_its_step_counter_once_and_averages_as_torch(monkey
         assert torch.equal(a, b)
 
 
+def test_a_run_begun_with_lightnings_ema_class_resumes(tmp_path):
+    """Runs recorded with `callbacks.ema._target_: lightning.pytorch.callbacks.EMAWeightAveraging`
+    (before `vsa.training.callbacks.EMA`) resume: the target is in run_name_ignores."""
+    overrides = ["experiment=tiny", "callbacks.sample_videos=null", "trainer.enable_progress_bar=false",
+                 "callbacks.sample_quality=null"]
+    run_train(tmp_path, "ema_run", overrides + ["trainer.max_steps=2"])
+    recorded = tmp_path / "ema_run" / ".hydra" / "config.yaml"
+    text = recorded.read_text()
+    assert "_target_: vsa.training.callbacks.EMA\n" in text
+    old_target = "lightning.pytorch.callbacks.EMAWeightAveraging\n"
+    recorded.write_text(text.replace("vsa.training.callbacks.EMA\n", old_target))
+    run_train(tmp_path, "ema_run", overrides + ["trainer.max_steps=4"])
+    assert torch.load(tmp_path / "ema_run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_labels_are_range_checked_on_the_cpu_and_never_read_on_the_device():
     """A label past the model's classes is refused before the batch moves to the device, in one
     line naming the fix. On the device the labels are not read: a read (`int(labels.max())`) makes
