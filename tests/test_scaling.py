@@ -307,7 +307,8 @@ def test_tiny_sweep_end_to_end_rows_skip_and_report(tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
 
     summary = write_report(sweep_dir, tmp_path / "report", n_bootstrap=200)
-    for name in ("report.md", "summary.json", "loss_vs_flops.png", "isoflop.png", "multiplier.png"):
+    for name in ("report.md", "summary.json", "loss_vs_flops.png", "loss_vs_steps.png", "isoflop.png",
+                 "multiplier.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     multiplier = summary["multipliers"]["vsa"]
     assert math.isfinite(multiplier["multiplier"]) and multiplier["multiplier"] > 0

@@ -718,7 +718,8 @@ def markdown(summary: dict, rows: list[dict], loss: str) -> str:
                      f"{_fmt(r.get('val_loss_se'), '.2g')} | {_fmt(step_ms, '.1f')} | {compile_mode(r)} | "
                      f"{_fmt(r.get('wall_clock_s'), '.1f')} |"
                      + (f" {_fmt(r.get('class_acc'), '.3g')} | {_fmt(r.get('fd'), '.3g')} |" if quality else ""))
-    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![IsoFLOP](isoflop.png)", ""]
+    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs steps](loss_vs_steps.png)", "",
+              "![IsoFLOP](isoflop.png)", ""]
     if summary["gpu_time"]:
         lines += ["![loss vs GPU time](loss_vs_gpu_time.png)", ""]
     if summary["multipliers"]:
@@ -785,6 +786,28 @@ def plot(summary: dict, groups: dict[str, list[dict]], loss: str, out: Path) -> 
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         written.append(_save(fig, out / "loss_vs_gpu_time.png"))
+
+    # Loss against optimizer steps: one line per (attention, model size), a marker per size.
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = "osD^vP*X"
+    sizes = sorted({p["preset"] for g in summary["groups"].values() for p in g["points"]},
+                   key=lambda n: min(p["params"] for g in summary["groups"].values() for p in g["points"]
+                                     if p["preset"] == n))
+    for label in groups:
+        pts = summary["groups"][label]["points"]
+        for i, preset in enumerate(sizes):
+            mine = sorted((p for p in pts if p["preset"] == preset), key=lambda p: p["steps"])
+            if mine:
+                ax.plot([p["steps"] for p in mine], [p["loss"] for p in mine], marker=markers[i % len(markers)],
+                        color=colors[label], alpha=0.8, lw=1, label=f"{label} {preset}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel(f"validation loss ({loss})")
+    ax.set_title("Loss vs steps, per attention type and model size")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    written.append(_save(fig, out / "loss_vs_steps.png"))
 
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, label in zip(axes[0], groups, strict=True):
