@@ -349,6 +349,14 @@ def test_envelope_and_interpolation():
     assert c > 1.6e16 and extrapolated
 
 
+def rows_folder(folder: Path, rows: list[dict]) -> Path:
+    """`rows` written as result rows (one JSON file each) into `folder`, which is returned."""
+    folder.mkdir(parents=True)
+    for i, r in enumerate(rows):
+        (folder / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    return folder
+
+
 def _rows(attention, law, budgets, presets=(("5M", 5e6), ("10M", 1e7))):
     rows = []
     for name, params in presets:
@@ -385,11 +393,7 @@ def test_loss_at_equal_steps_splits_a_multiplier_into_cost_and_learning(tmp_path
     for label in ("full", "vsa"):
         r = equal["sizes"][label]["10M"]
         assert r["of"] == "5M" and r["n"] == 4 and r["median"] == pytest.approx(0.9, rel=0.02)
-    write_report_rows = tmp_path / "rows"
-    write_report_rows.mkdir()
-    for i, r in enumerate(rows):
-        (write_report_rows / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
-    write_report(write_report_rows, tmp_path / "out", n_bootstrap=20)
+    write_report(rows_folder(tmp_path / "rows", rows), tmp_path / "out", n_bootstrap=20)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Loss at equal steps (where the multipliers come from)" in text and "| vsa | 10M | 3 | 1.05 (" in text
 
@@ -471,11 +475,7 @@ def test_report_averages_seeds_and_compares_gpu_time(tmp_path):
     # full: steps = C / 1e13 at 0.2 s; vsa: steps = C / 2.5e12 at ~0.08 s -> per FLOP VSA is 1.6x slower,
     # so 2.5x fewer FLOPs at equal loss is ~2.5 / 1.6 = 1.56x less GPU time
     assert abs(g["multiplier"] / (2.5 / 1.6) - 1) < 0.15 and g["bootstrap"]["low"] is not None
-    write_report_rows = tmp_path / "rows"
-    write_report_rows.mkdir()
-    for i, r in enumerate(rows):
-        (write_report_rows / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
-    write_report(write_report_rows, tmp_path / "out", n_bootstrap=50)
+    write_report(rows_folder(tmp_path / "rows", rows), tmp_path / "out", n_bootstrap=50)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "GPU-time multiplier" in text and "on NVIDIA H200" in text and "seed spread" in text and "| sta |" in text
     assert "class acc | FD |" in text and "| 0.8 | 2.5 |" in text
@@ -533,12 +533,8 @@ def test_timing_runs_time_every_configuration_on_one_gpu(tmp_path):
     assert summary["gpu_time"]["vsa"]["multiplier"] > 1
 
     folder = tmp_path / "sweep"
-    (folder / "rows").mkdir(parents=True)
-    (folder / "timings").mkdir()
-    for i, r in enumerate(rows):
-        (folder / "rows" / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
-    for i, r in enumerate(timing_rows):
-        (folder / "timings" / f"{i}.json").write_text(json.dumps(dict(r, schema=1)))
+    rows_folder(folder / "rows", rows)
+    rows_folder(folder / "timings", timing_rows)
     written = write_report(folder / "rows", tmp_path / "out", n_bootstrap=20)
     assert written["timing"]["source"] == "timing runs (4)"
     assert "over timing runs (4) in compile mode" in (tmp_path / "out" / "report.md").read_text()
