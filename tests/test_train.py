@@ -473,6 +473,26 @@ def test_a_run_begun_with_lightnings_ema_class_resumes(tmp_path):
     assert torch.load(tmp_path / "ema_run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def test_the_training_step_logs_tensors_only(tmp_path, monkeypatch):
+    """Lightning turns a logged Python number into a device tensor by a copy from the host, which
+    waits for the GPU: everything the training step logs at every step is a tensor already (the
+    tiny recipe is a VSA model, so its sparsity is logged too)."""
+    from vsa.training.module import VideoDiffusionModule
+
+    seen = []
+    log = VideoDiffusionModule.log
+
+    def spy(self, name, value, *args, **kwargs):
+        if self._current_fx_name == "training_step":
+            seen.append((name, type(value)))
+        return log(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(VideoDiffusionModule, "log", spy)
+    run_train(tmp_path, "logged", QUICK + ["trainer.max_steps=3"])
+    assert {name for name, _ in seen} == {"train/loss", "train/sparsity"} and len(seen) == 6
+    assert all(issubclass(kind, torch.Tensor) for _, kind in seen)
+
+
 def test_labels_are_range_checked_on_the_cpu_and_never_read_on_the_device():
     """A label past the model's classes is refused before the batch moves to the device, in one
     line naming the fix. On the device the labels are not read: a read (`int(labels.max())`) makes

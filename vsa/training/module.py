@@ -278,7 +278,10 @@ class VideoDiffusionModule(L.LightningModule):
         # The global batch's mean (ranks hold equal shares): comparable across GPU counts.
         self.log("train/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
         if BACKENDS[self.model.cfg.attention].needs_sparsity and self.model.sparsity is not None:
-            self.log("train/sparsity", self.model.sparsity, batch_size=B)
+            # As a tensor filled on the device: Lightning turns a logged Python number into one with
+            # torch.tensor(value, device=...), a copy from the host that waits for the GPU.
+            sparsity = torch.full((), float(self.model.sparsity), device=loss.device)
+            self.log("train/sparsity", sparsity, batch_size=B)
         return self._guard_nonfinite(loss)
 
     # ---- non-finite losses -------------------------------------------------------------------
