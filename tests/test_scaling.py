@@ -31,7 +31,7 @@ from vsa.scaling.report import (
     lower_envelope,
     step_time_table,
     summarize,
-    timing_device,
+    timing_source,
     write_report,
 )
 from vsa.scaling.rows import collect_rows, find_rows, restore_rows
@@ -493,11 +493,11 @@ def test_step_times_of_two_clocks_are_never_mixed():
 
     old = [row("5M", "full", 0.060), row("5M", "vsa", 0.036), row("10M", "full", 0.10)]
     new = [row("5M", "full", 0.055, "cuda_events"), row("5M", "vsa", 0.021, "cuda_events")]
-    assert timing_device(old + new, "reduce-overhead") == ("NVIDIA H100", "synced")
+    assert timing_source(old + new, "reduce-overhead") == ("NVIDIA H100", "synced")
     assert step_time_table(old + new, "reduce-overhead") == pytest.approx(
         {("5M", "full"): 0.060, ("5M", "vsa"): 0.036, ("10M", "full"): 0.10})
     new.append(row("10M", "full", 0.095, "cuda_events"))
-    assert timing_device(old + new, "reduce-overhead") == ("NVIDIA H100", "cuda_events")
+    assert timing_source(old + new, "reduce-overhead") == ("NVIDIA H100", "cuda_events")
     assert step_time_table(old + new, "reduce-overhead") == pytest.approx(
         {("5M", "full"): 0.055, ("5M", "vsa"): 0.021, ("10M", "full"): 0.095})
     summary_timing = summarize([dict(r, val_loss=0.1, flops=1e15, budget=1e15, steps=10, params=1, seed=0)

@@ -168,7 +168,7 @@ def step_clock(row: dict) -> str:
     return str(row.get("step_clock") or "synced")
 
 
-def timing_device(rows: list[dict], mode: str, sparsities: set | None = None) -> tuple[str, str] | None:
+def timing_source(rows: list[dict], mode: str, sparsities: set | None = None) -> tuple[str, str] | None:
     """The (device, step clock) whose step times the GPU-time comparison uses for compile `mode`:
     the one that times the most configurations in that mode (ties: CUDA events before a per-step
     wait, then the most rows, then the name). Step times from different GPUs (an H100 and an H200
@@ -187,11 +187,11 @@ def timing_device(rows: list[dict], mode: str, sparsities: set | None = None) ->
 
 def step_time_table(rows: list[dict], mode: str, sparsities: set | None = None) -> dict[tuple[str, str], float]:
     """Median step time (s) per (preset, attention label) over the rows run in compile `mode` on
-    the timing device with its clock (`timing_device`). A step's cost depends on the model,
+    the timing device with its clock (`timing_source`). A step's cost depends on the model,
     attention, batch and tokens, not on the run's budget, so every run of a configuration gets the
     same per-step time: its measured median. `rows` are the result rows themselves, or timing rows
     (short runs of each configuration made together on one GPU: `summarize(timings=...)`)."""
-    source = timing_device(rows, mode, sparsities)
+    source = timing_source(rows, mode, sparsities)
     times: dict[tuple[str, str], list[float]] = {}
     for label, r in labelled(rows, sparsities):
         if (compile_mode(r) == mode and r.get("step_time_s")
@@ -482,7 +482,7 @@ def summarize(rows: list[dict], loss: str = "auto", n_bootstrap: int = 1000, tim
         for p in pts:
             step_s = table.get((p.preset, label))
             p.gpu_s = None if step_s is None else p.steps * step_s
-    timer = timing_device(timed, mode, sparsities) if mode else None
+    timer = timing_source(timed, mode, sparsities) if mode else None
     if timer and timer[1] == "synced":
         notes.append("step times measured with a wait for the GPU after every step (rows from before "
                      "2026-12-08): each step also paid the host's time to launch it, which weighs most on "
@@ -556,6 +556,10 @@ def _loss_at_steps(points: list[Point]):
     return at
 
 
+def _flops_per_step(points: list[Point]) -> float:
+    return float(np.median([p.flops / p.steps for p in points]))
+
+
 def _ratio_summary(ratios: list[float]) -> dict:
     return {"n": len(ratios), "median": float(np.median(ratios)) if ratios else None,
             "min": min(ratios) if ratios else None, "max": max(ratios) if ratios else None}
@@ -582,8 +586,8 @@ def equal_step_losses(points: dict[str, list[Point]]) -> dict:
                     continue
                 at = _loss_at_steps(theirs)
                 ratios = [p.loss / ref for p in mine if (ref := at(p.steps)) is not None]
-                per_step = lambda ps: float(np.median([p.flops / p.steps for p in ps]))  # noqa: E731
-                rows[preset] = _ratio_summary(ratios) | {"flops_per_step_ratio": per_step(theirs) / per_step(mine)}
+                rows[preset] = _ratio_summary(ratios) | {"flops_per_step_ratio": _flops_per_step(theirs)
+                                                         / _flops_per_step(mine)}
             out["attention"][label] = rows
         if len(presets) > 1:
             smallest = _loss_at_steps([p for p in pts if p.preset == presets[0]])

@@ -120,14 +120,12 @@ class RunRecorder(Callback):
         mid = len(ordered) // 2
         return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
-    def _mark(self, trainer: L.Trainer) -> float | torch.cuda.Event:
+    def _mark(self) -> float | torch.cuda.Event:
         """A point in time: a CUDA event recorded on the current stream (no wait), or the wall clock."""
-        if trainer.strategy.root_device.type == "cuda":
-            self.clock = "cuda_events"
+        if self.clock == "cuda_events":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        self.clock = "wall"
         return time.perf_counter()
 
     def _settle(self) -> None:
@@ -146,11 +144,12 @@ class RunRecorder(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.launches += 1  # after the checkpoint (and its launch count) was restored
         self._first_step = trainer.global_step
-        self._last = self._mark(trainer)
+        self.clock = "cuda_events" if trainer.strategy.root_device.type == "cuda" else "wall"
+        self._last = self._mark()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        now = self._mark(trainer)
+        now = self._mark()
         self._pending.append((self._last, now))
         self._last = now
         if len(self._pending) >= self.SETTLE_EVERY:
@@ -163,7 +162,7 @@ class RunRecorder(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last is not None and not trainer.sanity_checking:
-            self._last = self._mark(trainer)  # validation is not training time
+            self._last = self._mark()  # validation is not training time
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._settle()
